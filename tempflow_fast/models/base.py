@@ -1,0 +1,58 @@
+"""The model-adapter interface every part of the trainer talks to.
+
+A model adapter wraps a flow-matching transformer (the embedded tiny FLUX, FLUX.1-dev, SD3.5) and
+hides its latent layout. The rollout engine and the trainer only ever call the methods below;
+latents are opaque tensors whose first dimension is the batch.
+
+Conditioning (`Cond`) is a dict of tensors that all share the batch dimension 0, so the engine can
+gather any rows with `select_cond(cond, index)` and the adapter receives exactly the rows that
+match `x`.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Protocol, Sequence, runtime_checkable
+
+import torch
+
+Cond = Dict[str, torch.Tensor]
+
+
+def select_cond(cond: Cond, index: torch.Tensor) -> Cond:
+    """Rows `index` of every tensor in `cond` (index: 1-D long tensor on any device)."""
+    return {k: v.index_select(0, index.to(v.device)) for k, v in cond.items()}
+
+
+def cat_cond(conds: Sequence[Cond]) -> Cond:
+    """Concatenate several conditionings along the batch dimension."""
+    keys = conds[0].keys()
+    return {k: torch.cat([c[k] for c in conds], dim=0) for k in keys}
+
+
+def cond_batch_size(cond: Cond) -> int:
+    return next(iter(cond.values())).shape[0]
+
+
+@runtime_checkable
+class FlowModelAdapter(Protocol):
+    """What the rollout engine and the trainer need from a model.
+
+    - `module`: the trainable `torch.nn.Module` (the transformer; LoRA attaches here).
+    - `latent_shape`: shape of one latent without the batch dim (e.g. (L, C) for packed FLUX).
+    - `image_seq_len`: number of image tokens, for resolution-dependent schedule shift.
+    - `encode_prompts(prompts)`: conditioning for each prompt (batch = len(prompts)); computed
+      once per prompt and reusable across seeds/branches through `select_cond`.
+    - `velocity(x, sigma, cond)`: v(x, σ) with x (B, *latent_shape), sigma (B,) in [0, 1],
+      cond with batch B. Returns a tensor shaped like x.
+    - `decode(x)`: final latents → images, float in [0, 1], (B, 3, H, W).
+    """
+
+    module: torch.nn.Module
+    latent_shape: tuple
+    image_seq_len: int
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond: ...
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor: ...
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor: ...
