@@ -1,0 +1,33 @@
+"""TempFlow-GRPO's noise-aware step weights: w_k ∝ s_k·sqrt(-dt_k), normalised to mean 1 over the trained
+steps (so the loss scale matches Flow-GRPO's uniform weights, as the paper does for a fair comparison).
+
+s_k = η·sqrt(σ_k / (1 - σ̃_k)) is the Flow-GRPO SDE's noise scale with σ̃ = sigmas[1] at σ = 1 (design.md §1);
+s_k·sqrt(-dt_k) is the std of the noise the SDE injects at step k.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def flow_sde_noise_std(sigmas: torch.Tensor, noise_level: float) -> torch.Tensor:
+    """Per-step injected-noise std s_k·sqrt(-dt_k) for k = 0..T-1 (the last step, to σ=0, included)."""
+    sigmas = sigmas.double()
+    sigma, sigma_next = sigmas[:-1], sigmas[1:]
+    sigma_safe = torch.where(sigma >= 1.0, sigmas[1].expand_as(sigma), sigma)
+    s = noise_level * torch.sqrt(sigma / (1.0 - sigma_safe))
+    return (s * torch.sqrt(sigma - sigma_next)).float()
+
+
+def noise_aware_weights(sigmas: torch.Tensor, noise_level: float, trained_steps: Sequence[int]) -> torch.Tensor:
+    """Weights for `trained_steps` (indices k into the schedule), mean 1 over those steps."""
+    if len(trained_steps) == 0:
+        raise ValueError("trained_steps is empty")
+    T = sigmas.numel() - 1
+    bad = [k for k in trained_steps if not 0 <= k < T]
+    if bad:
+        raise ValueError(f"trained_steps must be in 0..{T - 1}, got {bad}")
+    std = flow_sde_noise_std(sigmas, noise_level)[list(trained_steps)]
+    return std / std.mean()
