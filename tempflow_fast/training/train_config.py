@@ -1,0 +1,152 @@
+"""The training config: typed sections with the papers' defaults (loaded by tempflow_fast.config).
+
+`tempflow-fast train --config configs/<preset>.yaml --set train.learning_rate=1e-4 ...`
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+METHODS = ("flow_grpo", "tempflow", "g2rpo", "stepwise")
+
+
+def _positive(section: str, **values) -> None:
+    for name, v in values.items():
+        if v <= 0:
+            raise ValueError(f"config field '{section}.{name}': must be > 0, got {v}")
+
+
+@dataclass
+class ModelConfig:
+    kind: Literal["tiny_flux"] = "tiny_flux"  # which adapter loads `path`
+    path: Optional[str] = None  # folder with weights; None = the tiny model shipped in the package
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 10  # T, denoising steps of training rollouts
+    shift: float = 1.0  # schedule shift (diffusers' FlowMatchEulerDiscrete `shift`)
+    noise_level: float = 0.7  # η of the SDE
+
+    def validate(self):
+        if self.num_steps < 2:
+            raise ValueError(f"config field 'sampling.num_steps': must be >= 2, got {self.num_steps}")
+        _positive("sampling", shift=self.shift, noise_level=self.noise_level)
+
+
+@dataclass
+class FlowGRPOConfig:
+    group_size: int = 24  # images per prompt, SDE at every step
+
+    def validate(self):
+        _positive("flow_grpo", group_size=self.group_size)
+
+
+@dataclass
+class TempFlowConfig:
+    num_seeds: int = 4  # N initial noises per prompt
+    branches: int = 6  # K SDE branches per (seed, bifurcation step)
+    bifurcation_steps: Optional[list[int]] = None  # k's to branch at; None = every step 0..T-2
+    bifurcation: bool = True  # off: Flow-GRPO-style full-SDE rollouts (ablation)
+    noise_aware_weights: bool = True  # w_k = Norm(s_k·sqrt(-dt_k))
+    seed_grouping: bool = True  # group = (prompt, seed, k); off: (prompt, k)
+
+    def validate(self):
+        _positive("tempflow", num_seeds=self.num_seeds, branches=self.branches)
+
+
+@dataclass
+class G2RPOConfig:
+    branches: int = 12  # G directions per branch step
+    branch_steps: Optional[list[int]] = None  # M; None = the first half of the steps
+    granularities: list[int] = field(default_factory=lambda: [1, 2, 3])  # Λ
+
+    def validate(self):
+        _positive("g2rpo", branches=self.branches)
+        if not self.granularities or min(self.granularities) < 1:
+            raise ValueError(f"config field 'g2rpo.granularities': every λ must be >= 1, got {self.granularities}")
+
+
+@dataclass
+class StepwiseConfig:
+    group_size: int = 24  # SDE trajectories per prompt
+    sde: Literal["ddim", "flow"] = "ddim"  # the paper's DDIM-inspired SDE, or Flow-GRPO's
+
+    def validate(self):
+        _positive("stepwise", group_size=self.group_size)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False  # LoRA through peft; off = full fine-tune
+    rank: int = 32
+    alpha: int = 64
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 100  # rollout + update rounds
+    prompts_per_iteration: int = 4  # prompt groups per iteration
+    inner_epochs: int = 1  # update passes over one rollout
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-4
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max grad norm
+    clip_range: float = 1e-4  # PPO ε (Flow-GRPO's 1e-4)
+    adv_clip: float = 5.0
+    global_std: bool = False  # normalise advantages by the batch std instead of the group's
+    beta: float = 0.0  # KL coefficient β
+    kl_convention: Literal["flow_grpo", "gaussian"] = "flow_grpo"  # /(2s²) or exact Gaussian /(2·std²)
+    states_per_forward: int = 64  # shared states per policy forward (micro-batch)
+    ema_decay: float = 0.0  # 0 = no EMA
+    max_nonfinite_skips: int = 10  # abort after this many skipped non-finite updates
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def validate(self):
+        _positive("train", iterations=self.iterations, prompts_per_iteration=self.prompts_per_iteration,
+                  inner_epochs=self.inner_epochs, learning_rate=self.learning_rate, grad_clip=self.grad_clip,
+                  clip_range=self.clip_range, adv_clip=self.adv_clip, states_per_forward=self.states_per_forward)
+        if self.beta < 0:
+            raise ValueError(f"config field 'train.beta': must be >= 0, got {self.beta}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"config field 'train.ema_decay': must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # evaluate held-out accuracy every N iterations (0 = only before/after)
+    num_steps: int = 10  # ODE steps for evaluation
+    images_per_prompt: int = 4
+    seed: int = 1234
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    sample_every: int = 0  # write a PNG grid every N iterations (0 = never)
+    progress: bool = True  # tqdm bar
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 10  # iterations between checkpoints (0 = only at the end)
+    keep_last: int = 2
+
+
+@dataclass
+class Config:
+    method: Literal["flow_grpo", "tempflow", "g2rpo", "stepwise"] = "tempflow"
+    output_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    flow_grpo: FlowGRPOConfig = field(default_factory=FlowGRPOConfig)
+    tempflow: TempFlowConfig = field(default_factory=TempFlowConfig)
+    g2rpo: G2RPOConfig = field(default_factory=G2RPOConfig)
+    stepwise: StepwiseConfig = field(default_factory=StepwiseConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
