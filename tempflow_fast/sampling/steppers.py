@@ -27,10 +27,15 @@ def _rows(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], *([1] * (x.dim() - 1)))
 
 
-def ode_step(x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-    """Euler: x' = x + v·(σ' - σ), computed in fp32 and returned in x's dtype."""
-    dt = (sigma_next - sigma).to(torch.float32)
-    return (x.float() + velocity.float() * _rows(dt, x)).to(x.dtype)
+def ode_step(x: torch.Tensor, velocity: torch.Tensor, sigma, sigma_next) -> torch.Tensor:
+    """Euler: x' = x + v·(σ' - σ), computed in fp32 and returned in x's dtype.
+
+    σ, σ' are Python floats (one step for the whole batch) or per-row (B,) tensors."""
+    if isinstance(sigma, torch.Tensor) or isinstance(sigma_next, torch.Tensor):
+        dt = _rows(torch.as_tensor(sigma_next - sigma, dtype=torch.float32, device=x.device).expand(x.shape[0]), x)
+    else:
+        dt = sigma_next - sigma
+    return (x.float() + velocity.float() * dt).to(x.dtype)
 
 
 def sde_step(sde: str, x: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,

@@ -1,0 +1,291 @@
+"""The rollout engine: (model, prompts, plan, seed) → everything the GRPO update needs.
+
+How it runs (design.md §3.1, §3.4). Every plan is normalised to a `RolloutLayout` (plans.py):
+per prompt N seeds, an ODE trunk per seed, K SDE children at each branch step k, and tails from
+k+1 to σ = 0 (SDE while the step index is below `tail_sde_until`, ODE after) at each granularity
+λ in Λ. The engine walks the step index i = 0 … T-1 once. At each i it gathers every live row
+whose next model call is at σ_i — trunk rows and the branches of all earlier k at all
+granularities — and evaluates them in one batched call (cut into fixed bucket sizes by the
+segment runner). Then:
+
+- a trunk row takes its ODE step; if i is a branch step, its K children take the SDE step from
+  (x_i, v(x_i)) with K independent noises — the trunk's velocity is reused, no extra call;
+- a branch row takes its tail step to index min(i+λ, T); a child's first call (at k+1) is shared
+  by all its granularities, after which it splits into one row per λ.
+
+All randomness (initial noises, SDE noises) is drawn from one generator in a fixed order, outside
+the model call, so equal seeds give identical rollouts whatever the runner or bucket sizes.
+
+What comes back (`RolloutResult`), built so the trainer never needs the plan type:
+
+- `states` (S rows, `TrainedStates`): the states the update trains on — latents x, σ, σ', SDE std,
+  step index i, prompt (row of `cond`), seed. One per (prompt, seed, k) for a branch point (its K
+  samples share it, so the trainer runs ONE policy forward per state and scores the K samples with
+  `fused_flow_grpo_loss`), one per trajectory step for SDE tails (K = 1 per state). The SDE kind
+  and η are `result.sde` / `result.noise_level`, one per rollout.
+- `samples` (M rows, `BranchSamples`): per sampled SDE transition, `state` (row of `states`),
+  `sample` (x_{i+1}), `old_log_prob`, `trajectory` (row of `trajectories`).
+- `trajectories` (B rows, `Trajectories`): group keys `prompt`, `seed`, `branch_step` (k), `branch`
+  (0..K-1). Rewards are per trajectory; an algorithm groups them with these keys (TempFlow's seed
+  groups: (prompt, seed, k); Flow-GRPO: prompt) and broadcasts advantages to samples through
+  `samples.trajectory`.
+- `final_latents[λ]`, `images[λ]` (B, …): each trajectory's end at every granularity λ in Λ.
+- `trunk_latents` / `trunk_images` (P·N rows, keys `trunk_prompt`, `trunk_seed`) when the plan
+  finishes its trunks; `tweedie_images` (B, T, 3, H, W) when it asks for x̂0 = x - σ·v at every
+  state i = 0 … T-1 of every trajectory (states up to k come from its trunk; no extra calls).
+- `stats` (`RolloutStats`): NFE and images by phase, bucket padding, batched calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from tempflow_fast.models.base import Cond, cond_batch_size, select_cond
+from tempflow_fast.sampling.accounting import RolloutStats
+from tempflow_fast.sampling.plans import RolloutLayout
+from tempflow_fast.sampling.runners import EagerRunner
+from tempflow_fast.sampling.schedules import flow_sigmas
+from tempflow_fast.sampling.simple import initial_noise
+from tempflow_fast.sampling.steppers import ode_step, sde_step
+
+
+@dataclass
+class TrainedStates:
+    latents: torch.Tensor      # (S, *latent_shape) x_i
+    sigma: torch.Tensor        # (S,) σ_i
+    sigma_next: torch.Tensor   # (S,) σ_{i+1}
+    std: torch.Tensor          # (S,) SDE std of the step
+    step: torch.Tensor         # (S,) long, i
+    prompt: torch.Tensor       # (S,) long, row of result.cond
+    seed: torch.Tensor         # (S,) long, seed index within the prompt
+
+    def __len__(self) -> int:
+        return self.sigma.shape[0]
+
+
+@dataclass
+class BranchSamples:
+    state: torch.Tensor          # (M,) long, row of result.states
+    sample: torch.Tensor         # (M, *latent_shape) x_{i+1}
+    old_log_prob: torch.Tensor   # (M,) fp32, log N(x_{i+1}; μ_old, std²), mean over elements
+    trajectory: torch.Tensor     # (M,) long, row of result.trajectories
+
+    def __len__(self) -> int:
+        return self.state.shape[0]
+
+
+@dataclass
+class Trajectories:
+    prompt: torch.Tensor       # (B,) long
+    seed: torch.Tensor         # (B,) long
+    branch_step: torch.Tensor  # (B,) long, k
+    branch: torch.Tensor       # (B,) long, 0..K-1
+
+    def __len__(self) -> int:
+        return self.prompt.shape[0]
+
+
+@dataclass
+class RolloutResult:
+    states: TrainedStates
+    samples: BranchSamples
+    trajectories: Trajectories
+    final_latents: Dict[int, torch.Tensor]
+    images: Dict[int, torch.Tensor]
+    trunk_prompt: torch.Tensor
+    trunk_seed: torch.Tensor
+    trunk_latents: Optional[torch.Tensor]
+    trunk_images: Optional[torch.Tensor]
+    tweedie_images: Optional[torch.Tensor]
+    cond: Cond
+    sigmas: torch.Tensor
+    sde: str
+    noise_level: float
+    layout: RolloutLayout
+    stats: RolloutStats
+
+
+@dataclass
+class _Cohort:
+    """Rows that share their next call index and their path from there on."""
+
+    x: torch.Tensor
+    index: int
+    prompt: torch.Tensor
+    seed: torch.Tensor
+    traj: Optional[torch.Tensor]       # None for the trunk cohort
+    lams: tuple                        # granularities this cohort still stands for
+    primary: bool                      # counts as "completion" (else "granularity")
+
+
+def _check_layout(layout: RolloutLayout) -> None:
+    if layout.tweedie and layout.granularities != (1,):
+        raise ValueError(f"tweedie estimates need a single granularity (1,), got {layout.granularities}")
+    if layout.tail_sde_until > min(layout.branch_steps) + 1 and layout.granularities != (1,):
+        raise ValueError(f"SDE tails need granularities (1,), got {layout.granularities}")
+
+
+def _decode(model, latents: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([model.decode(latents[i:i + batch]) for i in range(0, latents.shape[0], batch)])
+
+
+@torch.no_grad()
+def rollout(model, prompts: Sequence[str], plan, *, seed: Optional[int] = None,
+            generator: Optional[torch.Generator] = None, runner=None, cond: Optional[Cond] = None,
+            sigmas: Optional[torch.Tensor] = None, decode_batch: int = 256) -> RolloutResult:
+    """Run `plan` (any object with `.layout()`, see plans.py) for `prompts`; see the module doc.
+
+    Pass exactly one of `seed` / `generator`. `runner` defaults to an unbucketed EagerRunner;
+    `cond` skips `model.encode_prompts`; `sigmas` overrides the plan's schedule (T+1 values).
+    """
+    if isinstance(prompts, str) or len(prompts) == 0:
+        raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
+    if (seed is None) == (generator is None):
+        raise ValueError("pass exactly one of seed / generator")
+    layout: RolloutLayout = plan.layout()
+    _check_layout(layout)
+    T, N, K = layout.num_steps, layout.seeds_per_prompt, layout.branches
+    P = len(prompts)
+    cond = model.encode_prompts(list(prompts)) if cond is None else cond
+    if cond_batch_size(cond) != P:
+        raise ValueError(f"cond has batch {cond_batch_size(cond)} but there are {P} prompts")
+    device = next(iter(cond.values())).device
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    if sigmas is None:
+        sigmas = flow_sigmas(T, layout.shift, image_seq_len=model.image_seq_len, dynamic_shift=layout.dynamic_shift)
+    sigmas = sigmas.to(device=device, dtype=torch.float32)
+    if sigmas.shape != (T + 1,):
+        raise ValueError(f"sigmas must have shape (T+1,) = ({T + 1},), got {tuple(sigmas.shape)}")
+    sig = sigmas.tolist()
+    sigma_max = sig[1]
+    runner = EagerRunner(model) if runner is None else runner
+    pad0, calls0 = runner.padded_rows, runner.batched_calls
+    stats = RolloutStats()
+
+    R = P * N
+    trunk_prompt = torch.arange(R, device=device) // N
+    trunk_seed = torch.arange(R, device=device) % N
+    B = R * K * len(layout.branch_steps)
+    x0 = initial_noise(model, R, generator).to(device)
+
+    cohorts: List[_Cohort] = [_Cohort(x0, 0, trunk_prompt, trunk_seed, None, (), True)]
+    st_chunks, smp_chunks, traj_chunks = [], [], []
+    n_states = n_traj = 0
+    final = {lam: torch.empty((B, *x0.shape[1:]), device=device) for lam in layout.granularities}
+    trunk_final = None
+    tw_trunk: Dict[int, torch.Tensor] = {}
+    tw_branch: List[tuple] = []
+    traj_trunk_row: List[torch.Tensor] = []
+
+    def add_states(x, s_i, s_next, std, i, prompt, seed_):
+        nonlocal n_states
+        n = x.shape[0]
+        full = lambda v: torch.full((n,), v, device=device)  # noqa: E731
+        st_chunks.append((x, full(s_i), full(s_next), std.float(), full(i).long(), prompt, seed_))
+        n_states += n
+        return torch.arange(n_states - n, n_states, device=device)
+
+    for i in range(T):
+        active = [c for c in cohorts if c.index == i]
+        if not active:
+            continue
+        cohorts = [c for c in cohorts if c.index != i]
+        x = torch.cat([c.x for c in active])
+        rows = torch.cat([c.prompt for c in active])
+        v_all = runner(x, torch.full((x.shape[0],), sig[i], device=device), select_cond(cond, rows)).float()
+        for c, v in zip(active, v_all.split([c.x.shape[0] for c in active])):
+            n = c.x.shape[0]
+            phase = "trunk" if c.traj is None else ("completion" if c.primary else "granularity")
+            stats.nfe[phase] += n
+            if layout.tweedie:
+                est = c.x - sig[i] * v
+                if c.traj is None:
+                    tw_trunk[i] = est
+                else:
+                    tw_branch.append((c.traj, i, est))
+            if c.traj is None:
+                if i in layout.branch_steps:
+                    # The K children of every trunk row: one SDE step from (x_k, v(x_k)), K noises.
+                    xs, vs = c.x.repeat_interleave(K, 0), v.repeat_interleave(K, 0)
+                    xi = torch.randn(xs.shape, generator=generator, device=device)
+                    out = sde_step(layout.sde, xs, vs, sig[i], sig[i + 1], layout.noise_level,
+                                   sigma_max=sigma_max, noise=xi)
+                    sid = add_states(c.x, sig[i], sig[i + 1], out.std.reshape(-1)[::K], i, c.prompt, c.seed)
+                    tid = torch.arange(n_traj, n_traj + n * K, device=device)
+                    n_traj += n * K
+                    traj_chunks.append((c.prompt.repeat_interleave(K), c.seed.repeat_interleave(K),
+                                        torch.full((n * K,), i, device=device),
+                                        torch.arange(K, device=device).repeat(n)))
+                    traj_trunk_row.append(torch.arange(n, device=device).repeat_interleave(K))
+                    smp_chunks.append((sid.repeat_interleave(K), out.prev_sample.float(), out.log_prob.float(), tid))
+                    cohorts.append(_Cohort(out.prev_sample.float(), i + 1, c.prompt.repeat_interleave(K),
+                                           c.seed.repeat_interleave(K), tid, layout.granularities, True))
+                if i + 1 < layout.trunk_calls:
+                    cohorts.append(_Cohort(ode_step(c.x, v, sig[i], sig[i + 1]), i + 1, c.prompt, c.seed, None,
+                                           (), True))
+                elif layout.trunk_images and i + 1 == T:
+                    trunk_final = ode_step(c.x, v, sig[i], sig[i + 1])
+                continue
+            for j, lam in enumerate(c.lams):
+                nxt = min(i + lam, T)
+                primary = c.primary and lam == layout.granularities[0]
+                # DDIM-style SDE has zero std on the step to σ = 0; that step is the Euler step.
+                stochastic = i < layout.tail_sde_until and not (layout.sde == "ddim" and sig[nxt] == 0.0)
+                if stochastic:
+                    xi = torch.randn(c.x.shape, generator=generator, device=device)
+                    out = sde_step(layout.sde, c.x, v, sig[i], sig[nxt], layout.noise_level,
+                                   sigma_max=sigma_max, noise=xi)
+                    sid = add_states(c.x, sig[i], sig[nxt], out.std.reshape(-1), i, c.prompt, c.seed)
+                    smp_chunks.append((sid, out.prev_sample.float(), out.log_prob.float(), c.traj))
+                    x_next = out.prev_sample.float()
+                else:
+                    x_next = ode_step(c.x, v, sig[i], sig[nxt])
+                if nxt == T:
+                    final[lam][c.traj] = x_next
+                else:
+                    cohorts.append(_Cohort(x_next, nxt, c.prompt, c.seed, c.traj, (lam,), primary))
+
+    stats.padded_rows = runner.padded_rows - pad0
+    stats.batched_calls = runner.batched_calls - calls0
+
+    def cat(chunks, j, shape_tail=()):
+        if not chunks:
+            return torch.empty((0, *shape_tail), device=device)
+        return torch.cat([ch[j] for ch in chunks])
+
+    lat_tail = tuple(x0.shape[1:])
+    states = TrainedStates(cat(st_chunks, 0, lat_tail), cat(st_chunks, 1), cat(st_chunks, 2), cat(st_chunks, 3),
+                           cat(st_chunks, 4).long(), cat(st_chunks, 5).long(), cat(st_chunks, 6).long())
+    samples = BranchSamples(cat(smp_chunks, 0).long(), cat(smp_chunks, 1, lat_tail), cat(smp_chunks, 2),
+                            cat(smp_chunks, 3).long())
+    trajectories = Trajectories(*(cat(traj_chunks, j).long() for j in range(4)))
+
+    images = {}
+    for j, lam in enumerate(layout.granularities):
+        images[lam] = _decode(model, final[lam], decode_batch)
+        stats.images["completion" if j == 0 else "granularity"] += B
+    trunk_images = None
+    if trunk_final is not None:
+        trunk_images = _decode(model, trunk_final, decode_batch)
+        stats.images["trunk"] += R
+    tweedie_images = None
+    if layout.tweedie:
+        tw = torch.empty((B, T, *lat_tail), device=device)
+        row = torch.cat(traj_trunk_row)
+        k_of = trajectories.branch_step
+        for i, est in tw_trunk.items():
+            # States up to and including k are the trunk's: every trajectory branching at k >= i shares them.
+            sel = (k_of >= i).nonzero().squeeze(1)
+            tw[sel, i] = est[row[sel]]
+        for traj, i, est in tw_branch:
+            tw[traj, i] = est
+        tweedie_images = _decode(model, tw.reshape(B * T, *lat_tail), decode_batch)
+        tweedie_images = tweedie_images.reshape(B, T, *tweedie_images.shape[1:])
+        stats.images["tweedie"] += B * T
+
+    return RolloutResult(states, samples, trajectories, final, images, trunk_prompt, trunk_seed, trunk_final,
+                         trunk_images, tweedie_images, cond, sigmas, layout.sde, layout.noise_level, layout, stats)
