@@ -18,7 +18,7 @@ and the block sizes are constexpr, so a new σ never triggers a recompile. No li
 import triton
 import triton.language as tl
 
-HALF_LOG_2PI = 0.9189385332046727  # ½·log(2π)
+HALF_LOG_2PI = tl.constexpr(0.9189385332046727)  # ½·log(2π); kernels may read only constexpr globals
 
 
 @triton.jit
@@ -68,11 +68,11 @@ def sq_dist_partial_kernel(samples_ptr, mean_ptr, ref_ptr, part_ptr, kl_part_ptr
 
 
 @triton.jit
-def _logp_from_partials(part_ptr, std_ptr, offs, mask, K, S, D, ACC: tl.constexpr):
+def _logp_from_partials(part_ptr, std_ptr, offs, mask, K, S, D, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """logp of flat sample index m = n*K + k from its S partial sums."""
     n = offs // K
     k = offs % K
-    sq = tl.zeros(offs.shape, ACC)
+    sq = tl.zeros([BLOCK], ACC)
     for s in range(0, S):
         sq += tl.load(part_ptr + (n * S + s) * K + k, mask=mask, other=0.0)
     sigma = tl.load(std_ptr + n, mask=mask, other=1.0).to(ACC)
@@ -84,7 +84,7 @@ def logp_finalize_kernel(part_ptr, std_ptr, logp_ptr, NK, K, S, D, ACC: tl.const
     """logp[n,k] = -Σ_s part[n,s,k] / (2σ_n²·D) - log σ_n - ½log 2π."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < NK
-    logp = _logp_from_partials(part_ptr, std_ptr, offs, mask, K, S, D, ACC)
+    logp = _logp_from_partials(part_ptr, std_ptr, offs, mask, K, S, D, ACC, BLOCK)
     tl.store(logp_ptr + offs, logp, mask=mask)
 
 
@@ -218,7 +218,7 @@ def flow_grpo_loss_finalize_kernel(part_ptr, kl_part_ptr, std_ptr, old_ptr, adv_
     for m0 in range(0, NK, BLOCK):
         offs = m0 + tl.arange(0, BLOCK)
         mask = offs < NK
-        logp = _logp_from_partials(part_ptr, std_ptr, offs, mask, K, S, D, ACC)
+        logp = _logp_from_partials(part_ptr, std_ptr, offs, mask, K, S, D, ACC, BLOCK)
         old = tl.load(old_ptr + offs, mask=mask, other=0.0).to(ACC)
         adv = tl.load(adv_ptr + offs, mask=mask, other=0.0).to(ACC)
         w = tl.load(w_ptr + offs // K, mask=mask, other=0.0).to(ACC)
