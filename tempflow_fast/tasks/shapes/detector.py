@@ -1,0 +1,149 @@
+"""Vectorised detector and binary reward of the shapes task.
+
+Per image: every pixel whose brightest channel exceeds 0.5 takes the nearest palette colour, else
+it is background. Same-colour pixels form blobs (8-connected), found for the whole batch at once by
+max-pool label propagation (each pixel carries the largest pixel index of its blob after at most
+as many rounds as the longest path through a blob). Blobs smaller than a quarter square (4 px) are
+ignored as noise. An image is correct when the per-colour blob counts are exactly what the prompt
+asks (`colors`: at least one blob and all of that colour) and, for position prompts, the two
+blobs' centroids are offset by more than half a side (2 px) in the named direction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .grammar import CATEGORIES, COLORS, PromptSpec, parse
+from .render import IMAGE_SIZE, PALETTE, SIDE
+
+BRIGHT = 0.5
+MIN_BLOB_PIXELS = SIDE * SIDE // 4
+_RELATION_AXIS = {"left of": (0, 1.0), "right of": (0, -1.0), "above": (1, 1.0), "below": (1, -1.0)}
+
+
+@dataclass
+class Detections:
+    """counts (B, 4): blobs per palette colour; centroids (B, 4, 2): (x, y) mean over that
+    colour's kept blobs, NaN where the colour has none."""
+
+    counts: torch.Tensor
+    centroids: torch.Tensor
+
+
+def colour_map(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] → (B, H, W) long: palette index, or -1 for background."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+    x = images.float()
+    palette = torch.as_tensor(PALETTE, device=x.device)
+    dist = ((x.unsqueeze(1) - palette.view(1, -1, 3, 1, 1)) ** 2).sum(2)  # (B, 4, H, W)
+    nearest = dist.argmin(1)
+    return torch.where(x.amax(1) > BRIGHT, nearest, torch.full_like(nearest, -1))
+
+
+def detect(images: torch.Tensor) -> Detections:
+    colours = colour_map(images)
+    b, h, w = colours.shape
+    k = len(COLORS)
+    masks = colours.unsqueeze(1) == torch.arange(k, device=colours.device).view(1, k, 1, 1)  # (B, K, H, W)
+    maskf = masks.float()
+    index = torch.arange(1, h * w + 1, device=colours.device, dtype=torch.float32).view(1, 1, h, w)
+    labels = index * maskf
+    for _ in range(h * w):
+        grown = F.max_pool2d(labels, 3, stride=1, padding=1) * maskf
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    flat = labels.view(b * k, h * w).long()  # 0 = not this colour; else blob id = its max pixel index
+    ones = torch.ones_like(flat, dtype=torch.float32)
+    size = torch.zeros(b * k, h * w + 1, device=flat.device).scatter_add_(1, flat, ones)
+    size[:, 0] = 0
+    kept_blob = size >= MIN_BLOB_PIXELS  # (B*K, HW+1)
+    counts = kept_blob.sum(1).view(b, k)
+    pixel_kept = kept_blob.gather(1, flat) & (flat > 0)
+    ys, xs = torch.meshgrid(torch.arange(h, device=flat.device), torch.arange(w, device=flat.device), indexing="ij")
+    pk = pixel_kept.view(b, k, h * w).float()
+    n = pk.sum(2)
+    cx = (pk * xs.reshape(1, 1, -1)).sum(2) / n
+    cy = (pk * ys.reshape(1, 1, -1)).sum(2) / n
+    centroids = torch.stack([cx, cy], -1)  # NaN where n == 0 (0/0)
+    return Detections(counts=counts, centroids=centroids)
+
+
+def _spec_tensors(specs: Sequence[PromptSpec], device) -> Dict[str, torch.Tensor]:
+    k = len(COLORS)
+    counts = torch.tensor([s.counts if s.counts is not None else (-1,) * k for s in specs], device=device)
+    colour = torch.tensor([s.colour if s.colour is not None else -1 for s in specs], device=device)
+    first = torch.tensor([s.first if s.first is not None else 0 for s in specs], device=device)
+    second = torch.tensor([s.second if s.second is not None else 0 for s in specs], device=device)
+    axis = torch.tensor([_RELATION_AXIS[s.relation][0] if s.relation else 0 for s in specs], device=device)
+    sign = torch.tensor([_RELATION_AXIS[s.relation][1] if s.relation else 0.0 for s in specs], device=device)
+    has_rel = torch.tensor([s.relation is not None for s in specs], device=device)
+    return dict(counts=counts, colour=colour, first=first, second=second, axis=axis, sign=sign, has_rel=has_rel)
+
+
+def correct(images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+    """Per-image correctness (B,) bool of `images` for `prompts` (one prompt per image)."""
+    if images.shape[0] != len(prompts):
+        raise ValueError(f"images has {images.shape[0]} rows but prompts has {len(prompts)}")
+    return judge(detect(images), prompts)
+
+
+def judge(det: Detections, prompts: Sequence[str]) -> torch.Tensor:
+    """Per-image correctness (B,) bool of detections `det` against `prompts` (one per row)."""
+    if det.counts.shape[0] != len(prompts):
+        raise ValueError(f"detections have {det.counts.shape[0]} rows but prompts has {len(prompts)}")
+    specs = [parse(p) for p in prompts]
+    t = _spec_tensors(specs, det.counts.device)
+    exact = (det.counts == t["counts"]).all(1)
+    total = det.counts.sum(1)
+    col = t["colour"].clamp_min(0)
+    only_colour = (total > 0) & (det.counts.gather(1, col[:, None]).squeeze(1) == total)
+    ok = torch.where(t["colour"] >= 0, only_colour, exact)
+    rows = torch.arange(len(specs), device=det.counts.device)
+    p1 = det.centroids[rows, t["first"]]
+    p2 = det.centroids[rows, t["second"]]
+    offset = (p2 - p1).gather(1, t["axis"][:, None]).squeeze(1) * t["sign"]
+    rel_ok = torch.nan_to_num(offset, nan=0.0) > SIDE / 2
+    return ok & (~t["has_rel"] | rel_ok)
+
+
+def accuracy_by_category(correctness: torch.Tensor, prompts: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """{category: {"accuracy", "correct", "count"}} plus "overall" (mean over images)."""
+    cats = [parse(p).category for p in prompts]
+    c = correctness.float().cpu()
+    out: Dict[str, Dict[str, float]] = {}
+    for name in CATEGORIES:
+        idx = [i for i, cat in enumerate(cats) if cat == name]
+        if idx:
+            hits = int(c[idx].sum())
+            out[name] = {"accuracy": hits / len(idx), "correct": hits, "count": len(idx)}
+    hits = int(c.sum())
+    out["overall"] = {"accuracy": hits / max(1, len(c)), "correct": hits, "count": len(c)}
+    return out
+
+
+class ShapesReward:
+    """Binary reward: `reward(images, prompts)` → (B,) float32 in {0, 1}, 1 where the detector
+    finds exactly the scene the prompt describes. `details` holds the per-category breakdown of
+    the last call; `reward.breakdown(images, prompts)` computes it without a reward call."""
+
+    name = "shapes_detector"
+
+    def __init__(self):
+        self.details: Dict[str, Dict[str, float]] = {}
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        ok = correct(images, prompts)
+        self.details = accuracy_by_category(ok, prompts)
+        return ok.float()
+
+    def breakdown(self, images: torch.Tensor, prompts: Sequence[str]) -> Dict[str, Dict[str, float]]:
+        return accuracy_by_category(correct(images, prompts), prompts)
+
+    def categories(self, prompts: Sequence[str]) -> List[str]:
+        return [parse(p).category for p in prompts]

@@ -1,0 +1,89 @@
+"""Detector exactness: 100% on ground-truth renders, 0% against every incompatible prompt."""
+
+import numpy as np
+import pytest
+import torch
+
+from tempflow_fast.tasks.shapes import detector, grammar, render
+from tempflow_fast.tasks.shapes.detector import Detections, ShapesReward
+
+RENDERS_PER_PROMPT = 12
+
+
+def compatible(a: grammar.PromptSpec, b: grammar.PromptSpec) -> bool:
+    """Whether some scene satisfies both prompts (worked out from the grammar, not the detector)."""
+    if a.counts is None and b.counts is None:
+        return a.colour == b.colour
+    if a.counts is None or b.counts is None:
+        only, counted = (a, b) if a.counts is None else (b, a)
+        return all(n == 0 for c, n in enumerate(counted.counts) if c != only.colour)
+    if a.counts != b.counts:
+        return False
+    if a.relation and b.relation:
+        # Normalise both to "first is left-of/above second"; opposite directions on one axis clash.
+        def norm(s):
+            flip = s.relation in ("right of", "below")
+            axis = "x" if s.relation in ("left of", "right of") else "y"
+            return axis, (s.second, s.first) if flip else (s.first, s.second)
+
+        (axis_a, pair_a), (axis_b, pair_b) = norm(a), norm(b)
+        return not (axis_a == axis_b and pair_a != pair_b)
+    return True
+
+
+@pytest.fixture(scope="module")
+def ground_truth():
+    prompts = [p for p in grammar.ALL_PROMPTS for _ in range(RENDERS_PER_PROMPT)]
+    images = render.render(prompts, np.random.default_rng(0))
+    return prompts, images, detector.detect(images)
+
+
+def test_ground_truth_is_all_correct(ground_truth):
+    prompts, images, det = ground_truth
+    assert detector.judge(det, prompts).all()
+    reward = ShapesReward()
+    r = reward(images, prompts)
+    assert r.dtype == torch.float32 and r.shape == (len(prompts),) and bool((r == 1).all())
+    assert reward.details["overall"] == {"accuracy": 1.0, "correct": len(prompts), "count": len(prompts)}
+    assert set(reward.details) == set(grammar.CATEGORIES) | {"overall"}
+
+
+def test_incompatible_prompts_score_zero(ground_truth):
+    prompts, _, det = ground_truth
+    specs = {p: grammar.parse(p) for p in grammar.ALL_PROMPTS}
+    n_pairs = 0
+    for other in grammar.ALL_PROMPTS:
+        mask = torch.tensor([not compatible(specs[p], specs[other]) for p in prompts])
+        if not mask.any():
+            continue
+        sub = Detections(det.counts[mask], det.centroids[mask])
+        ok = detector.judge(sub, [other] * int(mask.sum()))
+        assert not ok.any(), (other, [prompts[i] for i in mask.nonzero().flatten()[ok].tolist()][:3])
+        n_pairs += int(mask.sum())
+    assert n_pairs > 10000  # most prompt pairs are incompatible; make sure the test really ran them
+
+
+def test_robust_to_mild_noise_and_ignores_specks():
+    prompts = ["a red square left of a blue square", "three yellow squares", "green squares"] * 8
+    images = render.render(prompts, np.random.default_rng(1))
+    noisy = (images + 0.15 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    assert detector.correct(noisy, prompts).all()
+    speck = images.clone()
+    speck[:, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0]).view(1, 3)  # a 1-px red dot: below a quarter square
+    assert detector.correct(speck, prompts).all()
+
+
+def test_blank_and_merged_images_fail():
+    prompts = ["a red square", "red squares", "two red squares"]
+    blank = torch.zeros(3, 3, 16, 16)
+    assert not detector.correct(blank, prompts).any()
+    merged = torch.zeros(3, 3, 16, 16)
+    merged[:, 0, 2:6, 2:10] = 1.0  # two red squares touching read as one blob, not "two"
+    assert detector.correct(merged, prompts).tolist() == [True, True, False]
+
+
+def test_bad_input_raises():
+    with pytest.raises(ValueError, match="images"):
+        detector.correct(torch.zeros(2, 1, 16, 16), ["a red square"] * 2)
+    with pytest.raises(ValueError, match="prompts"):
+        detector.correct(torch.zeros(2, 3, 16, 16), ["a red square"])
