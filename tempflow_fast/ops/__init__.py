@@ -26,7 +26,7 @@ from tempflow_fast.ops import custom_ops as _ops
 from tempflow_fast.ops.backends import BackendUnavailable, active_backend, use_backend
 
 __all__ = [
-    "SdeStep", "LossOutput", "ClipLossOutput", "flow_sde_step", "ddim_sde_step", "gaussian_log_prob",
+    "SdeStep", "LossOutput", "ClipLossOutput", "flow_sde_step", "flow_sde_coefficients", "ddim_sde_step", "gaussian_log_prob",
     "grpo_clip_loss", "fused_flow_grpo_loss", "active_backend", "use_backend", "BackendUnavailable",
 ]
 
@@ -188,23 +188,29 @@ def flow_sde_step(sample: Tensor, velocity: Tensor, sigma: Scalar, sigma_next: S
     if _eager() and bool((sig_next >= sig).any()):
         raise ValueError(f"sigma_next must be < sigma (sampling runs σ from 1 down to 0), got sigma "
                          f"{sig[:4].tolist()} and sigma_next {sig_next[:4].tolist()}")
-    at_one = sig == 1.0
     if sigma_max is None:
-        if _eager() and bool(at_one.any()):
+        if _eager() and bool((sig == 1.0).any()):
             raise ValueError("sigma == 1 needs sigma_max (σ̃ of the σ==1 guard; Flow-GRPO passes the "
                              "scheduler's sigmas[1]), got sigma_max=None")
-        sig_guard = sig
+        sig_max = None
     else:
         sig_max = _per_row("sigma_max", sigma_max, n, sample)
         _check_values("sigma_max", sig_max, 0.0, 1.0, high_open=True)
-        sig_guard = torch.where(at_one, sig_max, sig)
-    s = eta * torch.sqrt(sig / (1.0 - sig_guard))
-    dt = sig_next - sig
-    a = (1.0 + s**2 * dt / (2.0 * sig)).contiguous()
-    b = ((1.0 + s**2 * (1.0 - sig) / (2.0 * sig)) * dt).contiguous()
-    std = (s * torch.sqrt(-dt)).contiguous()
+    _, a, b, std = flow_sde_coefficients(sig, sig_next, eta, sig_max)
     _check_values("std (from sigma, sigma_next, noise_level)", std, 0.0)
     return _run_step(sample, velocity, a, b, std, noise, prev_sample, generator)
+
+
+def flow_sde_coefficients(sigma: Tensor, sigma_next: Tensor, noise_level: Tensor, sigma_max: Optional[Tensor]):
+    """(s, a, b, std) of Flow-GRPO's SDE step for (N,) tensors: the noise scale
+    s = η·sqrt(σ/(1-σ̃)) (Flow-GRPO's `std_dev_t`), μ = a·x + b·v, std = s·sqrt(-dt). No validation."""
+    sig_guard = sigma if sigma_max is None else torch.where(sigma == 1.0, sigma_max, sigma)
+    s = noise_level * torch.sqrt(sigma / (1.0 - sig_guard))
+    dt = sigma_next - sigma
+    a = 1.0 + s**2 * dt / (2.0 * sigma)
+    b = (1.0 + s**2 * (1.0 - sigma) / (2.0 * sigma)) * dt
+    std = s * torch.sqrt(-dt)
+    return s, a.contiguous(), b.contiguous(), std.contiguous()
 
 
 def ddim_sde_step(sample: Tensor, velocity: Tensor, sigma: Scalar, sigma_next: Scalar, noise_level: Scalar, *,
