@@ -96,9 +96,10 @@ class CompiledRunner(_BucketedRunner):
 
     kind = "compile"
 
-    def __init__(self, model, buckets: Optional[Sequence[int]] = DEFAULT_BUCKETS, mode: Optional[str] = None):
+    def __init__(self, model, buckets: Optional[Sequence[int]] = DEFAULT_BUCKETS, mode: Optional[str] = None,
+                 backend: str = "inductor"):
         super().__init__(model, buckets)
-        self._fn = torch.compile(model.velocity, dynamic=False, mode=mode)
+        self._fn = torch.compile(model.velocity, dynamic=False, mode=mode, backend=backend)
 
     def _run(self, x, sigma, cond):
         return self._fn(x, sigma, cond)
