@@ -1,0 +1,62 @@
+"""Shared pieces of the cross-backend tests: which backends to compare, the per-dtype tolerance
+table, the shapes, and input builders. The reference (`torch` backend) is the oracle."""
+
+import pytest
+import torch
+
+import tempflow_fast.ops as ops
+
+# Every compiled backend is compared against the reference; one that cannot run here is skipped
+# with the dispatcher's own reason (e.g. the C++ extension failed to build).
+BACKENDS = ["triton", "cpp"]
+
+# Max abs error allowed relative to the largest magnitude of the reference output, per input
+# dtype. Both sides see the same low-precision inputs and accumulate in fp32, so the error left is
+# accumulation order plus at most ~1 ulp of output rounding (bf16: 2^-7, fp16: 2^-10).
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = list(TOL)
+
+# (N, K, *D): ragged D, N=1, K=1, multi-dim latents; FLUX-like packed latents (4096 tokens x 64)
+# run once in fp32 (the interpreter is slow).
+SHAPES = [(3, 4, 123), (1, 1, 64), (2, 1, 7, 9), (1, 5, 16, 12)]
+FLUX_SHAPE = (1, 2, 4096, 64)
+
+
+def require(backend: str) -> None:
+    try:
+        ops.active_backend("cpu") if backend == "torch" else _check(backend)
+    except ops.BackendUnavailable as exc:
+        pytest.skip(f"backend {backend!r} cannot run here: {exc}")
+
+
+def _check(backend):
+    with ops.use_backend(backend):
+        ops.active_backend("cpu")
+
+
+def assert_close_scaled(got, want, tol, name=""):
+    got, want = got.detach().double(), want.detach().double()
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    scale = want.abs().max().item() if want.numel() else 0.0
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    assert err <= tol * max(scale, 1e-30) + 1e-30, f"{name}: max error {err:.3g} > {tol} x scale {scale:.3g}"
+
+
+def loss_inputs(shape, dtype, seed=0, beta=0.05):
+    """Inputs of fused_flow_grpo_loss with ratios spread over both sides of the clip range and
+    advantages beyond adv_clip, so every branch of the surrogate is exercised."""
+    n, k, *d = shape
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(n, *d, generator=g)
+    std = 0.3 + torch.rand(n, generator=g)
+    samples = mean[:, None] + std.view(n, 1, *[1] * len(d)) * torch.randn(n, k, *d, generator=g)
+    mean = mean + 0.05 * torch.randn(n, *d, generator=g)
+    logp_now = ops.gaussian_log_prob(samples, mean, std).detach()
+    old = logp_now + 0.3 * torch.randn(n, k, generator=g)
+    adv = 3.0 * torch.randn(n, k, generator=g)
+    weights = 0.5 + torch.rand(n, generator=g)
+    ref_mean = mean + 0.1 * torch.randn(n, *d, generator=g)
+    kl_std = 0.5 + torch.rand(n, generator=g)
+    return dict(mean=mean.to(dtype), samples=samples.to(dtype), std=std, old_log_prob=old, advantages=adv,
+                weights=weights, ref_mean=ref_mean.to(dtype), kl_std=kl_std, beta=beta, clip_range=0.2,
+                adv_clip=2.0)
