@@ -1,1 +1,27 @@
+"""The methods: each gives a rollout plan, per-sample advantages and per-state weights."""
 
+from tempflow_fast.algorithms.flow_grpo import FlowGRPO
+from tempflow_fast.algorithms.g2rpo import G2RPO
+from tempflow_fast.algorithms.stepwise import StepwiseFlowGRPO
+from tempflow_fast.algorithms.tempflow import TempFlowGRPO
+
+__all__ = ["FlowGRPO", "TempFlowGRPO", "G2RPO", "StepwiseFlowGRPO", "from_config"]
+
+
+def from_config(cfg):
+    """The algorithm object for `cfg.method` (a tempflow_fast.training.train_config.Config)."""
+    s = cfg.sampling
+    common = dict(num_steps=s.num_steps, noise_level=s.noise_level, shift=s.shift)
+    if cfg.method == "flow_grpo":
+        return FlowGRPO(group_size=cfg.flow_grpo.group_size, **common)
+    if cfg.method == "tempflow":
+        t = cfg.tempflow
+        return TempFlowGRPO(num_seeds=t.num_seeds, branches=t.branches, bifurcation_steps=t.bifurcation_steps,
+                            bifurcation=t.bifurcation, noise_aware_weights=t.noise_aware_weights,
+                            seed_grouping=t.seed_grouping, **common)
+    if cfg.method == "g2rpo":
+        g = cfg.g2rpo
+        return G2RPO(branches=g.branches, branch_steps=g.branch_steps, granularities=tuple(g.granularities), **common)
+    if cfg.method == "stepwise":
+        return StepwiseFlowGRPO(group_size=cfg.stepwise.group_size, sde=cfg.stepwise.sde, **common)
+    raise ValueError(f"config field 'method': unknown method {cfg.method!r}")

@@ -1,0 +1,437 @@
+"""The trainer loop: prompts → rollout plan (algorithm) → rollout engine → rewards → credit (algorithm)
+→ update (one policy forward per shared state, fused loss) → log / checkpoint.
+
+Exact resume: every source of randomness is derived from (config seed, iteration) — the prompt order
+is a seeded permutation per data epoch, the rollout's generator and the update's shuffling generator are
+seeded from the iteration — and the model, optimizer, EMA and counters come back from the checkpoint, so a
+resumed run computes the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import yaml
+
+from tempflow_fast import algorithms
+from tempflow_fast.algorithms.base import Rewards
+from tempflow_fast.config import config_to_dict
+from tempflow_fast.sampling.engine import rollout
+from tempflow_fast.sampling.runners import EagerRunner
+from tempflow_fast.training import checkpoint as ckpt
+from tempflow_fast.training.ema import EMA
+from tempflow_fast.training.metrics_log import MetricsLogger
+from tempflow_fast.training.train_config import Config
+from tempflow_fast.training.update import build_update_batch, finite, policy_loss
+
+
+class NonFiniteAbort(RuntimeError):
+    """Too many updates were skipped for a non-finite loss or gradient."""
+
+
+@dataclass
+class Counters:
+    """Totals carried across checkpoints."""
+
+    nfe: int = 0  # model calls in rollouts (rows through velocity)
+    images: int = 0  # images decoded and scored
+    policy_passes: int = 0  # policy forward+backward rows (one per shared state per inner epoch)
+    samples_scored: int = 0  # samples the fused loss scored
+    optimizer_steps: int = 0
+    skipped_nonfinite: int = 0
+    wall_seconds: float = 0.0
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+def _seed_for(*parts: int) -> int:
+    """A deterministic 63-bit seed from integers (no Python hash randomisation)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+class Trainer:
+    """Runs `cfg`. `model`, `reward`, `train_prompts`, `eval_fn` default to the shapes task."""
+
+    def __init__(self, cfg: Config, *, model=None, reward=None, train_prompts: Optional[Sequence[str]] = None,
+                 eval_fn=None, resume: bool = False):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed)
+        self.model = model if model is not None else self._load_model()
+        self.reward = reward if reward is not None else self._shapes_reward()
+        self.train_prompts = list(train_prompts) if train_prompts is not None else self._shapes_train_prompts()
+        if not self.train_prompts:
+            raise ValueError("train_prompts is empty")
+        self.eval_fn = eval_fn if eval_fn is not None else self._shapes_eval
+        self.algorithm = algorithms.from_config(cfg)
+        self.plan = self.algorithm.plan()
+        self.runner = EagerRunner(self.model)
+        self._setup_params()
+        self.counters = Counters()
+        self.iteration = 0
+        self.eval_before: Optional[Dict] = None
+        if resume:
+            self._resume()
+        self.logger = MetricsLogger(self.out, tensorboard=cfg.log.tensorboard,
+                                    resume_from=self.iteration if resume else None)
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    def _load_model(self):
+        if self.cfg.model.kind != "tiny_flux":
+            raise ValueError(f"config field 'model.kind': unknown kind {self.cfg.model.kind!r}")
+        from tempflow_fast.models import tiny_flux
+
+        return tiny_flux.load(self.cfg.model.path)
+
+    @staticmethod
+    def _shapes_reward():
+        from tempflow_fast.tasks.shapes.detector import ShapesReward
+
+        return ShapesReward()
+
+    @staticmethod
+    def _shapes_train_prompts():
+        from tempflow_fast.tasks.shapes.grammar import TRAIN_PROMPTS
+
+        return list(TRAIN_PROMPTS)
+
+    def _shapes_eval(self, model) -> Dict:
+        from tempflow_fast.tasks.shapes.eval_cmd import EvalSettings, evaluate, split_prompts
+
+        e = self.cfg.eval
+        settings = EvalSettings(split="held_out", seeds_per_prompt=e.images_per_prompt, seed=e.seed,
+                                num_steps=e.num_steps, shift=self.cfg.sampling.shift)
+        return evaluate(model, split_prompts("held_out"), settings)
+
+    def _setup_params(self):
+        cfg = self.cfg.train
+        module = self.model.module
+        self.lora = cfg.lora.enabled
+        if self.lora:
+            from peft import LoraConfig
+
+            for p in module.parameters():
+                p.requires_grad_(False)
+            target = getattr(module, "transformer", module)
+            target.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
+                                          target_modules=list(cfg.lora.target_modules), init_lora_weights="gaussian"))
+        self.named_params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if not self.named_params:
+            raise ValueError("the model has no trainable parameters")
+        self.reference = None
+        if cfg.beta > 0:
+            if self.lora:
+                target = getattr(module, "transformer", module)
+
+                def reference(x, sigma, cond):
+                    target.disable_adapters()
+                    try:
+                        return self.model.velocity(x, sigma, cond)
+                    finally:
+                        target.enable_adapters()
+            else:
+                frozen = copy.copy(self.model)
+                frozen.module = copy.deepcopy(module).requires_grad_(False)
+                reference = frozen.velocity
+            self.reference = reference
+        self.optimizer = torch.optim.AdamW([p for _, p in self.named_params], lr=cfg.learning_rate,
+                                           betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+        self.ema = EMA(self.named_params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+    # --- data ---------------------------------------------------------------------------------
+
+    def prompts_for(self, iteration: int) -> List[str]:
+        """The prompt batch of `iteration` (0-based): consecutive slices of a seeded permutation per epoch."""
+        P, n = self.cfg.train.prompts_per_iteration, len(self.train_prompts)
+        out = []
+        for pos in range(iteration * P, (iteration + 1) * P):
+            epoch, i = divmod(pos, n)
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed_for(self.cfg.seed, 1, epoch)))
+            out.append(self.train_prompts[int(perm[i])])
+        return out
+
+    # --- one iteration ------------------------------------------------------------------------
+
+    def _score(self, images: torch.Tensor, prompts: List[str]) -> torch.Tensor:
+        return self.reward(images, prompts).float().to(images.device)
+
+    def _rewards(self, result, prompts: List[str]) -> Rewards:
+        traj_prompts = [prompts[i] for i in result.trajectories.prompt.tolist()]
+        final = {lam: self._score(img, traj_prompts) for lam, img in result.images.items()}
+        tweedie = None
+        if result.tweedie_images is not None:
+            B, T = result.tweedie_images.shape[:2]
+            flat = result.tweedie_images.reshape(B * T, *result.tweedie_images.shape[2:])
+            tweedie = self._score(flat, [p for p in traj_prompts for _ in range(T)]).view(B, T)
+        trunk = None
+        if result.trunk_images is not None:
+            trunk = self._score(result.trunk_images, [prompts[i] for i in result.trunk_prompt.tolist()])
+        return Rewards(final, tweedie, trunk)
+
+    def run_iteration(self, iteration: int) -> Dict[str, float]:
+        cfg = self.cfg.train
+        t0 = time.perf_counter()
+        prompts = self.prompts_for(iteration)
+        self.model.module.eval()
+        result = rollout(self.model, prompts, self.plan, seed=_seed_for(self.cfg.seed, 2, iteration), runner=self.runner)
+        t1 = time.perf_counter()
+        rewards = self._rewards(result, prompts)
+        credit = self.algorithm.credit(result, rewards, global_std=cfg.global_std)
+        t2 = time.perf_counter()
+        groups = build_update_batch(result, credit)
+        self.model.module.train()
+        upd = self._update(result, groups, iteration)
+        t3 = time.perf_counter()
+
+        r1 = rewards.final[1]
+        m: Dict[str, float] = {
+            "reward_mean": float(r1.mean()),
+            "reward_group_std": float(self._group_std(r1, result)),
+            "zero_std_ratio": credit.stats.get("zero_std_ratio", float("nan")),
+            "trained_states": sum(len(g) for g in groups),
+            "trained_samples": sum(g.num_samples for g in groups),
+            "seconds_rollout": t1 - t0,
+            "seconds_reward": t2 - t1,
+            "seconds_update": t3 - t2,
+            **{k: float(v) for k, v in result.stats.as_dict().items()},
+            **upd,
+        }
+        for lam, r in rewards.final.items():
+            if lam != 1:
+                m[f"reward_mean_lambda{lam}"] = float(r.mean())
+        if rewards.trunk is not None:
+            m["reward_ode_trunk"] = float(rewards.trunk.mean())
+        if rewards.tweedie is not None:
+            m["reward_tweedie_first_state"] = float(rewards.tweedie[:, 0].mean())
+        steps = result.states.step
+        for k in sorted(set(steps.tolist())):
+            m[f"step_weight/k{k}"] = float(credit.state_weights[steps == k][0])
+        self.counters.nfe += result.stats.total_nfe
+        self.counters.images += result.stats.total_images
+        self.counters.wall_seconds += t3 - t0
+        self._last_result = result
+        return m
+
+    @staticmethod
+    def _group_std(r: torch.Tensor, result) -> float:
+        """Mean over prompts of the std of final rewards within each prompt's trajectories."""
+        p = result.trajectories.prompt
+        stds = [r[p == i].std(unbiased=False) for i in p.unique().tolist()]
+        return float(torch.stack(stds).mean())
+
+    def _update(self, result, groups, iteration: int) -> Dict[str, float]:
+        cfg = self.cfg.train
+        total = sum(g.num_samples for g in groups)
+        stats = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "kl": 0.0, "grad_norm": 0.0, "policy_passes": 0,
+                 "skipped_nonfinite": 0}
+        if total == 0:
+            return stats
+        gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, 3, iteration))
+        sigma_max = float(result.sigmas[1])
+        n_stats = 0
+        for _epoch in range(cfg.inner_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            ok = True
+            for g in groups:
+                order = torch.randperm(len(g), generator=gen).to(g.sigma.device)
+                for start in range(0, len(g), cfg.states_per_forward):
+                    mb = g.take(order[start:start + cfg.states_per_forward])
+                    loss, out = policy_loss(
+                        self.model, mb, cond=result.cond, sde=result.sde, noise_level=result.noise_level,
+                        sigma_max=sigma_max, total_samples=total, clip_range=cfg.clip_range, adv_clip=cfg.adv_clip,
+                        beta=cfg.beta, kl_convention=cfg.kl_convention, reference=self.reference,
+                    )
+                    stats["policy_passes"] += len(mb)
+                    self.counters.policy_passes += len(mb)
+                    self.counters.samples_scored += mb.num_samples
+                    if not finite(loss):
+                        ok = False
+                        break
+                    loss.backward()
+                    share = mb.num_samples / total
+                    stats["loss"] += float(loss.detach())
+                    stats["clip_frac"] += float(out.clip_frac) * share
+                    stats["approx_kl"] += float(out.approx_kl) * share
+                    stats["kl"] += float(out.kl) * share
+                if not ok:
+                    break
+            params = [p for _, p in self.named_params]
+            if ok:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                ok = finite(grad_norm)
+            if not ok:
+                self.optimizer.zero_grad(set_to_none=True)
+                stats["skipped_nonfinite"] += 1
+                self.counters.skipped_nonfinite += 1
+                print(f"[tempflow-fast] iteration {iteration + 1}: non-finite loss or gradient, update skipped "
+                      f"({self.counters.skipped_nonfinite}/{cfg.max_nonfinite_skips} allowed)", flush=True)
+                if self.counters.skipped_nonfinite > cfg.max_nonfinite_skips:
+                    raise NonFiniteAbort(
+                        f"{self.counters.skipped_nonfinite} updates skipped for non-finite loss/gradient "
+                        f"(train.max_nonfinite_skips = {cfg.max_nonfinite_skips}); lower train.learning_rate "
+                        f"or check the reward")
+                continue
+            self.optimizer.step()
+            self.counters.optimizer_steps += 1
+            if self.ema is not None:
+                self.ema.update()
+            stats["grad_norm"] += float(grad_norm)
+            n_stats += 1
+        for k in ("loss", "clip_frac", "approx_kl", "kl"):
+            stats[k] /= cfg.inner_epochs
+        stats["grad_norm"] /= max(1, n_stats)
+        return stats
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def _model_state(self) -> Dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.named_params}
+
+    def save(self) -> Path:
+        state = {
+            "iteration": self.iteration,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": ckpt.rng_state(),
+            "data_position": self.iteration * self.cfg.train.prompts_per_iteration,
+            "counters": self.counters.__dict__,
+            "eval_before": self.eval_before,
+        }
+        return ckpt.save_checkpoint(
+            self.out / "checkpoints", self.iteration, model_state=self._model_state(), state=state,
+            config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
+            ema_state=self.ema.state_dict() if self.ema is not None else None,
+            keep_last=self.cfg.checkpoint.keep_last,
+        )
+
+    def _resume(self):
+        path = ckpt.latest_checkpoint(self.out / "checkpoints")
+        if path is None:
+            raise ValueError(f"--resume: no complete checkpoint under {str(self.out / 'checkpoints')!r}")
+        data = ckpt.load_checkpoint(path)
+        params = dict(self.named_params)
+        missing = sorted(set(params) - set(data["model"]))
+        if missing:
+            raise ValueError(f"--resume: checkpoint {str(path)!r} lacks parameter {missing[0]!r} "
+                             f"(was it written with another model or LoRA setting?)")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(data["model"][n])
+        st = data["state"]
+        self.optimizer.load_state_dict(st["optimizer"])
+        if self.ema is not None:
+            if data["ema"] is None:
+                raise ValueError(f"--resume: checkpoint {str(path)!r} has no EMA but train.ema_decay > 0")
+            self.ema.load_state_dict(data["ema"])
+        ckpt.set_rng_state(st["rng"])
+        self.iteration = st["iteration"]
+        self.counters = Counters(**st["counters"])
+        self.eval_before = st["eval_before"]
+        print(f"[tempflow-fast] resumed from {path} (iteration {self.iteration})", flush=True)
+
+    # --- export -------------------------------------------------------------------------------
+
+    def export(self, directory: Path) -> Path:
+        """Save the trained model as a loadable model folder (LoRA merged into a copy)."""
+        model = self.model
+        if self.lora:
+            model = copy.copy(self.model)
+            model.module = copy.deepcopy(self.model.module)
+            target = getattr(model.module, "transformer", model.module)
+            target.fuse_lora()
+            target.unload_lora()
+        model.save_pretrained(directory)
+        return directory
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def _evaluate(self) -> Dict:
+        was = self.model.module.training
+        if self.ema is not None:
+            self.ema.swap()
+        try:
+            return self.eval_fn(self.model)
+        finally:
+            if self.ema is not None:
+                self.ema.swap()
+            self.model.module.train(was)
+
+    def _write_samples(self, iteration: int) -> None:
+        from tempflow_fast.tasks.shapes.sample_cmd import grid_image
+
+        result = self._last_result
+        images = result.trunk_images if result.trunk_images is not None else result.images[1]
+        n = min(16, images.shape[0])
+        path = self.out / "samples" / f"iter-{iteration:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid_image(images[:n], f"iteration {iteration}", columns=8).save(path)
+
+    def train(self) -> Dict:
+        cfg = self.cfg
+        from tqdm.auto import tqdm
+
+        if self.eval_before is None:
+            self.eval_before = self._evaluate()
+            self.logger.log(0, {"heldout_accuracy": self.eval_before["overall"]["accuracy"]})
+        bar = tqdm(range(self.iteration, cfg.train.iterations), initial=self.iteration, total=cfg.train.iterations,
+                   desc=f"{cfg.method}", unit="it", disable=not cfg.log.progress, dynamic_ncols=True)
+        for it in bar:
+            m = self.run_iteration(it)
+            self.iteration = it + 1
+            if cfg.eval.every and self.iteration % cfg.eval.every == 0 and self.iteration < cfg.train.iterations:
+                m["heldout_accuracy"] = self._evaluate()["overall"]["accuracy"]
+            m.update(total_nfe=self.counters.nfe, total_policy_passes=self.counters.policy_passes,
+                     total_wall_seconds=self.counters.wall_seconds)
+            self.logger.log(self.iteration, m)
+            bar.set_postfix(reward=f"{m['reward_mean']:.3f}", nfe=self.counters.nfe,
+                            s_per_it=f"{m['seconds_rollout'] + m['seconds_reward'] + m['seconds_update']:.1f}")
+            if cfg.log.sample_every and self.iteration % cfg.log.sample_every == 0:
+                self._write_samples(self.iteration)
+            if cfg.checkpoint.every and self.iteration % cfg.checkpoint.every == 0:
+                self.save()
+        bar.close()
+        if not (cfg.checkpoint.every and self.iteration % cfg.checkpoint.every == 0):
+            self.save()
+        after = self._evaluate()
+        self.logger.log(self.iteration, {"heldout_accuracy": after["overall"]["accuracy"]})
+        self.logger.close()
+        if self.ema is not None:
+            self.ema.swap()
+        self.export(self.out / "final")
+        if self.ema is not None:
+            self.ema.swap()
+        summary = {"before": self.eval_before, "after": after, "counters": self.counters.__dict__,
+                   "iterations": self.iteration, "method": cfg.method}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+        return summary
+
+
+def format_summary(summary: Dict) -> str:
+    before, after, c = summary["before"], summary["after"], summary["counters"]
+    cats = [k for k in before if k != "overall"] + ["overall"]
+    lines = [f"{'held-out accuracy':<18} {'before':>7} {'after':>7} {'change':>7}", "-" * 42]
+    for k in cats:
+        if k in before and k in after:
+            b, a = before[k]["accuracy"], after[k]["accuracy"]
+            lines.append(f"{k:<18} {b:>7.3f} {a:>7.3f} {a - b:>+7.3f}")
+    lines += [
+        "",
+        f"method: {summary['method']}, iterations: {summary['iterations']}",
+        f"model calls (rollout NFE): {c['nfe']}",
+        f"policy forward+backward passes (state rows): {c['policy_passes']}  "
+        f"(samples scored: {c['samples_scored']}, optimizer steps: {c['optimizer_steps']})",
+        f"images scored: {c['images']}",
+        f"skipped non-finite updates: {c['skipped_nonfinite']}",
+        f"wall time (train loop): {c['wall_seconds']:.1f} s",
+        f"held-out accuracy: before {before['overall']['accuracy']:.3f} after {after['overall']['accuracy']:.3f}",
+    ]
+    return "\n".join(lines)
