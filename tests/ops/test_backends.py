@@ -6,7 +6,7 @@ import torch
 
 import tempflow_fast.ops as ops
 
-from ops_backend_cases import BACKENDS, DTYPES, FLUX_SHAPE, SHAPES, TOL, assert_close_scaled, loss_inputs, require
+from tempflow_fast.ops.testing import BACKENDS, DTYPES, FLUX_SHAPE, SHAPES, TOL, assert_close_scaled, loss_inputs, require
 
 
 def _fused(backend, inputs):

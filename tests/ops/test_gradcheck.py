@@ -6,7 +6,7 @@ import torch
 
 import tempflow_fast.ops as ops
 
-from ops_backend_cases import require
+from tempflow_fast.ops.testing import require
 
 pytestmark = pytest.mark.parametrize("backend", ["triton", "torch"])
 

@@ -1,7 +1,8 @@
-"""Shared pieces of the cross-backend tests: which backends to compare, the per-dtype tolerance
-table, the shapes, and input builders. The reference (`torch` backend) is the oracle."""
+"""Helpers for testing a backend of the fused ops against the PyTorch reference (the oracle):
+the backends to compare, the per-dtype tolerance table, the shapes that catch tiling bugs, and
+input builders. Used by tests/ops; importable by anyone adding a backend (pytest needed only for
+`require`)."""
 
-import pytest
 import torch
 
 import tempflow_fast.ops as ops
@@ -23,15 +24,14 @@ FLUX_SHAPE = (1, 2, 4096, 64)
 
 
 def require(backend: str) -> None:
+    """Skip the calling test, with the dispatcher's reason, when `backend` cannot run on CPU here."""
+    import pytest
+
     try:
-        ops.active_backend("cpu") if backend == "torch" else _check(backend)
+        with ops.use_backend(backend):
+            ops.active_backend("cpu")
     except ops.BackendUnavailable as exc:
         pytest.skip(f"backend {backend!r} cannot run here: {exc}")
-
-
-def _check(backend):
-    with ops.use_backend(backend):
-        ops.active_backend("cpu")
 
 
 def assert_close_scaled(got, want, tol, name=""):
