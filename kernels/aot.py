@@ -95,15 +95,35 @@ def _variants() -> list[Variant]:
     return out
 
 
+_compile_module = None
+
+
+def _kernel_module():
+    """A copy of the kernel module built with the interpreter off. Under TRITON_INTERPRET=1 (the
+    tests on CPU) the imported module holds interpreter objects, kernels and the @jit helpers they
+    call alike, which the compiler cannot lower; this copy holds JITFunctions."""
+    global _compile_module
+    if _compile_module is None:
+        import importlib.util
+
+        from triton import knobs
+
+        from tempflow_fast.kernels import flow_grpo
+
+        spec = importlib.util.spec_from_file_location("tempflow_fast.kernels._flow_grpo_aot", flow_grpo.__file__)
+        module = importlib.util.module_from_spec(spec)
+        saved = knobs.runtime.interpret
+        knobs.runtime.interpret = False
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            knobs.runtime.interpret = saved
+        _compile_module = module
+    return _compile_module
+
+
 def _jit_function(fn_name: str):
-    """The kernel as a JITFunction even when the module was imported under TRITON_INTERPRET=1
-    (the interpreter wraps the same Python function, which is what ASTSource needs)."""
-    from triton.runtime.jit import JITFunction
-
-    from tempflow_fast.kernels import flow_grpo
-
-    fn = getattr(flow_grpo, fn_name)
-    return fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)
+    return getattr(_kernel_module(), fn_name)
 
 
 def find_cuobjdump() -> str | None:
