@@ -1,0 +1,330 @@
+"""Benchmark of the fused Flow-GRPO loss (forward + backward) against the unfused eager PyTorch a
+user would write. Not a test: it prints a markdown table and writes bench/results/ops.csv.
+
+    python bench/ops.py                      # CPU: cpp (fused) vs unfused eager; CUDA when present: triton too
+    python bench/ops.py --reps 30 --csv out.csv
+
+Providers
+- `fused-cpp` / `fused-triton`: `tempflow_fast.ops.fused_flow_grpo_loss` with the backend forced
+  (`use_backend`), loss.backward() into mean.grad.
+- `fused-torch`: the same public call on the PyTorch reference backend (the fallback users get
+  without a compiler), for context.
+- `unfused-eager`: Flow-GRPO's formulas written in eager PyTorch: a per-element log-prob over
+  (N, K, D) with the mean broadcast to every sample, ratio, clipped surrogate, KL to the reference
+  mean, autograd backward. This is the baseline the targets refer to.
+
+Metrics (one CSV row each: subject, provider, shape, dtype, metric, unit, p50, p20, p80, device,
+version, timestamp)
+- `fwd_bwd_time` (ms): median and 20/80 % quantiles over --reps timed runs after warm-up.
+- `bandwidth` (GB/s): bytes that must move / time. A forward+backward must read mean, the K
+  samples and ref_mean twice (the backward needs the forward's log-probs before it can weight the
+  samples) and write dmean once: 2·(|mean| + |samples| + |ref_mean|) + |dmean|.
+- `pct_copy_bandwidth` (%): bandwidth relative to this machine's plain copy bandwidth, measured in
+  the same run: torch `copy_` of a 25 MB fp32 tensor with the same threads, read+write bytes.
+- `peak_extra_memory` (MB), CPU: resident-set high-water mark of one forward+backward above the
+  resident set just before it, in a fresh child process per provider and shape (Linux
+  /proc/self/clear_refs resets VmHWM; glibc's freed-memory caching across providers would otherwise
+  hide allocations). Inputs are allocated before the baseline; mean.grad is part of the extra.
+  CUDA: torch.cuda.max_memory_allocated above the allocation before the call.
+- `speedup_vs_unfused` (x): unfused-eager p50 time / provider p50 time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+import tempflow_fast
+from tempflow_fast import ops
+
+HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+SHAPES = {"flux-1024": (4, 6, 4096 * 64), "small": (4, 6, 4096)}  # (N shared means, K samples, D)
+CLIP_RANGE, ADV_CLIP, BETA = 1e-4, 5.0, 0.004  # Flow-GRPO's ε, adv clip and a TempFlow-sized β
+# Nominal peak memory bandwidth (GB/s) of GPUs we may be lent, to report % of the datasheet value.
+NOMINAL_GPU_BANDWIDTH = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
+
+
+# inputs -----------------------------------------------------------------------------------------
+
+def make_inputs(shape, device, dtype=torch.float32, seed=0):
+    """A training step's tensors: policy mean, K samples around it, old log-probs near the
+    current ones (ratios around 1, some clipped by ε), advantages, step weights, reference mean."""
+    N, K, D = shape
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    std = 0.2 + 0.1 * torch.rand(N, generator=g)
+    mean = torch.randn(N, D, generator=g)
+    samples = mean[:, None] + std[:, None, None] * torch.randn(N, K, D, generator=g)
+    logp = (-((samples - mean[:, None]) ** 2).mean(-1) / (2 * std[:, None] ** 2) - torch.log(std)[:, None]
+            - HALF_LOG_2PI)
+    old = logp + 2e-4 * torch.randn(N, K, generator=g)
+    adv = torch.randn(N, K, generator=g)
+    weights = 0.5 + torch.rand(N, generator=g)
+    ref_mean = mean + 0.01 * torch.randn(N, D, generator=g)
+    kl_std = 0.5 + 0.1 * torch.rand(N, generator=g)
+    t = dict(mean=mean, samples=samples, std=std, old=old, adv=adv, weights=weights, ref_mean=ref_mean,
+             kl_std=kl_std)
+    out = {k: v.to(device) for k, v in t.items()}
+    for k in ("mean", "samples", "ref_mean"):
+        out[k] = out[k].to(dtype).contiguous()
+    out["mean"].requires_grad_(True)
+    return out
+
+
+def bytes_moved(shape, dtype=torch.float32):
+    N, K, D = shape
+    e = torch.finfo(dtype).bits // 8
+    mean, samples, ref_mean, dmean = N * D * e, N * K * D * e, N * D * e, N * D * e
+    return 2 * (mean + samples + ref_mean) + dmean
+
+
+# providers --------------------------------------------------------------------------------------
+
+def unfused_eager(t):
+    """Flow-GRPO's loss as written in eager PyTorch (one log-prob per element of every sample)."""
+    mean, samples, std = t["mean"], t["samples"], t["std"]
+    mu = mean[:, None].expand_as(samples)
+    s = std[:, None, None]
+    log_prob = (-((samples.detach() - mu) ** 2) / (2 * s**2) - torch.log(s) - HALF_LOG_2PI).mean(-1)
+    ratio = torch.exp(log_prob - t["old"])
+    adv = torch.clamp(t["adv"], -ADV_CLIP, ADV_CLIP)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - CLIP_RANGE, 1.0 + CLIP_RANGE)
+    policy = (t["weights"][:, None] * torch.maximum(unclipped, clipped)).mean()
+    kl = (((mean - t["ref_mean"]) ** 2).mean(-1) / (2 * t["kl_std"] ** 2)).mean()
+    return policy + BETA * kl
+
+
+def fused(backend):
+    def run(t):
+        with ops.use_backend(backend):
+            return ops.fused_flow_grpo_loss(t["mean"], t["samples"], t["std"], t["old"], t["adv"],
+                                            clip_range=CLIP_RANGE, weights=t["weights"], adv_clip=ADV_CLIP,
+                                            ref_mean=t["ref_mean"], beta=BETA, kl_std=t["kl_std"]).loss
+    return run
+
+
+def providers(device):
+    names = ["fused-triton"] if device.type == "cuda" else ["fused-cpp"]
+    names += ["fused-torch", "unfused-eager"]
+    return names
+
+
+def provider_fn(name):
+    return unfused_eager if name == "unfused-eager" else fused(name.split("-", 1)[1])
+
+
+def fwd_bwd(fn, t):
+    t["mean"].grad = None
+    loss = fn(t)
+    loss.backward()
+    return loss
+
+
+# measurements -----------------------------------------------------------------------------------
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def quantiles(times):
+    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return [float(v) for v in q]
+
+
+def time_fwd_bwd(fn, t, device, reps, warmup):
+    for _ in range(warmup):
+        fwd_bwd(fn, t)
+    times = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        fwd_bwd(fn, t)
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return quantiles(times)
+
+
+def copy_bandwidth(device, reps):
+    """GB/s of a plain copy_ of 25 MB fp32 (read + write bytes)."""
+    src = torch.randn(6_553_600, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(reps + 3):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    p50, p20, p80 = quantiles(times)
+    gbs = lambda s: 2 * src.numel() * 4 / s / 1e9  # noqa: E731
+    return gbs(p50), gbs(p80), gbs(p20)  # faster time = higher bandwidth: the quantiles swap
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_extra_memory_child(provider, shape_name):
+    """Run in a fresh process: RSS high-water mark of one fwd+bwd above the RSS just before it (MB)."""
+    device = torch.device("cpu")
+    fn = provider_fn(provider)
+    fwd_bwd(fn, make_inputs((1, 2, 64), device))  # load the extension, start the OpenMP threads
+    t = make_inputs(SHAPES[shape_name], device)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = _status_kb("VmRSS")
+    fwd_bwd(fn, t)
+    return (_status_kb("VmHWM") - before) / 1024.0
+
+
+def peak_extra_memory(provider, shape_name, device, t):
+    if device.type == "cuda":
+        fwd_bwd(provider_fn(provider), t)
+        t["mean"].grad = None
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fwd_bwd(provider_fn(provider), t)
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", provider, shape_name,
+           "--threads", str(torch.get_num_threads())]
+    # glibc raises its mmap threshold after large frees (up to 32 MB) and then serves later blocks
+    # from already-resident heap pages, which would hide them from the RSS high-water mark. A fixed
+    # threshold keeps every block >= 128 KB a fresh mapping that is returned to the OS on free.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_mb"]
+
+
+def max_grad_difference(t, name, baseline_grad, baseline_loss):
+    loss = fwd_bwd(provider_fn(name), t).detach()
+    return (abs(float(loss) - float(baseline_loss)),
+            float((t["mean"].grad.float() - baseline_grad.float()).abs().max()))
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def version():
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        rev = "nogit"
+    return f"{tempflow_fast.__version__}+{rev} torch {torch.__version__}"
+
+
+# main -------------------------------------------------------------------------------------------
+
+def bench_device(device, args, rows, stamp):
+    dev_name, ver = device_name(device), version()
+    copy_p50, copy_p20, copy_p80 = copy_bandwidth(device, args.reps)
+    nominal = next((v for k, v in NOMINAL_GPU_BANDWIDTH.items() if device.type == "cuda" and k in dev_name), None)
+
+    def row(provider, shape, metric, unit, p50, p20=None, p80=None):
+        rows.append(dict(subject="fused_flow_grpo_loss", provider=provider, shape=shape, dtype="float32",
+                         metric=metric, unit=unit, p50=f"{p50:.6g}", p20=f"{(p50 if p20 is None else p20):.6g}",
+                         p80=f"{(p50 if p80 is None else p80):.6g}", device=dev_name, version=ver, timestamp=stamp))
+
+    row("torch.copy_", "25MB", "copy_bandwidth", "GB/s", copy_p50, copy_p20, copy_p80)
+    table = [f"\n### {dev_name} — plain copy_ bandwidth {copy_p50:.1f} GB/s (25 MB fp32, read+write)"
+             + (f"; nominal {nominal:.0f} GB/s" if nominal else ""),
+             "", "| shape (N,K,D) | provider | fwd+bwd ms p50 [p20, p80] | speedup vs unfused | "
+             "peak extra MB | GB/s | % of copy BW |" + (" % of nominal |" if nominal else "")
+             + " max abs Δ vs unfused (loss / dmean) |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if nominal else "")]
+    for shape_name in args.shapes:
+        shape = SHAPES[shape_name]
+        t = make_inputs(shape, device)
+        moved = bytes_moved(shape)
+        label = f"{shape_name} {shape}"
+        shape_str = "x".join(map(str, shape))
+        results = {}
+        for name in providers(device):
+            fn = provider_fn(name)
+            reps = max(3, args.reps // 4) if name == "fused-torch" or name == "unfused-eager" else args.reps
+            p50, p20, p80 = time_fwd_bwd(fn, t, device, reps, args.warmup)
+            mem = peak_extra_memory(name, shape_name, device, t)
+            results[name] = (p50, p20, p80, mem)
+        # Agreement check so a fast wrong kernel cannot look good: fused vs unfused loss and dmean.
+        base_loss = fwd_bwd(unfused_eager, t).detach()
+        base_grad = t["mean"].grad.clone()
+        base_p50 = results["unfused-eager"][0]
+        for name, (p50, p20, p80, mem) in results.items():
+            gbs = moved / (p50 * 1e-3) / 1e9
+            row(name, shape_str, "fwd_bwd_time", "ms", p50, p20, p80)
+            row(name, shape_str, "bandwidth", "GB/s", gbs, moved / (p80 * 1e-3) / 1e9, moved / (p20 * 1e-3) / 1e9)
+            row(name, shape_str, "pct_copy_bandwidth", "%", 100 * gbs / copy_p50)
+            if nominal:
+                row(name, shape_str, "pct_nominal_bandwidth", "%", 100 * gbs / nominal)
+            row(name, shape_str, "peak_extra_memory", "MB", mem)
+            row(name, shape_str, "speedup_vs_unfused", "x", base_p50 / p50)
+            dloss, dgrad = max_grad_difference(t, name, base_grad, base_loss)
+            table.append(f"| {label} | {name} | {p50:.2f} [{p20:.2f}, {p80:.2f}] | {base_p50 / p50:.1f}x | "
+                         f"{mem:.1f} | {gbs:.2f} | {100 * gbs / copy_p50:.0f}% |"
+                         + (f" {100 * gbs / nominal:.1f}% |" if nominal else "")
+                         + f" {dloss:.1e} / {dgrad:.1e} |")
+    table.append(f"\nbytes that must move per fwd+bwd: "
+                 + ", ".join(f"{s} {bytes_moved(SHAPES[s]) / 1e6:.1f} MB" for s in args.shapes)
+                 + "; peak extra memory: " + ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+                                               else "RSS high-water (VmHWM) in a child process per provider"))
+    print("\n".join(table))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--reps", type=int, default=20, help="timed repetitions of the fused providers")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ops.csv"))
+    p.add_argument("--memory-child", nargs=2, metavar=("PROVIDER", "SHAPE"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps({"peak_extra_mb": peak_extra_memory_child(*args.memory_child)}))
+        return 0
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    rows = []
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        bench_device(device, args, rows, stamp)
+    os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+    with open(args.csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nwrote {len(rows)} rows to {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
