@@ -44,7 +44,8 @@ class SdeStep(NamedTuple):
 
 
 class ClipLossOutput(NamedTuple):
-    """grpo_clip_loss: loss (scalar, differentiable), ratio (log_prob's shape), clip_frac, approx_kl."""
+    """grpo_clip_loss: loss (scalar, differentiable), ratio (log_prob's shape), clip_frac, approx_kl
+    (detached diagnostics)."""
     loss: Tensor
     ratio: Tensor
     clip_frac: Tensor
@@ -53,7 +54,8 @@ class ClipLossOutput(NamedTuple):
 
 class LossOutput(NamedTuple):
     """fused_flow_grpo_loss: loss (scalar, differentiable w.r.t. mean), log_prob (N,K), ratio (N,K),
-    clip_frac, approx_kl = mean(½(logp-old)²), kl (the unscaled KL term; loss = policy + β·kl)."""
+    clip_frac, approx_kl = mean(½(logp-old)²), kl (the unscaled KL term; loss = policy + β·kl).
+    Only `loss` carries gradient; the other fields are detached diagnostics."""
     loss: Tensor
     log_prob: Tensor
     ratio: Tensor

@@ -7,8 +7,9 @@ output shapes, and the backend is chosen when the compiled graph runs.
 
 Inputs here are already validated and flattened by the public layer (tempflow_fast.ops); see the
 primitive contract in tempflow_fast.ops.reference. Only the `loss` output of the two loss ops and
-the latent-shaped outputs / log-prob of the step and log-prob ops carry gradients; ratios and
-statistics are diagnostics and get none.
+the latent-shaped outputs / log-prob of the step and log-prob ops carry gradients; the loss ops'
+other outputs (log-probs, ratios, statistics, the KL term) are marked non-differentiable: they
+are diagnostics, and a silent zero gradient through them would hide a mistake.
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ def _clip_setup(ctx, inputs, output):
     logp, old_logp, adv, weights, clip_range, adv_clip = inputs
     ctx.clip_range, ctx.adv_clip = clip_range, adv_clip
     ctx.save_for_backward(logp, old_logp, adv, weights)
+    ctx.mark_non_differentiable(*output[1:])
 
 
 def _clip_backward(ctx, grad_loss, grad_ratio, grad_clip_frac, grad_approx_kl):
@@ -187,6 +189,7 @@ def _flow_setup(ctx, inputs, output):
     mean, samples, std, old_logp, adv, weights, ref_mean, kl_std, clip_range, adv_clip, beta = inputs
     ctx.hparams = (clip_range, adv_clip, beta)
     ctx.has_ref = ref_mean is not None
+    ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(mean, samples, std, output[1], old_logp, adv, weights, kl_std,
                           *((ref_mean,) if ref_mean is not None else ()))
 

@@ -69,6 +69,16 @@ def test_log_prob_shapes_and_fused_loss_consistency():
     torch.testing.assert_close(out.loss, torch.tensor(-1.0))  # -A·r with A = 1, r = 1
 
 
+def test_only_the_loss_carries_gradient():
+    mean = torch.randn(2, 6, requires_grad=True)
+    out = ops.fused_flow_grpo_loss(mean, torch.randn(2, 3, 6), 0.5, torch.zeros(2, 3), torch.ones(2, 3),
+                                   clip_range=0.2, ref_mean=torch.zeros(2, 6), beta=0.1)
+    assert out.loss.requires_grad
+    assert not any(t.requires_grad for t in out[1:])
+    clip = ops.grpo_clip_loss(torch.zeros(4, requires_grad=True), torch.zeros(4), torch.ones(4), clip_range=0.2)
+    assert clip.loss.requires_grad and not any(t.requires_grad for t in clip[1:])
+
+
 def _loss_args():
     g = torch.Generator().manual_seed(3)
     return dict(mean=torch.randn(2, 3, 4, generator=g), samples=torch.randn(2, 5, 3, 4, generator=g),
