@@ -17,7 +17,8 @@ Metrics (CSV row: subject, plan, provider, metric, unit, value, device, version,
 - `wall_time` (s): median over --reps rollouts after one warm-up rollout, per runner: `eager`
   (unpadded batches unless --bucket-eager) and `compile` (torch.compile, padded to --buckets).
   `compile_time` (s): the warm-up rollout of the compiled runner, compile included.
-  `images_per_s` (images/s): final images (all granularities and trunk images) / wall_time. `padded_rows` (rows): bucket padding the model also evaluated.
+  `images_per_s` (images/s): final images (all granularities and trunk images) / wall_time.
+  `padded_rows` (rows): bucket padding the model also evaluated.
 
 Model: the shipped tiny FLUX (tempflow_fast/models/tiny_flux.py) when its weights are installed,
 else the same architecture with random weights (timings are the same; images are noise).
