@@ -57,8 +57,10 @@ NOMINAL_GPU_BANDWIDTH = {"H100": 3350.0, "H200": 4800.0, "A100": 2039.0}
 # inputs -----------------------------------------------------------------------------------------
 
 def make_inputs(shape, device, dtype=torch.float32, seed=0):
-    """A training step's tensors: policy mean, K samples around it, old log-probs near the
-    current ones (ratios around 1, some clipped by ε), advantages, step weights, reference mean."""
+    """A training step's tensors: policy mean, K samples around it, old log-probs equal to the
+    current ones up to 1e-6 (the first update after a rollout: every ratio inside 1±ε, so no sample
+    is clipped and the backward must read all K samples: the worst case for the fused kernel, which
+    skips clipped ones), advantages, step weights, reference mean."""
     N, K, D = shape
     g = torch.Generator(device="cpu").manual_seed(seed)
     std = 0.2 + 0.1 * torch.rand(N, generator=g)
@@ -66,7 +68,7 @@ def make_inputs(shape, device, dtype=torch.float32, seed=0):
     samples = mean[:, None] + std[:, None, None] * torch.randn(N, K, D, generator=g)
     logp = (-((samples - mean[:, None]) ** 2).mean(-1) / (2 * std[:, None] ** 2) - torch.log(std)[:, None]
             - HALF_LOG_2PI)
-    old = logp + 2e-4 * torch.randn(N, K, generator=g)
+    old = logp + 1e-6 * torch.randn(N, K, generator=g)
     adv = torch.randn(N, K, generator=g)
     weights = 0.5 + torch.rand(N, generator=g)
     ref_mean = mean + 0.01 * torch.randn(N, D, generator=g)

@@ -148,6 +148,39 @@ inline void add_scaled_diff(acc_t* __restrict o, const acc_t* __restrict x, cons
   }
 }
 
+// o_i += Σ_{j<4} c_j·(x_j,i - m_i): four samples per pass over the accumulator chunk, which then
+// is loaded and stored once per four samples instead of once per sample.
+template <typename acc_t>
+inline void add_scaled_diff4_generic(acc_t* __restrict o, const acc_t* __restrict const* x, const acc_t* __restrict m,
+                                     const acc_t* c, int64_t len) {
+  const acc_t* __restrict x0 = x[0];
+  const acc_t* __restrict x1 = x[1];
+  const acc_t* __restrict x2 = x[2];
+  const acc_t* __restrict x3 = x[3];
+  const acc_t c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    const acc_t mi = m[i];
+    o[i] += c0 * (x0[i] - mi) + c1 * (x1[i] - mi) + c2 * (x2[i] - mi) + c3 * (x3[i] - mi);
+  }
+}
+
+TEMPFLOW_MULTIVERSION
+void add_scaled_diff4_f32(float* __restrict o, const float* __restrict const* x, const float* __restrict m,
+                          const float* c, int64_t len) {
+  add_scaled_diff4_generic<float>(o, x, m, c, len);
+}
+
+template <typename acc_t>
+inline void add_scaled_diff4(acc_t* __restrict o, const acc_t* __restrict const* x, const acc_t* __restrict m,
+                             const acc_t* c, int64_t len) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    add_scaled_diff4_f32(o, x, m, c, len);
+  } else {
+    add_scaled_diff4_generic<acc_t>(o, x, m, c, len);
+  }
+}
+
 // ---- input checks (the public layer validates; these keep a bad direct call from reading out of
 // bounds, and raise ValueError in Python) -----------------------------------------------------
 
@@ -312,10 +345,28 @@ at::Tensor weighted_residual_sum(const at::Tensor& samples, const at::Tensor& me
 #pragma omp simd
         for (int64_t i = 0; i < len; ++i) o[i] = acc_t(0);
       }
-      for (int64_t k = 0; k < K; ++k) {
-        const acc_t ck = coef[n * K + k];
-        if (ck == acc_t(0)) continue;
-        add_scaled_diff(o, load_chunk(xp + (n * K + k) * D + d0, len, xbuf), m, ck, len);
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        // Samples straight from the input (no conversion buffer): four at a time.
+        const acc_t* xs[4];
+        acc_t cs[4];
+        int64_t q = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const acc_t ck = coef[n * K + k];
+          if (ck == acc_t(0)) continue;
+          xs[q] = xp + (n * K + k) * D + d0;
+          cs[q++] = ck;
+          if (q == 4) {
+            add_scaled_diff4(o, xs, m, cs, len);
+            q = 0;
+          }
+        }
+        for (int64_t j = 0; j < q; ++j) add_scaled_diff(o, xs[j], m, cs[j], len);
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          const acc_t ck = coef[n * K + k];
+          if (ck == acc_t(0)) continue;
+          add_scaled_diff(o, load_chunk(xp + (n * K + k) * D + d0, len, xbuf), m, ck, len);
+        }
       }
       store_chunk(op + n * D + d0, o, len);
     }

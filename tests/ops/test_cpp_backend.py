@@ -28,8 +28,9 @@ LATENT_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bf
 # fp32 statistics computed from identical inputs: only the summation order differs.
 STAT_TOL = dict(atol=2e-5, rtol=2e-5)
 DTYPES = list(LATENT_TOL)
-# (N, K, D): ragged tail, single row, single sample, and FLUX-like packed latents (4096·64).
-SHAPES = [(3, 4, 123), (1, 3, 123), (2, 1, 123), (2, 2, 4096 * 64 + 7)]
+# (N, K, D): ragged tail, single row, single sample, K = 6 over several chunks (the backward's
+# four-samples-at-a-time path plus a remainder), and FLUX-like packed latents (4096·64).
+SHAPES = [(3, 4, 123), (1, 3, 123), (2, 1, 123), (2, 6, 2 * 2048 + 123), (2, 2, 4096 * 64 + 7)]
 
 
 @pytest.fixture(scope="module")
