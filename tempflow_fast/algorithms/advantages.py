@@ -7,6 +7,7 @@ any grouping (prompt; prompt+seed+k; prompt+k; step across a group) is just a di
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 
@@ -70,21 +71,31 @@ def multi_granularity_advantages(
 
 
 def stepwise_gain_advantages(
-    tweedie_rewards: torch.Tensor, final_rewards: torch.Tensor, group_ids: torch.Tensor, *, eps: float = ADV_EPS
+    tweedie_rewards: torch.Tensor,
+    final_rewards: torch.Tensor,
+    group_ids: torch.Tensor,
+    *,
+    steps: Optional[Sequence[int]] = None,
+    eps: float = ADV_EPS,
 ) -> GroupStats:
     """Stepwise-Flow-GRPO: per trajectory, r_t = R(x̂0(x_t)) for t = 0..T-1 and r_T = R(x_0).
 
     The gain of step t is r_{t+1} - r_t; advantages are the gains normalised per step across the group
-    (same group id, same t). tweedie_rewards (B, T), final_rewards (B,), group_ids (B,) -> advantages (B, T)
-    flattened row-major (trajectory-major), as the rollout orders its states.
+    (same group id, same t). Only the trained `steps` (default all T) are normalised and returned — a
+    deterministic step (the DDIM-style SDE's last one) has no sample and its zero gain is no group.
+    tweedie_rewards (B, T), final_rewards (B,), group_ids (B,) -> advantages (B, len(steps)) flattened
+    row-major (trajectory-major).
     """
     if tweedie_rewards.dim() != 2 or final_rewards.shape != tweedie_rewards.shape[:1]:
         raise ValueError(
             f"tweedie_rewards must be (B, T) and final_rewards (B,), got {tuple(tweedie_rewards.shape)} and {tuple(final_rewards.shape)}"
         )
     B, T = tweedie_rewards.shape
+    steps = list(range(T)) if steps is None else list(steps)
+    if not steps or min(steps) < 0 or max(steps) >= T:
+        raise ValueError(f"steps must be non-empty indices in 0..{T - 1}, got {steps}")
     after = torch.cat([tweedie_rewards[:, 1:], final_rewards[:, None]], dim=1).float()
-    gains = after - tweedie_rewards.float()
-    step = torch.arange(T, device=gains.device).expand(B, T)
-    ids = group_ids.to(gains.device)[:, None] * T + step
+    gains = (after - tweedie_rewards.float())[:, steps]
+    col = torch.arange(len(steps), device=gains.device).expand(B, len(steps))
+    ids = group_ids.to(gains.device)[:, None] * len(steps) + col
     return normalize_in_groups(gains.reshape(-1), ids.reshape(-1), eps=eps)

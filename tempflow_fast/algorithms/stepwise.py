@@ -29,12 +29,15 @@ class StepwiseFlowGRPO:
         if rewards.tweedie is None:
             raise ValueError("stepwise credit needs rewards.tweedie (B, T): the rollout must decode Tweedie estimates")
         traj = result.trajectories
-        stats = stepwise_gain_advantages(rewards.tweedie, rewards.final[1], traj.prompt)
-        T = rewards.tweedie.shape[1]
-        adv = stats.advantages.view(-1, T)
-        zero = stats.zero_std.view(-1, T)
         smp = result.samples
         step_of_sample = result.states.step[smp.state]
-        return Credit(adv[smp.trajectory, step_of_sample], zero[smp.trajectory, step_of_sample],
+        trained = sorted(set(step_of_sample.tolist()))
+        stats = stepwise_gain_advantages(rewards.tweedie, rewards.final[1], traj.prompt, steps=trained)
+        column = torch.full((rewards.tweedie.shape[1],), -1, dtype=torch.long, device=step_of_sample.device)
+        column[trained] = torch.arange(len(trained), device=step_of_sample.device)
+        adv = stats.advantages.view(-1, len(trained))
+        zero = stats.zero_std.view(-1, len(trained))
+        col = column[step_of_sample]
+        return Credit(adv[smp.trajectory, col], zero[smp.trajectory, col],
                       torch.ones(len(result.states), device=adv.device),
                       {"zero_std_ratio": stats.zero_std_ratio})

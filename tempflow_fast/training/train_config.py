@@ -118,8 +118,8 @@ class TrainConfig:
 class EvalConfig:
     every: int = 0  # evaluate held-out accuracy every N iterations (0 = only before/after)
     num_steps: int = 10  # ODE steps for evaluation
-    images_per_prompt: int = 4
-    seed: int = 1234
+    images_per_prompt: int = 16  # same protocol as configs/shapes_eval.yaml
+    seed: int = 0
 
 
 @dataclass

@@ -260,9 +260,9 @@ class Trainer:
                     loss.backward()
                     share = mb.num_samples / total
                     stats["loss"] += float(loss.detach())
-                    stats["clip_frac"] += float(out.clip_frac) * share
-                    stats["approx_kl"] += float(out.approx_kl) * share
-                    stats["kl"] += float(out.kl) * share
+                    stats["clip_frac"] += float(out.clip_frac.detach()) * share
+                    stats["approx_kl"] += float(out.approx_kl.detach()) * share
+                    stats["kl"] += float(out.kl.detach()) * share
                 if not ok:
                     break
             params = [p for _, p in self.named_params]

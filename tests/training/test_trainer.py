@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+
+from tempflow_fast.training import trainer as trainer_mod
+from tempflow_fast.training.cli import main as train_main
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("flow_grpo", ()),
+    ("tempflow", ("train.beta=0.01",)),
+    ("g2rpo", ()),
+    ("stepwise", ()),
+])
+def test_each_method_trains_two_iterations(tmp_path, make_trainer, method, extra):
+    tr = make_trainer(tmp_path / method, method, *extra)
+    before = {n: p.detach().clone() for n, p in tr.named_params}
+    summary = tr.train()
+    assert summary["iterations"] == 2 and summary["counters"]["optimizer_steps"] == 2
+    changed = [n for n, p in tr.named_params if not torch.equal(before[n], p.detach())]
+    assert len(changed) == len(before)
+    rows = [json.loads(l) for l in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]
+    it_rows = [r for r in rows if "loss" in r]
+    assert [r["iteration"] for r in it_rows] == [1, 2]
+    assert all(r["trained_samples"] > 0 and r["zero_std_ratio"] == 0.0 for r in it_rows)
+    assert (tmp_path / method / "final").is_dir()
+
+
+def test_one_policy_pass_per_shared_state(tmp_path, make_trainer):
+    # TempFlow 4 seeds x 6 branches, T=10, every step 0..8 trained: 36 passes per prompt, not 216.
+    tr = make_trainer(tmp_path, "tempflow", "sampling.num_steps=10", "tempflow.num_seeds=4",
+              "tempflow.branches=6", "train.prompts_per_iteration=1", "train.iterations=1")
+    m = tr.run_iteration(0)
+    assert m["policy_passes"] == 36
+    assert m["trained_samples"] == 216
+    assert m["nfe/trunk"] == 40 and m["nfe/completion"] == 1080
+
+
+def test_resume_continues_exactly(tmp_path, make_trainer):
+    # uninterrupted: 3 iterations, checkpoint every iteration
+    full = make_trainer(tmp_path / "a", "tempflow", "train.iterations=3", "checkpoint.every=1",
+                "train.ema_decay=0.9")
+    losses_full = [full.run_iteration(i)["loss"] for i in range(3)]
+    # interrupted after 2 iterations, then resumed from its checkpoint in a fresh trainer
+    part = make_trainer(tmp_path / "b", "tempflow", "train.iterations=3", "checkpoint.every=1",
+                "train.ema_decay=0.9")
+    for i in range(2):
+        part.run_iteration(i)
+        part.iteration = i + 1
+        part.save()
+    resumed = make_trainer(tmp_path / "b", "tempflow", "train.iterations=3", "checkpoint.every=1",
+                   "train.ema_decay=0.9", resume=True)
+    assert resumed.iteration == 2
+    assert resumed.run_iteration(2)["loss"] == losses_full[2]
+    for (n, p), (_, q) in zip(full.named_params, resumed.named_params):
+        assert torch.equal(p, q), n
+
+
+def test_nan_loss_is_skipped_and_run_continues(tmp_path, make_trainer, monkeypatch):
+    real = trainer_mod.policy_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, out = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 1 else loss), out
+
+    monkeypatch.setattr(trainer_mod, "policy_loss", poisoned)
+    tr = make_trainer(tmp_path, "flow_grpo", "train.states_per_forward=1000")
+    summary = tr.train()
+    assert summary["counters"]["skipped_nonfinite"] == 1
+    assert summary["counters"]["optimizer_steps"] == 1  # the second iteration still updated
+    tr2 = make_trainer(tmp_path / "abort", "flow_grpo", "train.max_nonfinite_skips=0")
+    monkeypatch.setattr(trainer_mod, "policy_loss", lambda *a, **k: (torch.tensor(float("nan")), None))
+    with pytest.raises(trainer_mod.NonFiniteAbort, match="max_nonfinite_skips"):
+        tr2.train()
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.learning_rate=-1", "train.learning_rate"),
+    ("method=ppo", "method"),
+    ("tempflow.branches=0", "tempflow.branches"),
+    ("g2rpo.granularities=[0]", "g2rpo.granularities"),
+    ("sampling.num_steps=1", "sampling.num_steps"),
+    ("train.nonsense=3", "nonsense"),
+])
+def test_bad_config_names_the_field(override, field, capsys):
+    assert train_main(["--set", override, "--print-config"]) == 2
+    assert field in capsys.readouterr().err
+
+
+def test_set_overrides_any_field(capsys):
+    assert train_main(["--config", "configs/shapes_tempflow.yaml", "--set", "train.iterations=2",
+                       "--set", "output_dir=runs/try", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "iterations: 2" in out and "output_dir: runs/try" in out
