@@ -7,8 +7,9 @@ elements of -(x-μ)²/(2σ²), minus log σ + ½log 2π, computed in fp32 whatev
 Latent-shaped outputs keep the input dtype; log-probs, ratios and statistics are fp32.
 
 Every function validates its input and raises ValueError naming the argument and what it saw.
-Value checks (std > 0, finite, σ ranges) need the tensor's data, so they run in eager mode only;
-under `torch.compile` the shape, dtype and device checks still run at trace time.
+Value checks (std > 0, finite, σ ranges) need the tensor's data, so they run in eager mode only
+(not under `torch.compile` tracing or CUDA-graph capture, where the shape, dtype and device checks
+still run).
 
 Per-step scalars (`sigma`, `sigma_next`, `noise_level`, `std`, `kl_std`) may be Python floats,
 0-d tensors or (N,) tensors (one value per row, e.g. rows at different steps).
@@ -67,7 +68,11 @@ class LossOutput(NamedTuple):
 # validation helpers ----------------------------------------------------------------------------
 
 def _eager() -> bool:
-    return not torch.compiler.is_compiling()
+    """Whether value checks may read tensor data: not while torch.compile traces, and not while a
+    CUDA graph is being captured (a host sync there is an error)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def _desc(t: Tensor) -> str:

@@ -8,6 +8,9 @@ module is imported: `interpreted()` reports whether it was.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -38,13 +41,19 @@ def _blocks(k: int, d: int) -> tuple[int, int]:
     return block_k, block_d
 
 
+@functools.lru_cache(maxsize=None)
+def _target_programs(device: torch.device) -> int:
+    """Programs that fill the device: 4 per SM on a GPU; a few on the interpreter, which keeps
+    the split-D path exercised by the CPU tests."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
 def _splits(n: int, d: int, block_d: int, device: torch.device) -> tuple[int, int]:
     """(S, chunk): split each row's D into S chunks (multiples of block_d) so that N·S programs
-    fill the GPU; a few on the interpreter, which keeps the split path exercised on CPU."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 8
+    fill the device."""
+    target = _target_programs(device)
     blocks = triton.cdiv(d, block_d)
     s = max(1, min(blocks, triton.cdiv(target, n)))
     chunk = triton.cdiv(blocks, s) * block_d
@@ -72,8 +81,20 @@ def _finalize_logp(part, std, n, k, s, d, acc_t, acc_tl):
     return logp
 
 
+def _on_tensor_device(fn):
+    """Launch on the inputs' GPU, not the current one (Triton launches on the current device)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = next(a for a in args if isinstance(a, torch.Tensor))
+        guard = torch.cuda.device(first.device) if first.device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 # 1. Gaussian log-prob --------------------------------------------------------------------------
 
+@_on_tensor_device
 def gaussian_log_prob_fwd(samples, mean, std):
     n, k, d = samples.shape
     acc_t, acc_tl = _acc(mean)
@@ -81,6 +102,7 @@ def gaussian_log_prob_fwd(samples, mean, std):
     return _finalize_logp(part, std, n, k, s, d, acc_t, acc_tl)
 
 
+@_on_tensor_device
 def gaussian_log_prob_bwd(grad_logp, samples, mean, std):
     n, k, d = samples.shape
     _, acc_tl = _acc(mean)
@@ -93,6 +115,7 @@ def gaussian_log_prob_bwd(grad_logp, samples, mean, std):
 
 # 2. SDE step -----------------------------------------------------------------------------------
 
+@_on_tensor_device
 def sde_step_fwd(sample, velocity, a, b, std, noise=None, prev_sample=None):
     if (noise is None) == (prev_sample is None):
         raise ValueError("sde_step_fwd: pass exactly one of noise / prev_sample")
@@ -111,6 +134,7 @@ def sde_step_fwd(sample, velocity, a, b, std, noise=None, prev_sample=None):
     return prev, mean, logp
 
 
+@_on_tensor_device
 def sde_step_bwd(grad_prev, grad_mean, grad_logp, sample, velocity, prev_sample, a, b, std, prev_given: bool):
     n, d = sample.shape
     _, acc_tl = _acc(sample)
@@ -129,6 +153,7 @@ def sde_step_bwd(grad_prev, grad_mean, grad_logp, sample, velocity, prev_sample,
 
 # 3. GRPO clipped surrogate ---------------------------------------------------------------------
 
+@_on_tensor_device
 def grpo_clip_loss_fwd(logp, old_logp, adv, weights, clip_range: float, adv_clip: float):
     m = logp.numel()
     acc_t, acc_tl = _acc(logp)
@@ -141,6 +166,7 @@ def grpo_clip_loss_fwd(logp, old_logp, adv, weights, clip_range: float, adv_clip
     return stats[0].clone(), ratio, stats[1].clone(), stats[2].clone()
 
 
+@_on_tensor_device
 def grpo_clip_loss_bwd(grad_loss, logp, old_logp, adv, weights, clip_range: float, adv_clip: float):
     m = logp.numel()
     acc_t, acc_tl = _acc(logp)
@@ -153,6 +179,7 @@ def grpo_clip_loss_bwd(grad_loss, logp, old_logp, adv, weights, clip_range: floa
 
 # 4. fused Flow-GRPO loss -----------------------------------------------------------------------
 
+@_on_tensor_device
 def flow_grpo_loss_fwd(mean, samples, std, old_logp, adv, weights, ref_mean, kl_std,
                        clip_range: float, adv_clip: float, beta: float):
     n, k, d = samples.shape
@@ -169,6 +196,7 @@ def flow_grpo_loss_fwd(mean, samples, std, old_logp, adv, weights, ref_mean, kl_
     return stats[0].clone(), logp, ratio, stats[1].clone(), stats[2].clone(), stats[3].clone()
 
 
+@_on_tensor_device
 def flow_grpo_loss_bwd(grad_loss, mean, samples, std, logp, old_logp, adv, weights, ref_mean, kl_std,
                        clip_range: float, adv_clip: float, beta: float):
     n, k, d = samples.shape
