@@ -27,7 +27,8 @@ from tempflow_fast.ops import custom_ops as _ops
 from tempflow_fast.ops.backends import BackendUnavailable, active_backend, use_backend
 
 __all__ = [
-    "SdeStep", "LossOutput", "ClipLossOutput", "flow_sde_step", "flow_sde_coefficients", "ddim_sde_step", "gaussian_log_prob",
+    "SdeStep", "LossOutput", "ClipLossOutput", "flow_sde_step", "flow_sde_coefficients", "ddim_sde_step",
+    "gaussian_log_prob",
     "grpo_clip_loss", "fused_flow_grpo_loss", "active_backend", "use_backend", "BackendUnavailable",
 ]
 

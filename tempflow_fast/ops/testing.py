@@ -24,15 +24,30 @@ SHAPES = [(3, 4, 123), (1, 1, 64), (2, 1, 7, 9), (1, 5, 16, 12)]
 FLUX_SHAPE = (1, 2, 4096, 64)
 
 
-def require(backend: str) -> None:
-    """Skip the calling test, with the dispatcher's reason, when `backend` cannot run on CPU here."""
+def device_for(backend: str) -> torch.device:
+    """Where a backend is tested: Triton on the GPU when there is one (on CPU it needs the
+    interpreter), everything else on CPU."""
+    if backend == "triton" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def require(backend: str) -> torch.device:
+    """The device to test `backend` on; skips the calling test, with the dispatcher's reason,
+    when the backend cannot run there."""
     import pytest
 
+    device = device_for(backend)
     try:
         with ops.use_backend(backend):
-            ops.active_backend("cpu")
+            ops.active_backend(device)
     except ops.BackendUnavailable as exc:
         pytest.skip(f"backend {backend!r} cannot run here: {exc}")
+    return device
+
+
+def to_device(inputs: dict, device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def assert_close_scaled(got, want, tol, name=""):

@@ -118,18 +118,23 @@ def test_fused_loss_validation(over, match):
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda x: ops.flow_sde_step(x, x[:1], 0.5, 0.4, 0.7), r"velocity has shape \(1, 8\) but sample has shape \(2, 8\)"),
+    (lambda x: ops.flow_sde_step(x, x[:1], 0.5, 0.4, 0.7),
+     r"velocity has shape \(1, 8\) but sample has shape \(2, 8\)"),
     (lambda x: ops.flow_sde_step(x[0], x[0], 0.5, 0.4, 0.7), r"sample must have at least 2 dims"),
     (lambda x: ops.flow_sde_step(x, x, 1.0, 0.9, 0.7), r"sigma == 1 needs sigma_max"),
     (lambda x: ops.flow_sde_step(x, x, 0.4, 0.5, 0.7), r"sigma_next must be < sigma"),
     (lambda x: ops.flow_sde_step(x, x, 1.5, 0.5, 0.7), r"sigma must lie in \(0.0, 1.0\]"),
-    (lambda x: ops.flow_sde_step(x, x, 0.5, 0.4, 0.7, noise=x, prev_sample=x), r"at most one of noise / prev_sample"),
-    (lambda x: ops.flow_sde_step(x, x, 0.5, 0.4, 0.7, prev_sample=x.double()), r"prev_sample has dtype torch.float64"),
-    (lambda x: ops.flow_sde_step(x, x, torch.tensor([0.5, 0.4, 0.3]), 0.2, 0.7), r"sigma must have shape \(\) or \(2,\)"),
+    (lambda x: ops.flow_sde_step(x, x, 0.5, 0.4, 0.7, noise=x, prev_sample=x),
+     r"at most one of noise / prev_sample"),
+    (lambda x: ops.flow_sde_step(x, x, 0.5, 0.4, 0.7, prev_sample=x.double()),
+     r"prev_sample has dtype torch.float64"),
+    (lambda x: ops.flow_sde_step(x, x, torch.tensor([0.5, 0.4, 0.3]), 0.2, 0.7),
+     r"sigma must have shape \(\) or \(2,\)"),
     (lambda x: ops.ddim_sde_step(x, x, 0.5, 0.0, 0.7), r"sigma_next must lie in \(0.0, 1.0\)"),
     (lambda x: ops.gaussian_log_prob(x, x[:, :4], 1.0), r"samples must have shape \(N, K, \*D\) or \(N, \*D\)"),
     (lambda x: ops.grpo_clip_loss(x, x[:, :3], x, clip_range=0.2), r"old_log_prob must have log_prob's shape"),
-    (lambda x: ops.grpo_clip_loss(x, x, x, clip_range=0.2, weights=x[:, :3]), r"weights of shape \(2, 3\) do not broadcast"),
+    (lambda x: ops.grpo_clip_loss(x, x, x, clip_range=0.2, weights=x[:, :3]),
+     r"weights of shape \(2, 3\) do not broadcast"),
     (lambda x: ops.grpo_clip_loss(x, x, x, clip_range=0.2, adv_clip=float("inf")), r"adv_clip must be a finite"),
 ])
 def test_step_and_loss_validation(call, match):

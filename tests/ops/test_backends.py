@@ -6,7 +6,8 @@ import torch
 
 import tempflow_fast.ops as ops
 
-from tempflow_fast.ops.testing import BACKENDS, DTYPES, FLUX_SHAPE, SHAPES, TOL, assert_close_scaled, loss_inputs, require
+from tempflow_fast.ops.testing import (BACKENDS, DTYPES, FLUX_SHAPE, SHAPES, TOL, assert_close_scaled, loss_inputs,
+                                      require, to_device)
 
 
 def _fused(backend, inputs):
@@ -20,8 +21,8 @@ def _fused(backend, inputs):
 
 
 def _compare_fused(backend, shape, dtype):
-    require(backend)
-    inputs = loss_inputs(shape, dtype)
+    device = require(backend)
+    inputs = to_device(loss_inputs(shape, dtype), device)
     got, got_grad = _fused(backend, inputs)
     want, want_grad = _fused("torch", inputs)
     tol = TOL[dtype]
@@ -47,8 +48,8 @@ def test_fused_flow_grpo_loss_flux_sized(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_flow_grpo_loss_without_reference_mean(backend):
-    require(backend)
-    inputs = loss_inputs((2, 3, 50), torch.float32, beta=0.0)
+    device = require(backend)
+    inputs = to_device(loss_inputs((2, 3, 50), torch.float32, beta=0.0), device)
     inputs["ref_mean"] = None
     got, got_grad = _fused(backend, inputs)
     want, want_grad = _fused("torch", inputs)
@@ -61,7 +62,7 @@ def _log_prob(backend, samples, mean, std):
     mean = mean.clone().requires_grad_()
     with ops.use_backend(backend):
         logp = ops.gaussian_log_prob(samples, mean, std)
-        g = torch.linspace(-1.0, 2.0, logp.numel()).reshape(logp.shape)
+        g = torch.linspace(-1.0, 2.0, logp.numel(), device=logp.device).reshape(logp.shape)
         (dmean,) = torch.autograd.grad((logp * g).sum(), mean)
     return logp, dmean
 
@@ -70,8 +71,8 @@ def _log_prob(backend, samples, mean, std):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gaussian_log_prob(backend, shape, dtype):
-    require(backend)
-    inputs = loss_inputs(shape, dtype)
+    device = require(backend)
+    inputs = to_device(loss_inputs(shape, dtype), device)
     samples, mean, std = inputs["samples"], inputs["mean"], inputs["std"]
     for s in (samples, samples[:, 0]):  # (N, K, *D) and (N, *D)
         got, got_grad = _log_prob(backend, s, mean, std)
@@ -90,9 +91,10 @@ def _step(backend, step_fn, sample, velocity, sigma, sigma_next, given_prev, noi
         else:
             out = step_fn(sample, velocity, sigma, sigma_next, 0.7, prev_sample=given_prev, **kw)
         g = torch.Generator().manual_seed(7)
-        objective = ((out.prev_sample.float() * torch.randn(sample.shape, generator=g)).sum()
-                     + (out.mean.float() * torch.randn(sample.shape, generator=g)).sum()
-                     + (out.log_prob * torch.randn(out.log_prob.shape, generator=g)).sum())
+        weights = [torch.randn(t.shape, generator=g).to(sample.device)
+                   for t in (out.prev_sample, out.mean, out.log_prob)]
+        objective = ((out.prev_sample.float() * weights[0]).sum() + (out.mean.float() * weights[1]).sum()
+                     + (out.log_prob * weights[2]).sum())
         grads = torch.autograd.grad(objective, [sample, velocity])
     return out, grads
 
@@ -102,15 +104,13 @@ def _step(backend, step_fn, sample, velocity, sigma, sigma_next, given_prev, noi
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["flow", "ddim"])
 def test_sde_steps(kind, backend, shape, dtype):
-    require(backend)
+    device = require(backend)
     n, _, *d = shape
     g = torch.Generator().manual_seed(1)
-    sample = torch.randn(n, *d, generator=g).to(dtype)
-    velocity = torch.randn(n, *d, generator=g).to(dtype)
-    noise = torch.randn(n, *d, generator=g).to(dtype)
+    sample, velocity, noise = (torch.randn(n, *d, generator=g).to(device, dtype) for _ in range(3))
     # per-row steps: row 0 starts at sigma = 1 (the Flow-GRPO guard), the others elsewhere
-    sigma = torch.tensor([1.0, 0.6, 0.35])[:n]
-    sigma_next = torch.tensor([0.9, 0.45, 0.2])[:n]
+    sigma = torch.tensor([1.0, 0.6, 0.35], device=device)[:n]
+    sigma_next = torch.tensor([0.9, 0.45, 0.2], device=device)[:n]
     step_fn, kw = (ops.flow_sde_step, dict(sigma_max=0.93)) if kind == "flow" else (ops.ddim_sde_step, {})
     if kind == "ddim":
         sigma = sigma.clamp(max=0.95)
@@ -135,12 +135,13 @@ def test_sde_steps(kind, backend, shape, dtype):
 @pytest.mark.parametrize("m", [1, 37, 2500])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grpo_clip_loss(backend, m):
-    require(backend)
+    device = require(backend)
     g = torch.Generator().manual_seed(m)
     logp = torch.randn(m, generator=g)
     old = logp + 0.3 * torch.randn(m, generator=g)
     adv = 3.0 * torch.randn(m, generator=g)
     weights = torch.rand(m, generator=g) + 0.5
+    logp, old, adv, weights = (t.to(device) for t in (logp, old, adv, weights))
     results = []
     for name in (backend, "torch"):
         lp = logp.clone().requires_grad_()
