@@ -2,11 +2,14 @@
 user would write. Not a test: it prints a markdown table and writes bench/results/ops.csv.
 
     python bench/ops.py                      # CPU: cpp (fused) vs unfused eager; CUDA when present: triton too
-    python bench/ops.py --reps 30 --csv out.csv
+    python bench/ops.py --threads 1          # on a shared machine: OpenMP barriers wait out other processes
+    python bench/ops.py --reps 30 --csv out.csv --shapes small
 
 Providers
 - `fused-cpp` / `fused-triton`: `tempflow_fast.ops.fused_flow_grpo_loss` with the backend forced
   (`use_backend`), loss.backward() into mean.grad.
+- `cpp-kernels`: the C++ forward and backward primitives called directly, to separate the kernels'
+  time from the public API's per-call overhead (validation, custom-op dispatch, autograd).
 - `fused-torch`: the same public call on the PyTorch reference backend (the fallback users get
   without a compiler), for context.
 - `unfused-eager`: Flow-GRPO's formulas written in eager PyTorch: a per-element log-prob over
@@ -20,7 +23,8 @@ version, timestamp)
   samples and ref_mean twice (the backward needs the forward's log-probs before it can weight the
   samples) and write dmean once: 2·(|mean| + |samples| + |ref_mean|) + |dmean|.
 - `pct_copy_bandwidth` (%): bandwidth relative to this machine's plain copy bandwidth, measured in
-  the same run: torch `copy_` of a 25 MB fp32 tensor with the same threads, read+write bytes.
+  the same run: torch `copy_` of a 25 MB fp32 tensor with the same threads, read+write bytes,
+  before and after the runs, the higher of the two. The small shape fits in cache and can exceed it.
 - `peak_extra_memory` (MB), CPU: resident-set high-water mark of one forward+backward above the
   resident set just before it, in a fresh child process per provider and shape (Linux
   /proc/self/clear_refs resets VmHWM; glibc's freed-memory caching across providers would otherwise
@@ -115,20 +119,37 @@ def fused(backend):
     return run
 
 
+def cpp_kernels(t):
+    """The C++ forward and backward primitives called directly: the kernels' own time, without the
+    public API's validation, custom-op dispatch and autograd bookkeeping. Sets mean.grad like
+    backward() would and returns the loss."""
+    from tempflow_fast.ops import cpp_backend
+
+    mean = t["mean"].detach()
+    common = (t["old"], t["adv"], t["weights"], t["ref_mean"], t["kl_std"], CLIP_RANGE, ADV_CLIP, BETA)
+    out = cpp_backend.flow_grpo_loss_fwd(mean, t["samples"], t["std"], *common)
+    t["mean"].grad = cpp_backend.flow_grpo_loss_bwd(torch.ones((), dtype=out[0].dtype), mean, t["samples"],
+                                                    t["std"], out[1], *common)
+    return out[0]
+
+
 def providers(device):
-    names = ["fused-triton"] if device.type == "cuda" else ["fused-cpp"]
+    names = ["fused-triton"] if device.type == "cuda" else ["fused-cpp", "cpp-kernels"]
     names += ["fused-torch", "unfused-eager"]
     return names
 
 
 def provider_fn(name):
+    if name == "cpp-kernels":
+        return cpp_kernels
     return unfused_eager if name == "unfused-eager" else fused(name.split("-", 1)[1])
 
 
 def fwd_bwd(fn, t):
     t["mean"].grad = None
     loss = fn(t)
-    loss.backward()
+    if loss.requires_grad:
+        loss.backward()
     return loss
 
 
@@ -246,7 +267,7 @@ def version():
 
 def bench_device(device, args, rows, stamp):
     dev_name, ver = device_name(device), version()
-    copy_p50, copy_p20, copy_p80 = copy_bandwidth(device, args.reps)
+    copy_start = copy_bandwidth(device, args.reps)
     nominal = next((v for k, v in NOMINAL_GPU_BANDWIDTH.items() if device.type == "cuda" and k in dev_name), None)
 
     def row(provider, shape, metric, unit, p50, p20=None, p80=None):
@@ -254,29 +275,42 @@ def bench_device(device, args, rows, stamp):
                          metric=metric, unit=unit, p50=f"{p50:.6g}", p20=f"{(p50 if p20 is None else p20):.6g}",
                          p80=f"{(p50 if p80 is None else p80):.6g}", device=dev_name, version=ver, timestamp=stamp))
 
-    row("torch.copy_", "25MB", "copy_bandwidth", "GB/s", copy_p50, copy_p20, copy_p80)
-    table = [f"\n### {dev_name} — plain copy_ bandwidth {copy_p50:.1f} GB/s (25 MB fp32, read+write)"
-             + (f"; nominal {nominal:.0f} GB/s" if nominal else ""),
-             "", "| shape (N,K,D) | provider | fwd+bwd ms p50 [p20, p80] | speedup vs unfused | "
+    table = [f"\n### {dev_name}", "",
+             "| shape (N,K,D) | provider | fwd+bwd ms p50 [p20, p80] | speedup vs unfused | "
              "peak extra MB | GB/s | % of copy BW |" + (" % of nominal |" if nominal else "")
              + " max abs Δ vs unfused (loss / dmean) |",
              "|---|---|---|---|---|---|---|---|" + ("---|" if nominal else "")]
+    measured = {}
     for shape_name in args.shapes:
         shape = SHAPES[shape_name]
         t = make_inputs(shape, device)
-        moved = bytes_moved(shape)
-        label = f"{shape_name} {shape}"
-        shape_str = "x".join(map(str, shape))
         results = {}
         for name in providers(device):
             fn = provider_fn(name)
-            reps = max(3, args.reps // 4) if name == "fused-torch" or name == "unfused-eager" else args.reps
+            # The slow providers get fewer repetitions: their spread is small next to their time.
+            reps = max(5, args.reps // 4) if name in ("fused-torch", "unfused-eager") else args.reps
             p50, p20, p80 = time_fwd_bwd(fn, t, device, reps, args.warmup)
             mem = peak_extra_memory(name, shape_name, device, t)
             results[name] = (p50, p20, p80, mem)
         # Agreement check so a fast wrong kernel cannot look good: fused vs unfused loss and dmean.
         base_loss = fwd_bwd(unfused_eager, t).detach()
         base_grad = t["mean"].grad.clone()
+        measured[shape_name] = (results, {name: max_grad_difference(t, name, base_grad, base_loss)
+                                          for name in results})
+        del t
+    # Copy bandwidth before and after the runs; the higher one is the reference, so that a busy
+    # moment cannot flatter the kernels' share of it.
+    copy_end = copy_bandwidth(device, args.reps)
+    copy_p50, copy_p20, copy_p80 = max(copy_start, copy_end)
+    row("torch.copy_", "25MB", "copy_bandwidth", "GB/s", copy_p50, copy_p20, copy_p80)
+    table[0] += (f" — plain copy_ bandwidth {copy_p50:.1f} GB/s (25 MB fp32, read+write; "
+                 f"{copy_start[0]:.1f} before, {copy_end[0]:.1f} after the runs)"
+                 + (f"; nominal {nominal:.0f} GB/s" if nominal else ""))
+    for shape_name, (results, diffs) in measured.items():
+        shape = SHAPES[shape_name]
+        moved = bytes_moved(shape)
+        label = f"{shape_name} {shape}"
+        shape_str = "x".join(map(str, shape))
         base_p50 = results["unfused-eager"][0]
         for name, (p50, p20, p80, mem) in results.items():
             gbs = moved / (p50 * 1e-3) / 1e9
@@ -287,7 +321,7 @@ def bench_device(device, args, rows, stamp):
                 row(name, shape_str, "pct_nominal_bandwidth", "%", 100 * gbs / nominal)
             row(name, shape_str, "peak_extra_memory", "MB", mem)
             row(name, shape_str, "speedup_vs_unfused", "x", base_p50 / p50)
-            dloss, dgrad = max_grad_difference(t, name, base_grad, base_loss)
+            dloss, dgrad = diffs[name]
             table.append(f"| {label} | {name} | {p50:.2f} [{p20:.2f}, {p80:.2f}] | {base_p50 / p50:.1f}x | "
                          f"{mem:.1f} | {gbs:.2f} | {100 * gbs / copy_p50:.0f}% |"
                          + (f" {100 * gbs / nominal:.1f}% |" if nominal else "")
