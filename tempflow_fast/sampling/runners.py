@@ -69,8 +69,12 @@ class _BucketedRunner:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
         if x.shape[0] == 0:
             return torch.empty_like(x)
+        chunks = self._chunks(x.shape[0])
+        if len(chunks) == 1 and chunks[0][2] == x.shape[0]:
+            self.batched_calls += 1
+            return self._run(x, sigma, cond)
         outs = []
-        for start, stop, size in self._chunks(x.shape[0]):
+        for start, stop, size in chunks:
             m = stop - start
             idx = torch.arange(start, stop, device=x.device)
             if size > m:

@@ -90,3 +90,15 @@ class CountingModel:
 @pytest.fixture(scope="session")
 def tiny_model():
     return TinyFlux()
+
+
+@pytest.fixture
+def counting_model(tiny_model):
+    """The tiny model behind a fresh row counter."""
+    return CountingModel(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_cls():
+    """For tests that need their own instance (e.g. moved to CUDA)."""
+    return TinyFlux

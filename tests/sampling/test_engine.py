@@ -4,7 +4,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import CountingModel
 from tempflow_fast import ops
 from tempflow_fast.sampling.accounting import min_nfe
 from tempflow_fast.sampling.engine import rollout
@@ -106,8 +105,8 @@ def test_granularity_tails_match_ode_on_interval_schedule(tiny_model):
     assert torch.equal(res.final_latents[1][last], res.final_latents[3][last])
 
 
-def test_nfe_tempflow_4x6_t10_is_design_minimum(tiny_model):
-    model = CountingModel(tiny_model)
+def test_nfe_tempflow_4x6_t10_is_design_minimum(counting_model):
+    model = counting_model
     res = rollout(model, PROMPTS[:1], Bifurcation(num_steps=10, seeds_per_prompt=4, branches=6), seed=0)
     # design.md §3.1: N·T trunks + N·K·Σ_{k=0}^{T-2} (T-k-1) completions.
     N, K, T = 4, 6, 10
@@ -119,8 +118,8 @@ def test_nfe_tempflow_4x6_t10_is_design_minimum(tiny_model):
     assert res.stats.images == {"trunk": N, "completion": N * K * (T - 1), "granularity": 0, "tweedie": 0}
 
 
-def test_nfe_g2rpo_is_minimum(tiny_model):
-    model = CountingModel(tiny_model)
+def test_nfe_g2rpo_is_minimum(counting_model):
+    model = counting_model
     T, G, lams = 16, 12, (1, 2, 3)
     plan = SingularSDE(num_steps=T, branches=G, granularities=lams)
     res = rollout(model, PROMPTS[:1], plan, seed=0)
@@ -136,9 +135,9 @@ def test_nfe_g2rpo_is_minimum(tiny_model):
 
 
 @pytest.mark.parametrize("kind", ["flow", "ddim"])
-def test_full_sde_and_stepwise_tweedie(tiny_model, kind):
+def test_full_sde_and_stepwise_tweedie(tiny_model, counting_model, kind):
     T, G = 4, 3
-    model = CountingModel(tiny_model)
+    model = counting_model
     res = rollout(model, PROMPTS, FullSDE(num_steps=T, samples_per_prompt=G, sde=kind, tweedie=True), seed=2)
     assert model.rows == len(PROMPTS) * G * T       # Tweedie costs no calls
     trained = T - 1 if kind == "ddim" else T         # the DDIM step to σ = 0 has std 0: not trained
@@ -153,11 +152,13 @@ def test_full_sde_and_stepwise_tweedie(tiny_model, kind):
     torch.testing.assert_close(got, est, rtol=0, atol=1e-5)
 
 
-def test_sliding_window_shares_prefix(tiny_model):
+def test_sliding_window_shares_prefix(counting_model):
     plan = SlidingWindowSDE(num_steps=6, window_start=2, window_size=2, seeds_per_prompt=1, samples_per_seed=3)
-    model = CountingModel(tiny_model)
+    model = counting_model
     res = rollout(model, PROMPTS[:1], plan, seed=0)
+    # Trunk to v(x_2): 3 calls, shared by the 3 samples; each sample then calls at steps 3, 4, 5.
     assert res.stats.nfe["trunk"] == 3 and res.stats.nfe["completion"] == 3 * 3
+    assert model.rows == 3 + 3 * 3
     assert sorted(res.states.step.tolist()) == [2, 3, 3, 3]
     assert len(res.samples) == 3 + 3
 

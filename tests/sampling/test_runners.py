@@ -46,10 +46,8 @@ def test_cuda_graph_refuses_cpu_model_and_falls_back_identically(tiny_model):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_matches_eager_on_gpu():
-    from conftest import TinyFlux
-
-    model = TinyFlux()
+def test_cuda_graph_matches_eager_on_gpu(tiny_model_cls):
+    model = tiny_model_cls()
     model.module.cuda()
     model.word_embedding.cuda()
     model.img_ids, model.txt_ids = model.img_ids.cuda(), model.txt_ids.cuda()
