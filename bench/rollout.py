@@ -87,7 +87,10 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, model_name = load_model(device)
     prompts = PROMPTS[:args.prompts]
-    dev_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"{platform.processor() or 'cpu'} ({args.threads} threads)"
+    if device.type == "cuda":
+        dev_name = torch.cuda.get_device_name(0)
+    else:
+        dev_name = f"{platform.processor() or 'cpu'} ({args.threads} threads)"
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows = []
 

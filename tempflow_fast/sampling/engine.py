@@ -184,8 +184,8 @@ def rollout(model, prompts: Sequence[str], plan, *, seed: Optional[int] = None,
     def add_states(x, s_i, s_next, std, i, prompt, seed_):
         nonlocal n_states
         n = x.shape[0]
-        full = lambda v: torch.full((n,), v, device=device)  # noqa: E731
-        st_chunks.append((x, full(s_i), full(s_next), std.float(), full(i).long(), prompt, seed_))
+        st_chunks.append((x, torch.full((n,), s_i, device=device), torch.full((n,), s_next, device=device),
+                          std.float(), torch.full((n,), i, device=device, dtype=torch.long), prompt, seed_))
         n_states += n
         return torch.arange(n_states - n, n_states, device=device)
 
@@ -230,7 +230,7 @@ def rollout(model, prompts: Sequence[str], plan, *, seed: Optional[int] = None,
                 elif layout.trunk_images and i + 1 == T:
                     trunk_final = ode_step(c.x, v, sig[i], sig[i + 1])
                 continue
-            for j, lam in enumerate(c.lams):
+            for lam in c.lams:
                 nxt = min(i + lam, T)
                 primary = c.primary and lam == layout.granularities[0]
                 # DDIM-style SDE has zero std on the step to σ = 0; that step is the Euler step.
