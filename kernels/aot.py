@@ -35,63 +35,73 @@ class Variant:
 
 
 def _variants() -> list[Variant]:
-    """Each kernel with its pointer dtypes for fp32 and bf16 latents, every optional path on."""
+    """Each kernel with its pointer dtypes for fp32 and bf16 latents and every constexpr path the
+    launchers in tempflow_fast.ops.triton_backend take (a path never compiled is a path untested)."""
     import triton.language as tl
 
+    from tempflow_fast.ops.triton_backend import _REDUCE_BLOCK, _blocks
+
+    # the block sizes the launchers pick for FLUX-1024 latents (K = 6 branches, D = 4096·64)
+    block_k, block_d = _blocks(6, 4096 * 64)
+    _, block_d1 = _blocks(1, 4096 * 64)
+    f32 = tl.float32
+    acc = "*fp32"
     out = []
     for lat in ("fp32", "bf16"):
-        p, acc = f"*{lat}", "*fp32"
-        hp = {"CLIP": 0.2, "ADV_CLIP": 5.0, "ACC": tl.float32}
-        out += [
-            Variant(f"sq_dist_partial_kernel[{lat}]", "sq_dist_partial_kernel",
-                    {"samples_ptr": p, "mean_ptr": p, "ref_ptr": p, "part_ptr": acc, "kl_part_ptr": acc,
-                     "K": "i32", "D": "i32", "chunk": "i32", "S": "i32"},
-                    {"HAS_REF": True, "ACC": tl.float32, "BLOCK_K": 8, "BLOCK_D": 512}),
-            Variant(f"gaussian_log_prob_bwd_kernel[{lat}]", "gaussian_log_prob_bwd_kernel",
-                    {"grad_ptr": acc, "samples_ptr": p, "mean_ptr": p, "std_ptr": acc, "dmean_ptr": p,
-                     "K": "i32", "D": "i32"},
-                    {"ACC": tl.float32, "BLOCK_K": 8, "BLOCK_D": 512}),
-            Variant(f"sde_step_fwd_kernel[{lat},noise]", "sde_step_fwd_kernel",
-                    {"sample_ptr": p, "velocity_ptr": p, "noise_ptr": p, "prev_in_ptr": p, "a_ptr": acc,
-                     "b_ptr": acc, "std_ptr": acc, "prev_ptr": p, "mean_ptr": p, "part_ptr": acc,
-                     "D": "i32", "chunk": "i32", "S": "i32"},
-                    {"PREV_GIVEN": False, "ACC": tl.float32, "BLOCK_D": 1024}),
-            Variant(f"sde_step_fwd_kernel[{lat},prev_given]", "sde_step_fwd_kernel",
-                    {"sample_ptr": p, "velocity_ptr": p, "noise_ptr": p, "prev_in_ptr": p, "a_ptr": acc,
-                     "b_ptr": acc, "std_ptr": acc, "prev_ptr": p, "mean_ptr": p, "part_ptr": acc,
-                     "D": "i32", "chunk": "i32", "S": "i32"},
-                    {"PREV_GIVEN": True, "ACC": tl.float32, "BLOCK_D": 1024}),
-            Variant(f"sde_step_bwd_kernel[{lat}]", "sde_step_bwd_kernel",
-                    {"grad_prev_ptr": p, "grad_mean_ptr": p, "grad_logp_ptr": acc, "sample_ptr": p,
-                     "velocity_ptr": p, "prev_ptr": p, "a_ptr": acc, "b_ptr": acc, "std_ptr": acc,
-                     "dsample_ptr": p, "dvelocity_ptr": p, "D": "i32"},
-                    {"HAS_GRAD_PREV": True, "HAS_GRAD_MEAN": True, "HAS_GRAD_LOGP": True, "ACC": tl.float32,
-                     "BLOCK_D": 1024}),
-            Variant(f"flow_grpo_loss_bwd_kernel[{lat}]", "flow_grpo_loss_bwd_kernel",
-                    {"grad_loss_ptr": acc, "samples_ptr": p, "mean_ptr": p, "ref_ptr": p, "std_ptr": acc,
-                     "kl_std_ptr": acc, "logp_ptr": acc, "old_ptr": acc, "adv_ptr": acc, "w_ptr": acc,
-                     "dmean_ptr": p, "N": "i32", "K": "i32", "D": "i32"},
-                    dict(hp, BETA=0.04, HAS_REF=True, BLOCK_K=8, BLOCK_D=512)),
-        ]
-    acc = "*fp32"
+        p = f"*{lat}"
+        for has_ref in (True, False):
+            ref = "ref" if has_ref else "no-ref"
+            out.append(Variant(
+                f"sq_dist_partial_kernel[{lat},{ref}]", "sq_dist_partial_kernel",
+                {"samples_ptr": p, "mean_ptr": p, "ref_ptr": p, "part_ptr": acc, "kl_part_ptr": acc,
+                 "K": "i32", "D": "i32", "chunk": "i32", "S": "i32"},
+                {"HAS_REF": has_ref, "ACC": f32, "BLOCK_K": block_k, "BLOCK_D": block_d}))
+            out.append(Variant(
+                f"flow_grpo_loss_bwd_kernel[{lat},{ref}]", "flow_grpo_loss_bwd_kernel",
+                {"grad_loss_ptr": acc, "samples_ptr": p, "mean_ptr": p, "ref_ptr": p, "std_ptr": acc,
+                 "kl_std_ptr": acc, "logp_ptr": acc, "old_ptr": acc, "adv_ptr": acc, "w_ptr": acc,
+                 "dmean_ptr": p, "N": "i32", "K": "i32", "D": "i32"},
+                {"CLIP": 0.2, "ADV_CLIP": 5.0, "BETA": 0.04, "HAS_REF": has_ref, "ACC": f32, "BLOCK_K": block_k,
+                 "BLOCK_D": block_d}))
+        out.append(Variant(
+            f"gaussian_log_prob_bwd_kernel[{lat}]", "gaussian_log_prob_bwd_kernel",
+            {"grad_ptr": acc, "samples_ptr": p, "mean_ptr": p, "std_ptr": acc, "dmean_ptr": p,
+             "K": "i32", "D": "i32"},
+            {"ACC": f32, "BLOCK_K": block_k, "BLOCK_D": block_d}))
+        for given in (False, True):
+            out.append(Variant(
+                f"sde_step_fwd_kernel[{lat},{'prev_given' if given else 'noise'}]", "sde_step_fwd_kernel",
+                {"sample_ptr": p, "velocity_ptr": p, "noise_ptr": p, "prev_in_ptr": p, "a_ptr": acc,
+                 "b_ptr": acc, "std_ptr": acc, "prev_ptr": p, "mean_ptr": p, "part_ptr": acc,
+                 "D": "i32", "chunk": "i32", "S": "i32"},
+                {"PREV_GIVEN": given, "ACC": f32, "BLOCK_D": block_d1}))
+            out.append(Variant(
+                f"sde_step_bwd_kernel[{lat},{'prev_given' if given else 'noise'}]", "sde_step_bwd_kernel",
+                {"grad_prev_ptr": p, "grad_mean_ptr": p, "grad_logp_ptr": acc, "sample_ptr": p,
+                 "velocity_ptr": p, "prev_ptr": p, "a_ptr": acc, "b_ptr": acc, "std_ptr": acc,
+                 "dsample_ptr": p, "dvelocity_ptr": p, "D": "i32"},
+                {"HAS_GRAD_PREV": not given, "HAS_GRAD_MEAN": True, "HAS_GRAD_LOGP": True, "ACC": f32,
+                 "BLOCK_D": block_d1}))
     out += [
         Variant("logp_finalize_kernel", "logp_finalize_kernel",
                 {"part_ptr": acc, "std_ptr": acc, "logp_ptr": acc, "NK": "i32", "K": "i32", "S": "i32", "D": "i32"},
-                {"ACC": tl.float32, "BLOCK": 1024}),
+                {"ACC": f32, "BLOCK": _REDUCE_BLOCK}),
         Variant("grpo_clip_loss_fwd_kernel", "grpo_clip_loss_fwd_kernel",
                 {"logp_ptr": acc, "old_ptr": acc, "adv_ptr": acc, "w_ptr": acc, "ratio_ptr": acc,
                  "stats_ptr": acc, "M": "i32"},
-                {"CLIP": 0.2, "ADV_CLIP": 5.0, "ACC": tl.float32, "BLOCK": 1024}),
+                {"CLIP": 0.2, "ADV_CLIP": 5.0, "ACC": f32, "BLOCK": _REDUCE_BLOCK}),
         Variant("grpo_clip_loss_bwd_kernel", "grpo_clip_loss_bwd_kernel",
                 {"grad_loss_ptr": acc, "logp_ptr": acc, "old_ptr": acc, "adv_ptr": acc, "w_ptr": acc,
                  "dlogp_ptr": acc, "M": "i32"},
-                {"CLIP": 0.2, "ADV_CLIP": 5.0, "ACC": tl.float32, "BLOCK": 1024}),
-        Variant("flow_grpo_loss_finalize_kernel", "flow_grpo_loss_finalize_kernel",
-                {"part_ptr": acc, "kl_part_ptr": acc, "std_ptr": acc, "old_ptr": acc, "adv_ptr": acc,
-                 "w_ptr": acc, "kl_std_ptr": acc, "logp_ptr": acc, "ratio_ptr": acc, "stats_ptr": acc,
-                 "N": "i32", "K": "i32", "S": "i32", "D": "i32"},
-                {"CLIP": 0.2, "ADV_CLIP": 5.0, "BETA": 0.04, "HAS_REF": True, "ACC": tl.float32, "BLOCK": 1024}),
+                {"CLIP": 0.2, "ADV_CLIP": 5.0, "ACC": f32, "BLOCK": _REDUCE_BLOCK}),
     ]
+    for has_ref in (True, False):
+        out.append(Variant(
+            f"flow_grpo_loss_finalize_kernel[{'ref' if has_ref else 'no-ref'}]", "flow_grpo_loss_finalize_kernel",
+            {"part_ptr": acc, "kl_part_ptr": acc, "std_ptr": acc, "old_ptr": acc, "adv_ptr": acc,
+             "w_ptr": acc, "kl_std_ptr": acc, "logp_ptr": acc, "ratio_ptr": acc, "stats_ptr": acc,
+             "N": "i32", "K": "i32", "S": "i32", "D": "i32"},
+            {"CLIP": 0.2, "ADV_CLIP": 5.0, "BETA": 0.04, "HAS_REF": has_ref, "ACC": f32, "BLOCK": _REDUCE_BLOCK}))
     return out
 
 
