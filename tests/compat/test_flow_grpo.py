@@ -11,6 +11,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
 
 from tempflow_fast.compat.flow_grpo import sde_step_with_logprob  # noqa: E402
 from tempflow_fast.ops import use_backend  # noqa: E402
+from tempflow_fast.ops.testing import require  # noqa: E402
 
 
 def _scheduler(steps=10, shift=3.0):
@@ -37,13 +38,15 @@ def _rederived(scheduler, v, t_index, x, eta, xi=None, prev=None):
 
 @pytest.mark.parametrize("t_index", [[0, 0], [4, 7], [0, 8]], ids=["sigma1-guard", "mid", "first-and-last"])
 @pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
-def test_matches_rederivation_drawn_and_scored(t_index, in_dtype):
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
+def test_matches_rederivation_drawn_and_scored(backend, t_index, in_dtype):
+    require(backend)  # on CPU: the compat function takes CPU tensors as Flow-GRPO's tests would
     torch.manual_seed(0)
     scheduler = _scheduler()
     x = torch.randn(2, 4, 6, 5).to(in_dtype)
     v = torch.randn(2, 4, 6, 5).to(in_dtype)
     timestep = scheduler.timesteps[t_index]
-    with use_backend("torch"):
+    with use_backend(backend):
         prev, logp, mean, std_dev_t = sde_step_with_logprob(
             scheduler, v, timestep, x, noise_level=0.7, generator=torch.Generator().manual_seed(3))
     # Flow-GRPO draws ξ with randn_tensor(shape, generator, dtype=fp32) after the upcast
@@ -59,7 +62,8 @@ def test_matches_rederivation_drawn_and_scored(t_index, in_dtype):
 
     # scoring a given prev_sample (the training pass): same mean, log-prob of the given sample
     given = prev + 0.05 * torch.randn_like(prev)
-    _, logp2, mean2, _ = sde_step_with_logprob(scheduler, v, timestep, x, noise_level=0.7, prev_sample=given)
+    with use_backend(backend):
+        _, logp2, mean2, _ = sde_step_with_logprob(scheduler, v, timestep, x, noise_level=0.7, prev_sample=given)
     _, want_logp2, _, _ = _rederived(scheduler, v.float(), t_index, x.float(), 0.7, prev=given)
     torch.testing.assert_close(logp2.double(), want_logp2, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mean2, mean)
