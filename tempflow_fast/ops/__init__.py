@@ -126,13 +126,13 @@ def _per_row(name: str, value, n: int, like: Tensor) -> Tensor:
 
 def _check_values(name: str, t: Tensor, low: float, high: float = math.inf, low_open: bool = True,
                   high_open: bool = False) -> None:
-    """Range check in eager mode; it reads the data, so it is skipped under torch.compile."""
+    """Range check; it reads the data, so it runs in eager mode only (see `_eager`)."""
     if not _eager():
         return
     bad = ~torch.isfinite(t) if high == math.inf else torch.isnan(t)
     bad = bad | ((t <= low) if low_open else (t < low)) | ((t >= high) if high_open else (t > high))
     if bool(bad.any()):
-        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        lo, hi = ("(" if low_open else "["), (")" if high_open or high == math.inf else "]")
         raise ValueError(f"{name} must lie in {lo}{low}, {high}{hi} and be finite, got {t[bad][:4].tolist()} "
                          f"(shape {tuple(t.shape)})")
 

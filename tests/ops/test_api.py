@@ -98,7 +98,7 @@ def _fused(**over):
     (dict(samples=torch.randn(2, 5, 3, 5)), r"samples.*\(2, 5, 3, 5\)"),
     (dict(old_log_prob=torch.zeros(2, 4)), r"old_log_prob must have shape \(N, K\) = \(2, 5\).*\(2, 4\)"),
     (dict(advantages=torch.zeros(2, 6)), r"advantages must have shape \(N, K\) = \(2, 5\).*\(2, 6\)"),
-    (dict(std=torch.tensor([0.5, 0.0])), r"std must lie in \(0.0, inf\]"),
+    (dict(std=torch.tensor([0.5, 0.0])), r"std must lie in \(0.0, inf\)"),
     (dict(std=torch.tensor([0.5, float("nan")])), r"std must lie"),
     (dict(std=torch.tensor([0.5, 0.6, 0.7])), r"std must have shape \(\) or \(2,\).*\(3,\)"),
     (dict(std=-1.0), r"std must lie"),
