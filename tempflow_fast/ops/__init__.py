@@ -85,6 +85,8 @@ def _tensor(name: str, t, min_dim: int = 1) -> Tensor:
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() < min_dim:
         raise ValueError(f"{name} must have at least {min_dim} dims, got {_desc(t)}")
+    if t.dim() > 0 and t.numel() == 0:
+        raise ValueError(f"{name} is empty, got {_desc(t)}")
     return t
 
 

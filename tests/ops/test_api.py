@@ -111,6 +111,7 @@ def _fused(**over):
     (dict(mean=torch.zeros(2, 3, 4, dtype=torch.int32)), r"mean must be a floating tensor"),
     (dict(weights=torch.ones(3)), r"weights must have shape \(\) or \(2,\)"),
     (dict(kl_std=torch.tensor([1.0, -1.0])), r"kl_std must lie"),
+    (dict(samples=torch.randn(2, 0, 3, 4)), r"samples is empty, got shape \(2, 0, 3, 4\)"),
 ])
 def test_fused_loss_validation(over, match):
     with pytest.raises(ValueError, match=match):
