@@ -132,16 +132,17 @@ def test_sde_steps(kind, backend, shape, dtype):
         assert_close_scaled(got_g, want_g, tol, name + " (given prev)")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("m", [1, 37, 2500])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_grpo_clip_loss(backend, m):
+def test_grpo_clip_loss(backend, m, dtype):
     device = require(backend)
     g = torch.Generator().manual_seed(m)
     logp = torch.randn(m, generator=g)
     old = logp + 0.3 * torch.randn(m, generator=g)
     adv = 3.0 * torch.randn(m, generator=g)
     weights = torch.rand(m, generator=g) + 0.5
-    logp, old, adv, weights = (t.to(device) for t in (logp, old, adv, weights))
+    logp, old, adv, weights = (t.to(device) for t in (logp.to(dtype), old, adv, weights))
     results = []
     for name in (backend, "torch"):
         lp = logp.clone().requires_grad_()
@@ -152,4 +153,5 @@ def test_grpo_clip_loss(backend, m):
     (got, got_grad), (want, want_grad) = results
     for field in ops.ClipLossOutput._fields:
         assert_close_scaled(getattr(got, field), getattr(want, field), TOL[torch.float32], field)
+    assert got_grad.dtype == dtype
     assert_close_scaled(got_grad, want_grad, TOL[torch.float32], "dlogp")
