@@ -145,6 +145,8 @@ def rollout(model, prompts: Sequence[str], plan, *, seed: Optional[int] = None,
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
     if (seed is None) == (generator is None):
         raise ValueError("pass exactly one of seed / generator")
+    if not callable(getattr(plan, "layout", None)):
+        raise ValueError(f"plan must be a rollout plan with .layout() (see sampling/plans.py), got {type(plan).__name__}")
     layout: RolloutLayout = plan.layout()
     _check_layout(layout)
     T, N, K = layout.num_steps, layout.seeds_per_prompt, layout.branches

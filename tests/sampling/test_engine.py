@@ -199,5 +199,7 @@ def test_bad_rollout_args(tiny_model):
         rollout(tiny_model, [], plan, seed=0)
     with pytest.raises(ValueError, match="seed"):
         rollout(tiny_model, PROMPTS, plan)
+    with pytest.raises(ValueError, match="plan"):
+        rollout(tiny_model, PROMPTS, "tempflow", seed=0)
     with pytest.raises(ValueError, match="sigmas"):
         rollout(tiny_model, PROMPTS, plan, seed=0, sigmas=torch.linspace(1, 0, 3))
