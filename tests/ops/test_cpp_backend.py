@@ -347,3 +347,36 @@ def test_build_directory_honours_torch_extensions_dir(monkeypatch):
     assert cpp_backend.build_directory() is None  # torch's loader then builds under $TORCH_EXTENSIONS_DIR
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     assert cpp_backend.build_directory().startswith(os.path.expanduser("~/.cache/tempflow_fast/"))
+
+
+# 7. Low-precision conversions ------------------------------------------------------------------
+
+def test_fp16_round_trip_is_exact_for_every_value(cpp):
+    """mean = 1·x + 0·v must give back every fp16 bit pattern (normals, subnormals, ±0, ±Inf):
+    checks the vectorised fp16 <-> fp32 conversions of the C++ loads and stores."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    x = bits.view(torch.float16)
+    finite_or_inf = ~torch.isnan(x)
+    x = x[finite_or_inf].reshape(1, -1).contiguous()
+    ones, zeros = torch.ones(1), torch.zeros(1)
+    _, mu, _ = cpp_backend.sde_step_fwd(x, torch.zeros_like(x), ones, zeros, ones,
+                                        prev_sample=torch.zeros_like(x))
+    expected = torch.where(x == 0, torch.zeros_like(x), x)  # -0 + 0 = +0 in IEEE arithmetic
+    assert torch.equal(mu.view(torch.int16), expected.view(torch.int16))
+    nan = torch.full((1, 8), float("nan"), dtype=torch.float16)
+    _, mu_nan, _ = cpp_backend.sde_step_fwd(nan, torch.zeros_like(nan), ones, zeros, ones, prev_sample=nan)
+    assert torch.isnan(mu_nan).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_outputs_round_like_torch(cpp, dtype):
+    """prev = μ + std·noise computed in fp32 and rounded to nearest even, bit for bit as torch's .to(dtype),
+    including results in fp16's subnormal range and beyond its largest value."""
+    N, D = 3, 2 * 2048 + 77
+    x, v, a, b, std, noise = _step_inputs(N, D, dtype, seed=11)
+    scale = torch.tensor([1e-6, 1.0, 3e4])  # fp16 subnormals, ordinary values, overflow to ±Inf
+    a, b, std = a * scale, b * scale, std * scale
+    prev, mu, _ = cpp_backend.sde_step_fwd(x, v, a, b, std, noise=noise)
+    prev_r, mu_r, _ = ref.sde_step_fwd(x, v, a, b, std, noise=noise)
+    assert torch.equal(mu.float(), mu_r.float())
+    assert torch.equal(prev.float(), prev_r.float())
