@@ -110,20 +110,36 @@ def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _per_row(name: str, value, n: int, like: Tensor) -> Tensor:
-    """A float, 0-d tensor or (N,) tensor as a contiguous (N,) tensor in the accumulation dtype."""
+def _per_row(name: str, value, n: int, like: Tensor, valid: Optional[tuple] = None) -> Tensor:
+    """A float, 0-d tensor or (N,) tensor as a contiguous (N,) tensor in the accumulation dtype,
+    range-checked with `valid` = (low, high, low_open, high_open) when given (floats on the host,
+    tensors through `_check_values`)."""
     dtype = _acc_dtype(like)
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
         raise ValueError(f"{name} must be a float or a tensor of shape () or ({n},), got {type(value).__name__}")
     if not isinstance(value, Tensor):
+        if valid is not None and _out_of_range(float(value), *valid):
+            raise ValueError(f"{name} must lie in {_interval(*valid)} and be finite, got {value!r}")
         return torch.full((n,), float(value), dtype=dtype, device=like.device)
     if value.dim() == 0:
-        return value.to(device=like.device, dtype=dtype).expand(n).contiguous()
-    if value.shape != (n,):
+        rows = value.to(device=like.device, dtype=dtype).expand(n).contiguous()
+    elif value.shape != (n,):
         raise ValueError(f"{name} must have shape () or ({n},) to match {n} rows, got {_desc(value)}")
-    if value.device != like.device:
+    elif value.device != like.device:
         raise ValueError(f"{name} is on {value.device} but the latents are on {like.device}")
-    return value.to(dtype).contiguous()
+    else:
+        rows = value.to(dtype).contiguous()
+    if valid is not None:
+        _check_values(name, rows, *valid)
+    return rows
+
+
+def _interval(low: float, high: float, low_open: bool, high_open: bool) -> str:
+    return f"{'(' if low_open else '['}{low}, {high}{')' if high_open or high == math.inf else ']'}"
+
+
+def _out_of_range(v: float, low: float, high: float, low_open: bool, high_open: bool) -> bool:
+    return (not math.isfinite(v) or (v <= low if low_open else v < low) or (v >= high if high_open else v > high))
 
 
 def _check_values(name: str, t: Tensor, low: float, high: float = math.inf, low_open: bool = True,
@@ -134,13 +150,22 @@ def _check_values(name: str, t: Tensor, low: float, high: float = math.inf, low_
     bad = ~torch.isfinite(t) if high == math.inf else torch.isnan(t)
     bad = bad | ((t <= low) if low_open else (t < low)) | ((t >= high) if high_open else (t > high))
     if bool(bad.any()):
-        lo, hi = ("(" if low_open else "["), (")" if high_open or high == math.inf else "]")
-        raise ValueError(f"{name} must lie in {lo}{low}, {high}{hi} and be finite, got {t[bad][:4].tolist()} "
-                         f"(shape {tuple(t.shape)})")
+        raise ValueError(f"{name} must lie in {_interval(low, high, low_open, high_open)} and be finite, got "
+                         f"{t[bad][:4].tolist()} (shape {tuple(t.shape)})")
 
 
 def _rows(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1).contiguous()
+
+
+_POSITIVE = (0.0, math.inf, True, False)
+
+
+def _steps_forward_violated(sigma, sigma_next, sig: Tensor, sig_next: Tensor) -> bool:
+    """σ' < σ must hold (sampling runs from noise to data); floats are compared on the host."""
+    if not isinstance(sigma, Tensor) and not isinstance(sigma_next, Tensor):
+        return float(sigma_next) >= float(sigma)
+    return _eager() and bool((sig_next >= sig).any())
 
 
 # SDE steps -------------------------------------------------------------------------------------
@@ -189,23 +214,20 @@ def flow_sde_step(sample: Tensor, velocity: Tensor, sigma: Scalar, sigma_next: S
     """
     _check_step_inputs(sample, velocity, noise, prev_sample)
     n = sample.shape[0]
-    sig = _per_row("sigma", sigma, n, sample)
-    sig_next = _per_row("sigma_next", sigma_next, n, sample)
-    eta = _per_row("noise_level", noise_level, n, sample)
-    _check_values("sigma", sig, 0.0, 1.0)
-    _check_values("sigma_next", sig_next, 0.0, 1.0, low_open=False, high_open=True)
-    _check_values("noise_level", eta, 0.0)
-    if _eager() and bool((sig_next >= sig).any()):
+    sig = _per_row("sigma", sigma, n, sample, valid=(0.0, 1.0, True, False))
+    sig_next = _per_row("sigma_next", sigma_next, n, sample, valid=(0.0, 1.0, False, True))
+    eta = _per_row("noise_level", noise_level, n, sample, valid=(0.0, math.inf, True, False))
+    if _steps_forward_violated(sigma, sigma_next, sig, sig_next):
         raise ValueError(f"sigma_next must be < sigma (sampling runs σ from 1 down to 0), got sigma "
                          f"{sig[:4].tolist()} and sigma_next {sig_next[:4].tolist()}")
     if sigma_max is None:
-        if _eager() and bool((sig == 1.0).any()):
+        at_one = (_eager() and bool((sig == 1.0).any())) if isinstance(sigma, Tensor) else float(sigma) == 1.0
+        if at_one:
             raise ValueError("sigma == 1 needs sigma_max (σ̃ of the σ==1 guard; Flow-GRPO passes the "
                              "scheduler's sigmas[1]), got sigma_max=None")
         sig_max = None
     else:
-        sig_max = _per_row("sigma_max", sigma_max, n, sample)
-        _check_values("sigma_max", sig_max, 0.0, 1.0, high_open=True)
+        sig_max = _per_row("sigma_max", sigma_max, n, sample, valid=(0.0, 1.0, True, True))
     _, a, b, std = flow_sde_coefficients(sig, sig_next, eta, sig_max)
     _check_values("std (from sigma, sigma_next, noise_level)", std, 0.0)
     return _run_step(sample, velocity, a, b, std, noise, prev_sample, generator)
@@ -236,13 +258,10 @@ def ddim_sde_step(sample: Tensor, velocity: Tensor, sigma: Scalar, sigma_next: S
     """
     _check_step_inputs(sample, velocity, noise, prev_sample)
     n = sample.shape[0]
-    sig = _per_row("sigma", sigma, n, sample)
-    sig_next = _per_row("sigma_next", sigma_next, n, sample)
-    eta = _per_row("noise_level", noise_level, n, sample)
-    _check_values("sigma", sig, 0.0, 1.0)
-    _check_values("sigma_next", sig_next, 0.0, 1.0, high_open=True)
-    _check_values("noise_level", eta, 0.0, 1.0)
-    if _eager() and bool((sig_next >= sig).any()):
+    sig = _per_row("sigma", sigma, n, sample, valid=(0.0, 1.0, True, False))
+    sig_next = _per_row("sigma_next", sigma_next, n, sample, valid=(0.0, 1.0, True, True))
+    eta = _per_row("noise_level", noise_level, n, sample, valid=(0.0, 1.0, True, False))
+    if _steps_forward_violated(sigma, sigma_next, sig, sig_next):
         raise ValueError(f"sigma_next must be < sigma, got sigma {sig[:4].tolist()} and sigma_next "
                          f"{sig_next[:4].tolist()}")
     std = (sig_next * torch.sin(eta * (math.pi / 2))).contiguous()
@@ -270,8 +289,7 @@ def gaussian_log_prob(samples: Tensor, mean: Tensor, std: Scalar) -> Tensor:
     else:
         raise ValueError(f"samples must have shape (N, K, *D) or (N, *D) for mean of shape (N, *D) = "
                          f"{tuple(mean.shape)}, got {tuple(samples.shape)}")
-    std_rows = _per_row("std", std, n, mean)
-    _check_values("std", std_rows, 0.0)
+    std_rows = _per_row("std", std, n, mean, valid=_POSITIVE)
     logp = _ops.gaussian_log_prob(flat, _rows(mean), std_rows)
     return logp[:, 0] if squeeze else logp
 
@@ -366,10 +384,8 @@ def fused_flow_grpo_loss(mean: Tensor, samples: Tensor, std: Scalar, old_log_pro
     _check_hparams(clip_range, adv_clip, beta)
     if beta != 0.0 and ref_mean is None:
         raise ValueError(f"beta = {beta} needs ref_mean (the reference policy's mean), got None")
-    std_rows = _per_row("std", std, n, mean)
-    _check_values("std", std_rows, 0.0)
-    kl_rows = std_rows if kl_std is None else _per_row("kl_std", kl_std, n, mean)
-    _check_values("kl_std", kl_rows, 0.0)
+    std_rows = _per_row("std", std, n, mean, valid=_POSITIVE)
+    kl_rows = std_rows if kl_std is None else _per_row("kl_std", kl_std, n, mean, valid=_POSITIVE)
     out = _ops.flow_grpo_loss(
         _rows(mean), samples.reshape(n, k, -1).contiguous(), std_rows, old.contiguous(), adv.contiguous(), w,
         None if ref_mean is None else _rows(ref_mean), kl_rows, float(clip_range), float(adv_clip), float(beta))
