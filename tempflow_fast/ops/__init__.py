@@ -330,9 +330,8 @@ def grpo_clip_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, *
                              f"shape {tuple(shape)}") from None
     _check_hparams(clip_range, adv_clip)
     # log-probs enter the primitives in fp32 (the contract); autograd casts the gradient back
-    loss, ratio, clip_frac, approx_kl = _ops.grpo_clip_loss(
-        log_prob.to(_acc_dtype(log_prob)).reshape(-1).contiguous(), old.reshape(-1).contiguous(), adv.reshape(-1).contiguous(),
-        w.reshape(-1).contiguous(), float(clip_range), float(adv_clip))
+    flat = [t.reshape(-1).contiguous() for t in (log_prob.to(_acc_dtype(log_prob)), old, adv, w)]
+    loss, ratio, clip_frac, approx_kl = _ops.grpo_clip_loss(*flat, float(clip_range), float(adv_clip))
     return ClipLossOutput(loss, ratio.reshape(shape), clip_frac, approx_kl)
 
 
