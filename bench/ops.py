@@ -18,13 +18,15 @@ Providers
 
 Metrics (one CSV row each: subject, provider, shape, dtype, metric, unit, p50, p20, p80, device,
 version, timestamp)
-- `fwd_bwd_time` (ms): median and 20/80 % quantiles over --reps timed runs after warm-up.
+- `fwd_bwd_time` (ms): median and 20/80 % quantiles over --reps timed runs after warm-up. The
+  providers and the copy below run round-robin, one call each per round, so that on a shared
+  machine they all see the same load.
 - `bandwidth` (GB/s): bytes that must move / time. A forward+backward must read mean, the K
   samples and ref_mean twice (the backward needs the forward's log-probs before it can weight the
   samples) and write dmean once: 2·(|mean| + |samples| + |ref_mean|) + |dmean|.
 - `pct_copy_bandwidth` (%): bandwidth relative to this machine's plain copy bandwidth, measured in
-  the same run: torch `copy_` of a 25 MB fp32 tensor with the same threads, read+write bytes,
-  before and after the runs, the higher of the two. The small shape fits in cache and can exceed it.
+  the same rounds: torch `copy_` of a 25 MB fp32 tensor with the same threads, read+write bytes.
+  The small shape fits in cache and can exceed it.
 - `peak_extra_memory` (MB), CPU: resident-set high-water mark of one forward+backward above the
   resident set just before it, in a fresh child process per provider and shape (Linux
   /proc/self/clear_refs resets VmHWM; glibc's freed-memory caching across providers would otherwise
@@ -165,34 +167,29 @@ def quantiles(times):
     return [float(v) for v in q]
 
 
-def time_fwd_bwd(fn, t, device, reps, warmup):
-    for _ in range(warmup):
-        fwd_bwd(fn, t)
-    times = []
-    for _ in range(reps):
-        sync(device)
-        start = time.perf_counter()
-        fwd_bwd(fn, t)
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return quantiles(times)
+COPY = "torch.copy_"
+COPY_NUMEL = 6_553_600  # 25 MB of fp32
 
 
-def copy_bandwidth(device, reps):
-    """GB/s of a plain copy_ of 25 MB fp32 (read + write bytes)."""
-    src = torch.randn(6_553_600, device=device)
+def time_interleaved(names, t, device, reps, warmup):
+    """Per-call times (ms) of each provider's fwd+bwd and of a plain 25 MB copy_, measured round-robin
+    (one call of each per round), so that all of them see the same load on a shared machine."""
+    src = torch.randn(COPY_NUMEL, device=device)
     dst = torch.empty_like(src)
-    times = []
-    for i in range(reps + 3):
-        sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        if i >= 3:
-            times.append(time.perf_counter() - start)
-    p50, p20, p80 = quantiles(times)
-    gbs = lambda s: 2 * src.numel() * 4 / s / 1e9  # noqa: E731
-    return gbs(p50), gbs(p80), gbs(p20)  # faster time = higher bandwidth: the quantiles swap
+    calls = {name: (lambda fn=provider_fn(name): fwd_bwd(fn, t)) for name in names}
+    calls[COPY] = lambda: dst.copy_(src)
+    for _ in range(warmup):
+        for call in calls.values():
+            call()
+    times = {name: [] for name in calls}
+    for _ in range(reps):
+        for name, call in calls.items():
+            sync(device)
+            start = time.perf_counter()
+            call()
+            sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: quantiles(ts) for name, ts in times.items()}
 
 
 def _status_kb(field):
@@ -267,7 +264,6 @@ def version():
 
 def bench_device(device, args, rows, stamp):
     dev_name, ver = device_name(device), version()
-    copy_start = copy_bandwidth(device, args.reps)
     nominal = next((v for k, v in NOMINAL_GPU_BANDWIDTH.items() if device.type == "cuda" and k in dev_name), None)
 
     def row(provider, shape, metric, unit, p50, p20=None, p80=None):
@@ -275,58 +271,42 @@ def bench_device(device, args, rows, stamp):
                          metric=metric, unit=unit, p50=f"{p50:.6g}", p20=f"{(p50 if p20 is None else p20):.6g}",
                          p80=f"{(p50 if p80 is None else p80):.6g}", device=dev_name, version=ver, timestamp=stamp))
 
-    table = [f"\n### {dev_name}", "",
-             "| shape (N,K,D) | provider | fwd+bwd ms p50 [p20, p80] | speedup vs unfused | "
-             "peak extra MB | GB/s | % of copy BW |" + (" % of nominal |" if nominal else "")
-             + " max abs Δ vs unfused (loss / dmean) |",
+    table = [f"\n### {dev_name}" + (f" (nominal memory bandwidth {nominal:.0f} GB/s)" if nominal else ""), "",
+             "| shape (N,K,D) | provider | fwd+bwd ms p50 [p20, p80] | speedup vs unfused | peak extra MB | GB/s | "
+             "% of copy BW |" + (" % of nominal |" if nominal else "") + " max abs Δ vs unfused (loss / dmean) |",
              "|---|---|---|---|---|---|---|---|" + ("---|" if nominal else "")]
-    measured = {}
     for shape_name in args.shapes:
         shape = SHAPES[shape_name]
+        shape_str, label, moved = "x".join(map(str, shape)), f"{shape_name} {shape}", bytes_moved(shape)
         t = make_inputs(shape, device)
-        results = {}
-        for name in providers(device):
-            fn = provider_fn(name)
-            # The slow providers get fewer repetitions: their spread is small next to their time.
-            reps = max(5, args.reps // 4) if name in ("fused-torch", "unfused-eager") else args.reps
-            p50, p20, p80 = time_fwd_bwd(fn, t, device, reps, args.warmup)
-            mem = peak_extra_memory(name, shape_name, device, t)
-            results[name] = (p50, p20, p80, mem)
-        # Agreement check so a fast wrong kernel cannot look good: fused vs unfused loss and dmean.
+        names = providers(device)
+        timing = time_interleaved(names, t, device, args.reps, args.warmup)
+        copy_ms = timing.pop(COPY)
+        copy_gbs = [2 * COPY_NUMEL * 4 / (ms * 1e-3) / 1e9 for ms in copy_ms]  # read + write bytes
+        row(COPY, f"25MB-during-{shape_str}", "copy_bandwidth", "GB/s", copy_gbs[0], copy_gbs[2], copy_gbs[1])
+        # Agreement check so that a fast wrong kernel cannot look good: loss and dmean vs unfused.
         base_loss = fwd_bwd(unfused_eager, t).detach()
         base_grad = t["mean"].grad.clone()
-        measured[shape_name] = (results, {name: max_grad_difference(t, name, base_grad, base_loss)
-                                          for name in results})
-        del t
-    # Copy bandwidth before and after the runs; the higher one is the reference, so that a busy
-    # moment cannot flatter the kernels' share of it.
-    copy_end = copy_bandwidth(device, args.reps)
-    copy_p50, copy_p20, copy_p80 = max(copy_start, copy_end)
-    row("torch.copy_", "25MB", "copy_bandwidth", "GB/s", copy_p50, copy_p20, copy_p80)
-    table[0] += (f" — plain copy_ bandwidth {copy_p50:.1f} GB/s (25 MB fp32, read+write; "
-                 f"{copy_start[0]:.1f} before, {copy_end[0]:.1f} after the runs)"
-                 + (f"; nominal {nominal:.0f} GB/s" if nominal else ""))
-    for shape_name, (results, diffs) in measured.items():
-        shape = SHAPES[shape_name]
-        moved = bytes_moved(shape)
-        label = f"{shape_name} {shape}"
-        shape_str = "x".join(map(str, shape))
-        base_p50 = results["unfused-eager"][0]
-        for name, (p50, p20, p80, mem) in results.items():
+        base_p50 = timing["unfused-eager"][0]
+        for name in names:
+            p50, p20, p80 = timing[name]
+            mem = peak_extra_memory(name, shape_name, device, t)
+            dloss, dgrad = max_grad_difference(t, name, base_grad, base_loss)
             gbs = moved / (p50 * 1e-3) / 1e9
             row(name, shape_str, "fwd_bwd_time", "ms", p50, p20, p80)
             row(name, shape_str, "bandwidth", "GB/s", gbs, moved / (p80 * 1e-3) / 1e9, moved / (p20 * 1e-3) / 1e9)
-            row(name, shape_str, "pct_copy_bandwidth", "%", 100 * gbs / copy_p50)
+            row(name, shape_str, "pct_copy_bandwidth", "%", 100 * gbs / copy_gbs[0])
             if nominal:
                 row(name, shape_str, "pct_nominal_bandwidth", "%", 100 * gbs / nominal)
             row(name, shape_str, "peak_extra_memory", "MB", mem)
             row(name, shape_str, "speedup_vs_unfused", "x", base_p50 / p50)
-            dloss, dgrad = diffs[name]
             table.append(f"| {label} | {name} | {p50:.2f} [{p20:.2f}, {p80:.2f}] | {base_p50 / p50:.1f}x | "
-                         f"{mem:.1f} | {gbs:.2f} | {100 * gbs / copy_p50:.0f}% |"
-                         + (f" {100 * gbs / nominal:.1f}% |" if nominal else "")
-                         + f" {dloss:.1e} / {dgrad:.1e} |")
-    table.append(f"\nbytes that must move per fwd+bwd: "
+                         f"{mem:.1f} | {gbs:.2f} | {100 * gbs / copy_gbs[0]:.0f}% |"
+                         + (f" {100 * gbs / nominal:.1f}% |" if nominal else "") + f" {dloss:.1e} / {dgrad:.1e} |")
+        table.append(f"| {label} | {COPY} 25 MB (same rounds) | {copy_ms[0]:.2f} [{copy_ms[1]:.2f}, {copy_ms[2]:.2f}] "
+                     f"| | | {copy_gbs[0]:.2f} | 100% |" + (" |" if nominal else "") + " |")
+        del t
+    table.append("\nbytes that must move per fwd+bwd: "
                  + ", ".join(f"{s} {bytes_moved(SHAPES[s]) / 1e6:.1f} MB" for s in args.shapes)
                  + "; peak extra memory: " + ("torch.cuda.max_memory_allocated" if device.type == "cuda"
                                                else "RSS high-water (VmHWM) in a child process per provider"))
@@ -335,7 +315,7 @@ def bench_device(device, args, rows, stamp):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--reps", type=int, default=20, help="timed repetitions of the fused providers")
+    p.add_argument("--reps", type=int, default=15, help="timed rounds (one call of every provider per round)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
