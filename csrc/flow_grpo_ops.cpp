@@ -262,6 +262,16 @@ template <typename acc_t>
 std::vector<acc_t> host_values(const at::Tensor& t, const char* name, int64_t numel) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
   TORCH_CHECK_VALUE(t.numel() == numel, name, " must have ", numel, " elements, got shape ", t.sizes());
+  // fp32 / fp64 (what the public layer passes) are read in place: an aten .to() per scalar tensor
+  // costs more than the small-shape kernels themselves.
+  if (t.is_contiguous() && t.scalar_type() == at::kFloat) {
+    const float* p = t.data_ptr<float>();
+    return std::vector<acc_t>(p, p + numel);
+  }
+  if (t.is_contiguous() && t.scalar_type() == at::kDouble) {
+    const double* p = t.data_ptr<double>();
+    return std::vector<acc_t>(p, p + numel);
+  }
   const at::Tensor c = t.detach().to(at::kDouble).contiguous();
   const double* p = c.data_ptr<double>();
   return std::vector<acc_t>(p, p + numel);

@@ -380,3 +380,13 @@ def test_low_precision_outputs_round_like_torch(cpp, dtype):
     prev_r, mu_r, _ = ref.sde_step_fwd(x, v, a, b, std, noise=noise)
     assert torch.equal(mu.float(), mu_r.float())
     assert torch.equal(prev.float(), prev_r.float())
+
+
+def test_per_row_scalars_in_any_dtype_and_layout(cpp):
+    """fp32/fp64 per-row tensors are read in place, others converted: same numbers either way."""
+    mean, samples, std = _latents(3, 2, 50, torch.float32, seed=12)
+    expected = cpp_backend.gaussian_log_prob_fwd(samples, mean, std.half().float())
+    strided = torch.stack([std.half().float(), torch.zeros(3)], 1)[:, 0]  # non-contiguous
+    assert not strided.is_contiguous()
+    for s in (std.half(), std.half().double(), strided):
+        torch.testing.assert_close(cpp_backend.gaussian_log_prob_fwd(samples, mean, s), expected, atol=0, rtol=0)
