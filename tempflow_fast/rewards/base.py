@@ -1,0 +1,63 @@
+"""The reward interface every scorer here follows, and the argument checks they share.
+
+A reward is any callable `reward(images, prompts) -> scores` with a `name` attribute:
+  images  (B, 3, H, W) float tensor in [0, 1], on any device;
+  prompts list of B strings, prompt i belongs to image i;
+  scores  (B,) float32 tensor on the images' device (the trainer compares rewards within a group, so
+          higher is better and no other scale is implied).
+The shapes task's `ShapesReward` already fits; every class in this package does too.
+"""
+
+from __future__ import annotations
+
+from typing import List, Protocol, Sequence, Union, runtime_checkable
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@runtime_checkable
+class Reward(Protocol):
+    name: str
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor: ...
+
+
+def check_batch(images, prompts) -> List[str]:
+    """Validate one scoring call's arguments; returns `prompts` as a list."""
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"images must be a torch.Tensor (B, 3, H, W) in [0, 1], got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a float tensor in [0, 1], got dtype {images.dtype}")
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"prompts has {len(prompts)} entries but images has {images.shape[0]} rows")
+    return prompts
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """"auto" = the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from err
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] float → uint8 with rounding, as Flow-GRPO quantises before handing images to a scorer."""
+    return (images.detach().float() * 255).round_().clamp_(0, 255).to(torch.uint8)

@@ -1,0 +1,167 @@
+"""The reward-server wire format: Flow-GRPO's (pickle over HTTP) and a JSON variant of it.
+
+Flow-GRPO's GenEval, UnifiedReward and DeQA servers (github.com/yifan123/reward-server, a Flask app on
+`POST /`, modelled on ddpo-pytorch's LLaVA server) speak this; the client sends at most 64 images a
+request:
+
+  request   POST <url>, body = pickle.dumps(dict), no content type
+    GenEval        {"images": [JPEG bytes] * B, "meta_datas": [GenEval metadata dict] * B, "only_strict": bool}
+    UnifiedReward  {"images": [JPEG bytes] * B, "prompts": [str] * B}
+    DeQA           {"images": [JPEG bytes] * B}
+  response  200, body = pickle.dumps(dict)
+    GenEval        {"scores": [float] * B, "rewards": [...], "strict_rewards": [...],
+                    "group_rewards": {tag: [...]}, "group_strict_rewards": {tag: [...]}}
+                   Flow-GRPO trains on "scores".
+    UnifiedReward, DeQA  {"outputs": [float] * B}
+  failure   500, body = the server's Python traceback as UTF-8 text
+
+  The GenEval metadata of a prompt is its line of GenEval's metadata JSONL (`{"tag": ..., "include":
+  [{"class": ..., "count": ...}], "prompt": ...}`).
+
+JSON variant (ours; same fields, nothing executable on either side):
+  request   POST <url>, Content-Type: application/json
+            {"images": [base64 of the encoded image] * B, "image_format": "jpeg" | "png",
+             "prompts": [str] * B, optional "meta_datas": [...] and "only_strict": bool}
+  response  200, Content-Type: application/json, {"scores": [float] * B} (or "outputs")
+  failure   any non-200 status, body = error text
+
+Unpickling runs code chosen by whoever wrote the bytes, so pickle is used only when asked for
+(`protocol="pickle"`) and then through `safe_loads`, which rebuilds plain containers, numbers, strings,
+bytes and numpy scalars/arrays and refuses every other class.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import pickle
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+PROTOCOLS = ("json", "pickle")
+IMAGE_FORMATS = ("jpeg", "png")
+JSON_CONTENT_TYPE = "application/json"
+SCORE_KEYS = ("scores", "outputs")  # GenEval's, then UnifiedReward's / DeQA's
+
+_SAFE_GLOBALS = {
+    ("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "int", "float", "bool", "complex")
+} | {("collections", "OrderedDict"), ("collections", "defaultdict")} | {
+    (m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("scalar", "_reconstruct")
+} | {("numpy", "dtype"), ("numpy", "ndarray")}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} (only plain data is accepted)")
+        return super().find_class(module, name)
+
+
+def safe_loads(data: bytes) -> Any:
+    """`pickle.loads` restricted to plain data (see the module docstring)."""
+    return _SafeUnpickler(io.BytesIO(data)).load()
+
+
+def encode_images(images_uint8: torch.Tensor, image_format: str, jpeg_quality: int = 75) -> List[bytes]:
+    """(B, 3, H, W) uint8 → one encoded file per image. JPEG quality 75 is PIL's default, which is
+    what Flow-GRPO's clients send; PNG is lossless."""
+    from PIL import Image
+
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    arrays = images_uint8.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    out = []
+    for a in arrays:
+        buf = io.BytesIO()
+        if image_format == "jpeg":
+            Image.fromarray(a).save(buf, format="JPEG", quality=jpeg_quality)
+        else:
+            Image.fromarray(a).save(buf, format="PNG", compress_level=1)
+        out.append(buf.getvalue())
+    return out
+
+
+def decode_images(files: Sequence[bytes]) -> torch.Tensor:
+    """Encoded images (all one size) → (B, 3, H, W) float in [0, 1]."""
+    from PIL import Image
+
+    arrays = [np.asarray(Image.open(io.BytesIO(f)).convert("RGB")) for f in files]
+    if len({a.shape for a in arrays}) > 1:
+        raise ValueError(f"images must all have one size, got {sorted({a.shape for a in arrays})}")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
+
+
+def encode_request(protocol: str, files: List[bytes], image_format: str, prompts: Optional[Sequence[str]],
+                   meta_datas: Optional[Sequence[dict]] = None, only_strict: bool = True) -> tuple[bytes, Dict[str, str]]:
+    """→ (body, headers) of one request."""
+    if protocol == "json":
+        payload: Dict[str, Any] = {"images": [base64.b64encode(f).decode("ascii") for f in files],
+                                   "image_format": image_format}
+    elif protocol == "pickle":
+        payload = {"images": list(files)}
+    else:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if prompts is not None:
+        payload["prompts"] = list(prompts)
+    if meta_datas is not None:
+        payload["meta_datas"] = list(meta_datas)
+        payload["only_strict"] = bool(only_strict)
+    if protocol == "json":
+        return json.dumps(payload).encode("utf-8"), {"Content-Type": JSON_CONTENT_TYPE}
+    return pickle.dumps(payload), {}
+
+
+def decode_request(body: bytes, content_type: str, allow_pickle: bool) -> Dict[str, Any]:
+    """Server side: the request dict with "images" decoded to (B, 3, H, W) floats in [0, 1]."""
+    if content_type.split(";")[0].strip().lower() == JSON_CONTENT_TYPE:
+        data = json.loads(body.decode("utf-8"))
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+            raise ValueError("JSON request must be an object with an 'images' list")
+        files = [base64.b64decode(s, validate=True) for s in data["images"]]
+    elif allow_pickle:
+        data = safe_loads(body)
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+            raise ValueError("pickled request must be a dict with an 'images' list")
+        files = data["images"]
+    else:
+        raise ValueError(f"this server accepts {JSON_CONTENT_TYPE} only (pickle is off), got content type {content_type!r}")
+    data = dict(data)
+    data["images"] = decode_images(files)
+    return data
+
+
+def encode_response(protocol: str, scores: Sequence[float]) -> tuple[bytes, str]:
+    payload = {"scores": [float(s) for s in scores]}
+    if protocol == "json":
+        return json.dumps(payload).encode("utf-8"), JSON_CONTENT_TYPE
+    return pickle.dumps(payload), "application/octet-stream"
+
+
+def decode_scores(body: bytes, protocol: str, expected: int, response_key: Optional[str]) -> List[float]:
+    """Client side: the score list of one response; ValueError saying what is wrong with it."""
+    try:
+        data = json.loads(body.decode("utf-8")) if protocol == "json" else safe_loads(body)
+    except (ValueError, UnicodeDecodeError, pickle.UnpicklingError, EOFError, TypeError) as err:
+        raise ValueError(f"response is not valid {protocol}: {err}; body starts {body[:120]!r}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"response must be an object/dict, got {type(data).__name__}")
+    keys = (response_key,) if response_key else SCORE_KEYS
+    key = next((k for k in keys if k in data), None)
+    if key is None:
+        raise ValueError(f"response has none of the keys {list(keys)}; it has {sorted(map(str, data))}")
+    values = data[key]
+    if isinstance(values, np.ndarray):
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)) or len(values) != expected:
+        got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
+        raise ValueError(f"response {key!r} must be a list of {expected} numbers, got {got}")
+    out = []
+    for v in values:
+        # bools count: GenEval's "rewards" / "strict_rewards" are per-image pass/fail flags
+        if not isinstance(v, (bool, int, float, np.bool_, np.integer, np.floating)):
+            raise ValueError(f"response {key!r} holds a non-number: {v!r}")
+        out.append(float(v))
+    return out
