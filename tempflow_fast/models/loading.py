@@ -1,0 +1,134 @@
+"""One entry point from a config's `model.kind` / `model.path` to a ready model adapter.
+
+`load_adapter(kind, path, ...)` loads the weights (the embedded tiny FLUX, a FLUX pipeline folder or
+hub id, an SD3 / SD3.5 pipeline folder or hub id) and applies the speed settings to the transformer:
+attention backend (diffusers' dispatcher, see attention.py), gradient checkpointing, and
+`torch.compile` of the repeated transformer blocks. Compilation is lazy (it traces on the first
+forward), so LoRA layers attached after `load_adapter` are part of the compiled blocks.
+
+`lora_defaults(kind)` gives the papers' LoRA targets / rank / α for the trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .attention import set_attention_backend
+
+MODEL_KINDS = ("tiny_flux", "flux", "sd3")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None], default: torch.dtype) -> torch.dtype:
+    """A torch dtype from a config string ("bf16", "float32", ...), a torch dtype, or None (default)."""
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def transformer_of(adapter) -> torch.nn.Module:
+    """The diffusers transformer inside an adapter (the tiny FLUX wraps it with its text encoder)."""
+    return getattr(adapter.module, "transformer", adapter.module)
+
+
+def compile_transformer_blocks(transformer: torch.nn.Module, options: Optional[dict] = None) -> int:
+    """`torch.compile` each repeated block (regional compilation); returns how many were compiled.
+
+    Uses diffusers' `compile_repeated_blocks` where the model declares its blocks (FLUX); SD3
+    (diffusers 0.42) declares none, so its `transformer_blocks` are compiled one by one, which
+    is the same thing.
+    """
+    options = dict(options or {})
+    if getattr(transformer, "_repeated_blocks", None):
+        transformer.compile_repeated_blocks(**options)
+        names = set(transformer._repeated_blocks)
+        return sum(type(m).__name__ in names for m in transformer.modules())
+    blocks = getattr(transformer, "transformer_blocks", None)
+    if not blocks:
+        raise ValueError(f"{type(transformer).__name__} has no repeated blocks to compile")
+    for block in blocks:
+        block.compile(**options)
+    return len(blocks)
+
+
+def configure_transformer(transformer: torch.nn.Module, *, attention_backend: Optional[str] = None,
+                          gradient_checkpointing: bool = False,
+                          compile_blocks: Union[bool, dict] = False) -> None:
+    """Apply the speed settings to a diffusers transformer (see the module doc)."""
+    set_attention_backend(transformer, attention_backend)
+    if gradient_checkpointing:
+        if not getattr(transformer, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"gradient_checkpointing: {type(transformer).__name__} does not support it")
+        transformer.enable_gradient_checkpointing()
+    if compile_blocks:
+        compile_transformer_blocks(transformer, compile_blocks if isinstance(compile_blocks, dict) else None)
+
+
+def load_adapter(kind: str, path: Optional[str] = None, *, device: Union[str, torch.device] = "cpu",
+                 dtype: Union[str, torch.dtype, None] = None, attention_backend: Optional[str] = None,
+                 compile_blocks: Union[bool, dict] = False, gradient_checkpointing: bool = False,
+                 resolution: Optional[int] = None, guidance_scale: Optional[float] = None,
+                 max_sequence_length: Optional[int] = None, cache_device: Union[str, torch.device] = "cpu"):
+    """The model adapter for `kind` in MODEL_KINDS, loaded from `path`.
+
+    - "tiny_flux": `tiny_flux.load(path)` (None = the shipped model); fp32 only, and resolution /
+      guidance / sequence length do not apply (ValueError if given).
+    - "flux": a `FluxPipeline` folder or hub id; dtype default bf16, resolution 1024, guidance 3.5
+      (FLUX.1-dev's distilled guidance), T5 length 512.
+    - "sd3": a `StableDiffusion3Pipeline` folder or hub id; dtype default bf16, resolution 512,
+      CFG 4.5 (Flow-GRPO's SD3.5-M setting), T5 length 256.
+    `compile_blocks`: False, True, or a dict of `torch.compile` options (e.g. {"mode": "max-autotune"}).
+    """
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"kind must be one of {list(MODEL_KINDS)}, got {kind!r}")
+    if kind == "tiny_flux":
+        given = {k: v for k, v in dict(resolution=resolution, guidance_scale=guidance_scale,
+                                       max_sequence_length=max_sequence_length).items() if v is not None}
+        if given:
+            raise ValueError(f"kind 'tiny_flux' has a fixed 16×16 size and no guidance or T5; got {given}")
+        if resolve_dtype(dtype, torch.float32) != torch.float32:
+            raise ValueError(f"kind 'tiny_flux' runs in float32 only, got dtype {dtype!r}")
+        from .tiny_flux import load
+
+        adapter = load(path, device)
+    else:
+        if path in (None, ""):
+            raise ValueError(f"kind {kind!r} needs path (a pipeline folder or hub id), got {path!r}")
+        options = dict(device=device, dtype=resolve_dtype(dtype, torch.bfloat16), cache_device=cache_device)
+        for name, value in dict(resolution=resolution, guidance_scale=guidance_scale,
+                                max_sequence_length=max_sequence_length).items():
+            if value is not None:
+                options[name] = value
+        if kind == "flux":
+            from .flux import load_flux
+
+            adapter = load_flux(path, **options)
+        else:
+            from .sd3 import load_sd3
+
+            adapter = load_sd3(path, **options)
+    configure_transformer(transformer_of(adapter), attention_backend=attention_backend,
+                          gradient_checkpointing=gradient_checkpointing, compile_blocks=compile_blocks)
+    return adapter
+
+
+def lora_defaults(kind: str) -> dict:
+    """The papers' LoRA settings for `kind`: {"target_modules", "rank", "alpha"}."""
+    if kind == "flux":
+        from .flux import FLUX_LORA_ALPHA, FLUX_LORA_RANK, FLUX_LORA_TARGETS
+
+        return {"target_modules": list(FLUX_LORA_TARGETS), "rank": FLUX_LORA_RANK, "alpha": FLUX_LORA_ALPHA}
+    if kind == "sd3":
+        from .sd3 import SD3_LORA_ALPHA, SD3_LORA_RANK, SD3_LORA_TARGETS
+
+        return {"target_modules": list(SD3_LORA_TARGETS), "rank": SD3_LORA_RANK, "alpha": SD3_LORA_ALPHA}
+    if kind == "tiny_flux":
+        return {"target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "rank": 32, "alpha": 64}
+    raise ValueError(f"kind must be one of {list(MODEL_KINDS)}, got {kind!r}")
