@@ -55,12 +55,16 @@ class HPSReward:
         model.load_state_dict(state)
         self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(arch)
-        cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
-        size = cfg.get("size", getattr(model.visual, "image_size", 224))
+        cfg = open_clip.get_model_preprocess_cfg(model)
+        size = cfg.get("size", 224)
         size = (size, size) if isinstance(size, int) else tuple(size)
+        if cfg.get("resize_mode", "shortest") != "shortest" or size[0] != size[1]:
+            raise ValueError(f"arch {arch!r}: only square 'shortest' resize preprocessing is supported, got "
+                             f"resize_mode={cfg.get('resize_mode')!r} size={size}")
+        # open_clip's validation transform: Resize(shortest side) → CenterCrop → Normalize
         self.transform = ImageTransform(mean=tuple(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
                                         std=tuple(cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
-                                        shortest_edge=max(size), crop_hw=size,
+                                        shortest_edge=size[0], crop_hw=size,
                                         interpolation=cfg.get("interpolation", "bicubic"))
 
     @torch.no_grad()
