@@ -25,6 +25,7 @@ from tempflow_fast.config import config_to_dict
 from tempflow_fast.sampling.engine import rollout
 from tempflow_fast.sampling.runners import EagerRunner
 from tempflow_fast.training import checkpoint as ckpt
+from tempflow_fast.training import distributed
 from tempflow_fast.training.ema import EMA
 from tempflow_fast.training.metrics_log import MetricsLogger
 from tempflow_fast.training.train_config import Config
@@ -61,8 +62,10 @@ class Trainer:
     """Runs `cfg`. `model`, `reward`, `train_prompts`, `eval_fn` default to the shapes task."""
 
     def __init__(self, cfg: Config, *, model=None, reward=None, train_prompts: Optional[Sequence[str]] = None,
-                 eval_fn=None, resume: bool = False):
+                 eval_fn=None, resume: bool = False, dist: Optional[distributed.DistContext] = None):
         self.cfg = cfg
+        # torchrun's environment when present (training/distributed.py), else one process
+        self.dist = dist if dist is not None else distributed.from_environment()
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
@@ -76,13 +79,15 @@ class Trainer:
         self.plan = self.algorithm.plan()
         self.runner = EagerRunner(self.model)
         self._setup_params()
+        self.dist.broadcast_parameters([p for _, p in self.named_params])
         self.counters = Counters()
         self.iteration = 0
         self.eval_before: Optional[Dict] = None
         if resume:
             self._resume()
         self.logger = MetricsLogger(self.out, tensorboard=cfg.log.tensorboard,
-                                    resume_from=self.iteration if resume else None)
+                                    resume_from=self.iteration if resume else None) \
+            if self.dist.is_main else distributed.NullLogger()
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -181,11 +186,16 @@ class Trainer:
     def run_iteration(self, iteration: int) -> Dict[str, float]:
         cfg = self.cfg.train
         t0 = time.perf_counter()
-        prompts = self.prompts_for(iteration)
+        prompts = self.dist.shard(self.prompts_for(iteration))
         self.model.module.eval()
-        result = rollout(self.model, prompts, self.plan, seed=_seed_for(self.cfg.seed, 2, iteration), runner=self.runner)
+        # each rank its own noises; one process keeps the seeds it always had
+        seed = (_seed_for(self.cfg.seed, 2, iteration) if not self.dist.active
+                else _seed_for(self.cfg.seed, 2, iteration, self.dist.rank))
+        result = rollout(self.model, prompts, self.plan, seed=seed, runner=self.runner)
         t1 = time.perf_counter()
         rewards = self._rewards(result, prompts)
+        # every rank's rewards, so global std and logged reward statistics cover the whole batch
+        result, rewards = self.dist.global_view(result, rewards, num_prompts=len(prompts))
         credit = self.algorithm.credit(result, rewards, global_std=cfg.global_std)
         t2 = time.perf_counter()
         groups = build_update_batch(result, credit)
@@ -231,7 +241,7 @@ class Trainer:
 
     def _update(self, result, groups, iteration: int) -> Dict[str, float]:
         cfg = self.cfg.train
-        total = sum(g.num_samples for g in groups)
+        total = self.dist.all_sum(sum(g.num_samples for g in groups))  # the loss is a mean over the global batch
         stats = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "kl": 0.0, "grad_norm": 0.0, "policy_passes": 0,
                  "skipped_nonfinite": 0}
         if total == 0:
@@ -266,7 +276,9 @@ class Trainer:
                 if not ok:
                     break
             params = [p for _, p in self.named_params]
+            ok = self.dist.all_true(ok)  # every rank skips together, or the weights would diverge
             if ok:
+                self.dist.all_reduce_gradients(params)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 ok = finite(grad_norm)
             if not ok:
@@ -287,6 +299,7 @@ class Trainer:
                 self.ema.update()
             stats["grad_norm"] += float(grad_norm)
             n_stats += 1
+        self.dist.sum_into(stats, ("loss", "clip_frac", "approx_kl", "kl"))  # each rank held its share
         for k in ("loss", "clip_frac", "approx_kl", "kl"):
             stats[k] /= cfg.inner_epochs
         stats["grad_norm"] /= max(1, n_stats)
@@ -305,13 +318,18 @@ class Trainer:
             "data_position": self.iteration * self.cfg.train.prompts_per_iteration,
             "counters": self.counters.__dict__,
             "eval_before": self.eval_before,
+            "world_size": self.dist.world_size,
         }
-        return ckpt.save_checkpoint(
-            self.out / "checkpoints", self.iteration, model_state=self._model_state(), state=state,
-            config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
-            ema_state=self.ema.state_dict() if self.ema is not None else None,
-            keep_last=self.cfg.checkpoint.keep_last,
-        )
+        path = self.out / "checkpoints" / f"iter-{self.iteration:06d}"
+        if self.dist.is_main:  # weights are identical on every rank: one writer
+            path = ckpt.save_checkpoint(
+                self.out / "checkpoints", self.iteration, model_state=self._model_state(), state=state,
+                config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
+                ema_state=self.ema.state_dict() if self.ema is not None else None,
+                keep_last=self.cfg.checkpoint.keep_last,
+            )
+        self.dist.barrier()
+        return path
 
     def _resume(self):
         path = ckpt.latest_checkpoint(self.out / "checkpoints")
@@ -327,6 +345,9 @@ class Trainer:
             for n, p in params.items():
                 p.copy_(data["model"][n])
         st = data["state"]
+        if st.get("world_size", 1) != self.dist.world_size:
+            raise ValueError(f"--resume: checkpoint {str(path)!r} was written by {st.get('world_size', 1)} process(es), "
+                             f"this run has {self.dist.world_size}; resume on the same world size")
         self.optimizer.load_state_dict(st["optimizer"])
         if self.ema is not None:
             if data["ema"] is None:
@@ -349,7 +370,9 @@ class Trainer:
             target = getattr(model.module, "transformer", model.module)
             target.fuse_lora()
             target.unload_lora()
-        model.save_pretrained(directory)
+        if self.dist.is_main:
+            model.save_pretrained(directory)
+        self.dist.barrier()
         return directory
 
     # --- the loop -----------------------------------------------------------------------------
@@ -383,7 +406,8 @@ class Trainer:
             self.eval_before = self._evaluate()
             self.logger.log(0, {"heldout_accuracy": self.eval_before["overall"]["accuracy"]})
         bar = tqdm(range(self.iteration, cfg.train.iterations), initial=self.iteration, total=cfg.train.iterations,
-                   desc=f"{cfg.method}", unit="it", disable=not cfg.log.progress, dynamic_ncols=True)
+                   desc=f"{cfg.method}", unit="it", disable=not cfg.log.progress or not self.dist.is_main,
+                   dynamic_ncols=True)
         for it in bar:
             m = self.run_iteration(it)
             self.iteration = it + 1
@@ -394,7 +418,7 @@ class Trainer:
             self.logger.log(self.iteration, m)
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", nfe=self.counters.nfe,
                             s_per_it=f"{m['seconds_rollout'] + m['seconds_reward'] + m['seconds_update']:.1f}")
-            if cfg.log.sample_every and self.iteration % cfg.log.sample_every == 0:
+            if cfg.log.sample_every and self.iteration % cfg.log.sample_every == 0 and self.dist.is_main:
                 self._write_samples(self.iteration)
             if cfg.checkpoint.every and self.iteration % cfg.checkpoint.every == 0:
                 self.save()
@@ -411,7 +435,8 @@ class Trainer:
             self.ema.swap()
         summary = {"before": self.eval_before, "after": after, "counters": self.counters.__dict__,
                    "iterations": self.iteration, "method": cfg.method}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+        if self.dist.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
         return summary
 
 

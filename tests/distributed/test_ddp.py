@@ -1,0 +1,143 @@
+"""Data-parallel training over gloo: 2 processes (torchrun) against 1 process with the same global batch.
+
+The one-process reference rolls out each rank's half of the prompts with that rank's seed (the two
+ranks draw distinct noises, so one generator over the whole batch would sample other images) and
+trains on the concatenation: same rollouts, one update over the global batch. The 2-process run must
+keep bit-identical weights on both ranks and land on the reference's weights within fp32 noise.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tempflow_fast.models.base import cat_cond
+from tempflow_fast.training import trainer as trainer_mod
+from tempflow_fast.training.distributed import DistContext
+
+HERE = Path(__file__).parent
+_spec = importlib.util.spec_from_file_location("ddp_common", HERE / "ddp_common.py")
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
+
+WORLD = 2
+
+
+def concat_rollouts(results):
+    """One RolloutResult from per-rank results, ids offset as if one process had sampled them all."""
+    from dataclasses import replace
+
+    from tempflow_fast.sampling.accounting import RolloutStats
+
+    p_off = s_off = t_off = 0
+    parts = []
+    for r in results:
+        n_prompts = int(r.trunk_prompt.max()) + 1
+        parts.append(dict(
+            states=replace(r.states, prompt=r.states.prompt + p_off),
+            samples=replace(r.samples, state=r.samples.state + s_off, trajectory=r.samples.trajectory + t_off),
+            trajectories=replace(r.trajectories, prompt=r.trajectories.prompt + p_off),
+            trunk_prompt=r.trunk_prompt + p_off,
+        ))
+        p_off, s_off, t_off = p_off + n_prompts, s_off + len(r.states), t_off + len(r.trajectories)
+
+    def cat_fields(objs):
+        first = objs[0]
+        return replace(first, **{f: torch.cat([getattr(o, f) for o in objs]) for f in first.__dataclass_fields__})
+
+    def cat_opt(xs):
+        return None if xs[0] is None else torch.cat(xs)
+
+    stats = RolloutStats()
+    for r in results:
+        for k, v in r.stats.nfe.items():
+            stats.nfe[k] += v
+        for k, v in r.stats.images.items():
+            stats.images[k] += v
+    first = results[0]
+    return replace(
+        first,
+        states=cat_fields([p["states"] for p in parts]),
+        samples=cat_fields([p["samples"] for p in parts]),
+        trajectories=cat_fields([p["trajectories"] for p in parts]),
+        final_latents={lam: torch.cat([r.final_latents[lam] for r in results]) for lam in first.final_latents},
+        images={lam: torch.cat([r.images[lam] for r in results]) for lam in first.images},
+        trunk_prompt=torch.cat([p["trunk_prompt"] for p in parts]),
+        trunk_seed=torch.cat([r.trunk_seed for r in results]),
+        trunk_latents=cat_opt([r.trunk_latents for r in results]),
+        trunk_images=cat_opt([r.trunk_images for r in results]),
+        tweedie_images=cat_opt([r.tweedie_images for r in results]),
+        cond=cat_cond([r.cond for r in results]),
+        stats=stats,
+    )
+
+
+def one_process_reference(run_dir, method, extra, monkeypatch):
+    from tempflow_fast.config import load_config
+    from tempflow_fast.models.tiny_flux import TinyFluxAdapter
+    from tempflow_fast.training.train_config import Config
+
+    real_rollout = trainer_mod.rollout
+    seed_to_iteration = {trainer_mod._seed_for(0, 2, it): it for it in range(2)}
+
+    def per_rank_rollouts(model, prompts, plan, *, seed, runner):
+        it = seed_to_iteration[seed]
+        shards = [DistContext(r, WORLD).shard(prompts) for r in range(WORLD)]
+        return concat_rollouts([real_rollout(model, shard, plan, seed=trainer_mod._seed_for(0, 2, it, r),
+                                             runner=runner) for r, shard in enumerate(shards)])
+
+    monkeypatch.setattr(trainer_mod, "rollout", per_rank_rollouts)
+    cfg = load_config(Config, None, common.small_overrides(method, run_dir, *extra))
+    tr = trainer_mod.Trainer(cfg, model=TinyFluxAdapter.create(seed=0, transformer_config=common.SMALL),
+                             reward=common.BrightnessReward(), eval_fn=common.no_eval, dist=DistContext())
+    params, metrics = [], []
+    for it in range(2):
+        metrics.append(tr.run_iteration(it))
+        params.append(torch.cat([p.detach().reshape(-1) for _, p in tr.named_params]))
+    monkeypatch.setattr(trainer_mod, "rollout", real_rollout)
+    return params, metrics
+
+
+def test_two_processes_match_one_process(tmp_path, monkeypatch):
+    # TempFlow with the global std: advantages need every rank's rewards
+    method, extra = "tempflow", ("train.global_std=true",)
+    out_file = tmp_path / "ranks.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+           str(HERE / "ddp_worker.py"), str(out_file), str(tmp_path / "ddp"), method, *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = torch.load(out_file, weights_only=False)
+
+    assert record["max_rank_diff"] == [0.0, 0.0]  # ranks bit-identical after every step
+    assert record["resumed_equal_all_ranks"]
+
+    params, metrics = one_process_reference(tmp_path / "single", method, extra, monkeypatch)
+    for it in range(2):
+        torch.testing.assert_close(record["params"][it], params[it], atol=2e-6, rtol=0)
+        for key in ("reward_mean", "reward_group_std", "zero_std_ratio", "loss", "clip_frac"):
+            assert record["metrics"][it][key] == pytest.approx(metrics[it][key], rel=1e-5, abs=1e-6), key
+    # the check above is not vacuous: training moved the weights far more than the tolerance
+    assert float((params[1] - params[0]).abs().max()) > 1e-4
+
+    # resuming on another world size is refused
+    from tempflow_fast.config import load_config
+    from tempflow_fast.models.tiny_flux import TinyFluxAdapter
+    from tempflow_fast.training.train_config import Config
+
+    cfg = load_config(Config, None, common.small_overrides(method, tmp_path / "ddp", *extra))
+    with pytest.raises(ValueError, match="same world size"):
+        trainer_mod.Trainer(cfg, model=TinyFluxAdapter.create(seed=0, transformer_config=common.SMALL),
+                            reward=common.BrightnessReward(), eval_fn=common.no_eval, resume=True, dist=DistContext())
+
+
+def test_shard_keeps_whole_prompts_and_checks_divisibility():
+    prompts = ["a", "b", "c", "d"]
+    assert [DistContext(r, 2).shard(prompts) for r in range(2)] == [["a", "b"], ["c", "d"]]
+    assert DistContext().shard(prompts) == prompts
+    with pytest.raises(ValueError, match="prompts_per_iteration"):
+        DistContext(0, 3).shard(prompts)
