@@ -1,0 +1,81 @@
+"""`tempflow-fast bench [SUBJECT ...] [options]`: the bench suite (subjects.py) in one command.
+
+    tempflow-fast bench                                  # every subject, papers' plans, shipped tiny model
+    tempflow-fast bench rollout iteration --model-path runs/try/final
+    tempflow-fast bench --quick --reps 2                 # small plans and model: a smoke run
+
+Prints one markdown table, writes `<out>/bench.csv` (columns: results.COLUMNS, one schema for every
+subject) and `<out>/<subject>.png` (timings, p50 with p20–p80 whiskers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from tempflow_fast.bench.subjects import SUBJECTS, Settings, run
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tempflow-fast bench", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    p.add_argument("subjects", nargs="*", metavar="SUBJECT",
+                   help=f"any of {', '.join(SUBJECTS)} (default: all)")
+    p.add_argument("--quick", action="store_true", help="small plans, op shapes and model (a smoke run)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions before them")
+    p.add_argument("--prompts", type=int, default=1, help="prompts (groups) per rollout and iteration")
+    p.add_argument("--method", default="tempflow", choices=["flow_grpo", "tempflow", "g2rpo", "stepwise"],
+                   help="trainer method of train_step / iteration")
+    p.add_argument("--model-path", default=None,
+                   help="a saved tiny_flux model folder to bench instead of the shipped one")
+    p.add_argument("--reward", default="brightness", choices=["brightness", "shapes"],
+                   help="brightness: continuous, every sample trained (full update cost); shapes: the task's detector")
+    p.add_argument("--ops-providers", default=None,
+                   help="comma-separated ops providers (default: bench/ops.py's for the device)")
+    p.add_argument("--plans", default=None, help="comma-separated rollout plans (default: all of the set in use)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out", default="bench/results/suite", help="folder for bench.csv and the plots")
+    p.add_argument("--no-plots", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    subjects = list(dict.fromkeys(args.subjects)) or list(SUBJECTS)
+    try:
+        unknown = [x for x in subjects if x not in SUBJECTS]
+        if unknown:
+            raise ValueError(f"SUBJECT: unknown {unknown[0]!r}; known: {', '.join(SUBJECTS)}")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        settings = Settings(device=device, reps=args.reps, warmup=args.warmup, quick=args.quick, prompts=args.prompts,
+                            method=args.method, model_path=args.model_path, reward=args.reward,
+                            ops_providers=[x for x in args.ops_providers.split(",") if x] if args.ops_providers
+                            else None,
+                            plans=[x for x in args.plans.split(",") if x] if args.plans else None)
+        results = run(subjects, settings)
+    except ValueError as err:
+        print(f"tempflow-fast bench: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    csv_path = results.write_csv(out / "bench.csv")
+    print(results.markdown())
+    print(f"\nCSV: {csv_path}")
+    if not args.no_plots:
+        for subject in results.subjects():
+            path = results.plot(subject, out / f"{subject}.png")
+            if path is not None:
+                print(f"plot: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

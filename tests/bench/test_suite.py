@@ -1,0 +1,96 @@
+"""The bench suite on tiny settings: one CSV schema for every subject, telemetry "n/a" without an
+NVIDIA GPU, a plot per subject, the rollout counts of engine and per-branch reference."""
+
+import csv
+import types
+
+import pytest
+import torch
+
+from tempflow_fast.bench import telemetry
+from tempflow_fast.bench.cli import main
+from tempflow_fast.bench.results import COLUMNS
+from tempflow_fast.bench.subjects import SUBJECTS, Settings
+
+
+def test_quick_suite_writes_one_schema(tmp_path, capsys):
+    out = tmp_path / "suite"
+    rc = main([*SUBJECTS, "--quick", "--reps", "1", "--warmup", "0", "--threads", "1",
+               "--ops-providers", "fused-torch,unfused-eager", "--plans", "tempflow_2x3x4", "--out", str(out)])
+    assert rc == 0
+    with open(out / "bench.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == COLUMNS
+        rows = list(reader)
+    assert {r["subject"] for r in rows} == set(SUBJECTS)
+    for subject in SUBJECTS:
+        assert (out / f"{subject}.png").stat().st_size > 0
+    tel = [r for r in rows if r["metric"] in telemetry.QUANTITIES]
+    assert {r["subject"] for r in tel} == set(SUBJECTS)
+    if not torch.cuda.is_available():
+        assert all(r[q] == "n/a" for r in tel for q in ("p50", "p20", "p80"))
+        assert "GPU telemetry" in capsys.readouterr().out
+    # every measured value is a number, every timing has p20 <= p50 <= p80
+    for r in rows:
+        if r["metric"] not in telemetry.QUANTITIES:
+            p20, p50, p80 = float(r["p20"]), float(r["p50"]), float(r["p80"])
+            assert p20 <= p50 <= p80, r
+
+    def value(subject, provider, metric):
+        (row,) = [r for r in rows if (r["subject"], r["provider"], r["metric"]) == (subject, provider, metric)]
+        return float(row["p50"])
+
+    # TempFlow N=2 seeds, K=3 branches, T=4, k in {0,1,2}: the engine shares each trunk,
+    # N·T + N·K·Σ(T-k-1) = 8 + 36 calls; the reference recomputes each branch's prefix (k+1 calls)
+    # on top: 8 + 6·(1+2+3) + 36 = 80 calls. Both make 2 trunk + 18 branch images.
+    assert value("rollout", "engine", "nfe_total") == 44
+    assert value("rollout", "per-branch-reference", "nfe_total") == 80
+    assert value("rollout", "engine", "images") == value("rollout", "per-branch-reference", "images") == 20
+    assert value("rollout", "engine", "speedup_vs_reference") > 0
+    # one forward+backward per shared state (6 = N·3 trained k's), not per sample (18)
+    assert value("train_step", "engine", "fwd_bwd_passes") == 6
+    assert value("train_step", "per-sample-reference", "fwd_bwd_passes") == 18
+    assert value("train_step", "engine", "model_calls") == 44
+
+
+def test_telemetry_samples_in_background(monkeypatch):
+    """With an NVML stand-in, the sampler thread reads every quantity in the labelled units."""
+    fake = types.SimpleNamespace(
+        NVMLError=RuntimeError, NVML_CLOCK_SM=1,
+        nvmlDeviceGetHandleByUUID=lambda uuid: "h", nvmlDeviceGetHandleByIndex=lambda i: "h",
+        nvmlDeviceGetUtilizationRates=lambda h: types.SimpleNamespace(gpu=40),
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=3 * 2**20),
+        nvmlDeviceGetPowerUsage=lambda h: 250_000,
+        nvmlDeviceGetClockInfo=lambda h, clock: 1980,
+    )
+    monkeypatch.setattr(telemetry, "_nvml", lambda: (fake, None))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(uuid="abc"))
+    tel = telemetry.GpuTelemetry(0, interval_s=0.001)
+    with tel:
+        import time
+
+        time.sleep(0.02)
+    assert len(tel.samples["gpu_util"]) >= 2
+    assert tel.summary() == {"gpu_util": (40.0, 40.0, 40.0), "gpu_memory_used": (3.0, 3.0, 3.0),
+                             "gpu_power": (250.0, 250.0, 250.0), "gpu_sm_clock": (1980.0, 1980.0, 1980.0)}
+
+
+def test_no_gpu_means_na_and_a_reason():
+    tel = telemetry.GpuTelemetry(None)
+    with tel:
+        pass
+    assert tel.unavailable and all(v is None for v in tel.summary().values())
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(reps=0), "reps"), (dict(prompts=0), "prompts"), (dict(reward="clip"), "reward"),
+    (dict(quick=True, plans=["tempflow_4x6"]), "plans"),
+])
+def test_bad_settings_name_the_field(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        Settings(device=torch.device("cpu"), **kwargs)
+
+
+def test_unknown_subject_is_an_error(capsys):
+    assert main(["nonsense", "--quick"]) == 2
+    assert "SUBJECT" in capsys.readouterr().err
