@@ -29,9 +29,11 @@ version, timestamp)
   The small shape fits in cache and can exceed it.
 - `peak_extra_memory` (MB), CPU: resident-set high-water mark of one forward+backward above the
   resident set just before it, in a fresh child process per provider and shape (Linux
-  /proc/self/clear_refs resets VmHWM; glibc's freed-memory caching across providers would otherwise
-  hide allocations). Inputs are allocated before the baseline; mean.grad is part of the extra.
-  CUDA: torch.cuda.max_memory_allocated above the allocation before the call.
+  /proc/self/clear_refs resets VmHWM; the child runs with a fixed glibc mmap threshold, so blocks
+  freed earlier are returned to the OS instead of being reused unseen). Inputs are allocated before
+  the baseline; mean.grad is part of the extra. CUDA: torch.cuda.max_memory_allocated above the
+  allocation before the call.
+- `pct_nominal_bandwidth` (%), CUDA only: bandwidth relative to the datasheet value of known GPUs.
 - `speedup_vs_unfused` (x): unfused-eager p50 time / provider p50 time.
 """
 
