@@ -1,15 +1,16 @@
 """ImageReward (Xu et al. 2023): BLIP ViT-L image encoder, BLIP text encoder cross-attending to the
 image, an MLP on the [CLS] feature, standardised by the released mean/std.
 
-Loaded through the `image-reward` package's own API (`ImageReward.load`), which builds the BLIP model
-from its `med_config.json` and the checkpoint; the forward pass is the package's `score` method batched:
+Loaded through the `image-reward` package's own API: `ImageReward.load(path)` (a released name such as
+"ImageReward-v1.0", fetched into ~/.cache/ImageReward, or a checkpoint file), or — with `med_config` given,
+for offline use — the package's `ImageReward` model class built from that med_config.json with the
+checkpoint file loaded over it, as `load` itself does. BLIP's tokenizer is bert-base-uncased, which
+transformers must find in its cache when offline. The forward pass is the package's `score` method batched:
 the same modules (`blip.visual_encoder`, `blip.text_encoder`, `mlp`, `mean`, `std`) and the same
 tokenisation (max_length 35), with images preprocessed on tensors (224 bicubic resize, centre crop,
 OpenAI mean/std, as its `_transform(224)`).
 
 Needs the `image-reward` package (extra `[rewards]`), which pulls timm, fairscale and torchvision.
-Offline, pass the checkpoint file as `path` and its med_config.json as `med_config` (the package
-otherwise downloads both).
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ class ImageRewardReward:
         self.dtype = resolve_dtype(dtype)
         self.scale = float(scale)
         self.batch_size = batch_size
-        model = ir.load(path, device=str(self.device), med_config=med_config)
+        if med_config is None:
+            model = ir.load(path, device=str(self.device))
+        else:
+            model = _load_offline(path, med_config, self.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
         self.transform = ImageTransform(mean=(0.48145466, 0.4578275, 0.40821073),
                                         std=(0.26862954, 0.26130258, 0.27577711),
@@ -70,3 +74,18 @@ class ImageRewardReward:
             r = self.model.mlp(hidden.to(self.dtype)).float().squeeze(-1)
             out.append(self.scale * (r - self.model.mean) / self.model.std)
         return torch.cat(out).to(device=images.device, dtype=torch.float32)
+
+
+def _load_offline(path: str, med_config: str, device: torch.device):
+    """What `ImageReward.load` does, minus its downloads: the package's model class from `med_config`,
+    the checkpoint's state dict over it (non-strict, as the package loads it)."""
+    import importlib
+    import os
+
+    for name, value in (("path", path), ("med_config", med_config)):
+        if not os.path.isfile(value):
+            raise ValueError(f"{name}: no such file {value!r} (offline ImageReward needs the checkpoint and med_config.json)")
+    model_class = importlib.import_module("ImageReward.ImageReward").ImageReward
+    model = model_class(med_config=med_config, device=str(device))
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=False)
+    return model.to(device).eval()

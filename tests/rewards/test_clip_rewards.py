@@ -141,3 +141,13 @@ def test_aesthetic_head_mismatch_is_a_clear_error(clip_dir, tmp_path):
         AestheticReward(str(clip_dir), str(tmp_path / "partial.pth"), device="cpu")
     with pytest.raises(ValueError, match="no such file"):
         AestheticReward(str(clip_dir), str(tmp_path / "missing.pth"), device="cpu")
+
+
+def test_bfloat16_weights_score_close_to_float32(clip_dir):
+    images = _images()
+    full = pickscore(str(clip_dir), device="cpu")(images, PROMPTS)
+    half = pickscore(str(clip_dir), device="cpu", dtype="bfloat16")
+    assert half.model.dtype == torch.bfloat16
+    low = half(images, PROMPTS)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, full, atol=0.1 * float(full.abs().max()), rtol=0)
