@@ -17,6 +17,7 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Optional
 
+from .base import check_batch
 from .server_protocol import JSON_CONTENT_TYPE, decode_request, encode_response
 
 _MAX_BODY_BYTES = 1 << 30
@@ -63,14 +64,13 @@ class RewardHTTPServer:
             request = decode_request(body, content_type, self.allow_pickle)
             images = request["images"]
             prompts = request.get("prompts")
-            if prompts is None:
-                prompts = [""] * images.shape[0]
+            prompts = check_batch(images, [""] * images.shape[0] if prompts is None else prompts)
         except Exception as err:  # anything wrong with what the client sent
             return 400, f"bad request: {type(err).__name__}: {err}".encode("utf-8"), "text/plain"
         protocol = "json" if content_type.split(";")[0].strip().lower() == JSON_CONTENT_TYPE else "pickle"
         try:
             with self._lock:
-                scores = self.reward(images, list(prompts))
+                scores = self.reward(images, prompts)
             payload, ctype = encode_response(protocol, scores.detach().float().cpu().tolist())
         except Exception:
             return 500, traceback.format_exc().encode("utf-8"), "text/plain"

@@ -88,6 +88,8 @@ def decode_images(files: Sequence[bytes]) -> torch.Tensor:
     """Encoded images (all one size) → (B, 3, H, W) float in [0, 1]."""
     from PIL import Image
 
+    if not files:
+        raise ValueError("images must hold at least one image, got none")
     arrays = [np.asarray(Image.open(io.BytesIO(f)).convert("RGB")) for f in files]
     if len({a.shape for a in arrays}) > 1:
         raise ValueError(f"images must all have one size, got {sorted({a.shape for a in arrays})}")

@@ -2,6 +2,7 @@
 both wire formats, and the failures — a server that sleeps past the timeout, one that answers
 malformed JSON, one that errors — end in clear RuntimeErrors within bounded time."""
 
+import base64
 import json
 import pickle
 import threading
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from tempflow_fast.rewards import RewardConfig, RewardHTTPServer, RewardServerClient, build_reward
-from tempflow_fast.rewards.server_protocol import decode_scores, safe_loads
+from tempflow_fast.rewards.server_protocol import decode_scores, encode_images, safe_loads
 from tempflow_fast.tasks.shapes.detector import ShapesReward
 from tempflow_fast.tasks.shapes.grammar import TRAIN_PROMPTS
 from tempflow_fast.tasks.shapes.render import render
@@ -194,6 +195,11 @@ def test_reference_server_answers_bad_requests_with_400_and_reward_errors_with_5
         assert status == 400 and b"bad request" in body
         status, body, _ = server.score(pickle.dumps({"images": []}), "")
         assert status == 400 and b"pickle is off" in body
+        status, body, _ = server.score(json.dumps({"images": []}).encode(), "application/json")
+        assert status == 400 and b"at least one image" in body
+        one = base64.b64encode(encode_images(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), "png")[0]).decode()
+        status, body, _ = server.score(json.dumps({"images": [one], "prompts": ["a", "b"]}).encode(), "application/json")
+        assert status == 400 and b"prompts has 2 entries but images has 1 rows" in body
         with pytest.raises(RuntimeError, match=r"(?s)HTTP 500.*model exploded"):
             RewardServerClient(server.url, timeout_s=5, retries=0)(torch.rand(1, 3, 8, 8), ["a"])
     with pytest.raises(ValueError, match="loopback"):
