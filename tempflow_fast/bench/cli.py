@@ -11,7 +11,6 @@ subject) and `<out>/<subject>.png` (timings, p50 with p20–p80 whiskers).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 

@@ -10,19 +10,24 @@ import torch
 from tempflow_fast.bench import telemetry
 from tempflow_fast.bench.cli import main
 from tempflow_fast.bench.results import COLUMNS
-from tempflow_fast.bench.subjects import SUBJECTS, Settings
+from tempflow_fast.bench.subjects import QUICK_TRANSFORMER, SUBJECTS, Settings
+from tempflow_fast.models.tiny_flux import TinyFluxAdapter
 
 
 def test_quick_suite_writes_one_schema(tmp_path, capsys):
+    # a model given by path, as a user would bench their own checkpoint
+    TinyFluxAdapter.create(seed=0, transformer_config=QUICK_TRANSFORMER).save_pretrained(tmp_path / "my-model")
     out = tmp_path / "suite"
     rc = main([*SUBJECTS, "--quick", "--reps", "1", "--warmup", "0", "--threads", "1",
-               "--ops-providers", "fused-torch,unfused-eager", "--plans", "tempflow_2x3x4", "--out", str(out)])
+               "--ops-providers", "fused-torch,unfused-eager", "--plans", "tempflow_2x3x4", "--out", str(out),
+               "--model-path", str(tmp_path / "my-model")])
     assert rc == 0
     with open(out / "bench.csv", newline="") as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == COLUMNS
         rows = list(reader)
     assert {r["subject"] for r in rows} == set(SUBJECTS)
+    assert all("my-model" in r["shape"] for r in rows if r["subject"] != "ops")
     for subject in SUBJECTS:
         assert (out / f"{subject}.png").stat().st_size > 0
     tel = [r for r in rows if r["metric"] in telemetry.QUANTITIES]

@@ -2,8 +2,9 @@
 
 argv: OUT_FILE RUN_DIR METHOD [--set overrides...]. Runs 2 iterations on the small random tiny FLUX,
 checks after each that every rank holds bit-identical trainable parameters, then saves a checkpoint
-(rank 0 writes), resumes it in a fresh trainer on every rank and checks the loaded weights. Rank 0
-writes the per-iteration parameters and metrics to OUT_FILE for the test to compare with one process.
+(rank 0 writes), resumes it in a fresh trainer on every rank and checks the loaded weights, and runs
+one LoRA step. Rank 0 writes the per-iteration parameters and metrics to OUT_FILE for the test to
+compare with one process.
 """
 
 import sys
@@ -52,6 +53,17 @@ def main():
     ok = torch.tensor([1.0 if record["resumed_equal"] else 0.0])
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     record["resumed_equal_all_ranks"] = bool(ok.item() == 1.0)
+    # LoRA (adapters only, KL to the adapter-free reference): one step, ranks still bit-identical
+    lora = make(run_dir + "-lora", method, [*extra, "train.lora.enabled=true", "train.lora.rank=4",
+                                            "train.lora.alpha=8", "train.beta=0.01"], ctx)
+    before = flat(lora)
+    lora.run_iteration(0)
+    p = flat(lora)
+    others = [torch.empty_like(p) for _ in range(ctx.world_size)]
+    dist.all_gather(others, p)
+    record["lora_names"] = [n for n, _ in lora.named_params]
+    record["lora_rank_diff"] = max(float((o - p).abs().max()) for o in others)
+    record["lora_moved"] = float((p - before).abs().max())
     if ctx.is_main:
         torch.save(record, out_file)
     dist.barrier()

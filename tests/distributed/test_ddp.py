@@ -115,6 +115,8 @@ def test_two_processes_match_one_process(tmp_path, monkeypatch):
 
     assert record["max_rank_diff"] == [0.0, 0.0]  # ranks bit-identical after every step
     assert record["resumed_equal_all_ranks"]
+    assert record["lora_names"] and all("lora" in n for n in record["lora_names"])
+    assert record["lora_rank_diff"] == 0.0 and record["lora_moved"] > 0.0
 
     params, metrics = one_process_reference(tmp_path / "single", method, extra, monkeypatch)
     for it in range(2):
