@@ -27,7 +27,10 @@ Checkpoints: rank 0 writes, every rank waits (`barrier`) and later loads the sam
 size is stored and a resume on another world size is refused (the data order and the per-rank
 noises depend on it). Logging, progress bars and exports happen on rank 0 only (`is_main`).
 
-Backend: gloo on CPU, nccl when CUDA is available (tensors then must live on the rank's GPU).
+Backend: nccl when CUDA is available (the model must then live on `cuda:<local_rank>`), gloo otherwise;
+TEMPFLOW_FAST_DIST_BACKEND=gloo|nccl overrides the choice (gloo for a CPU model on a GPU machine).
+
+    torchrun --nproc_per_node 2 -m tempflow_fast.cli train --config configs/shapes_tempflow.yaml
 """
 
 from __future__ import annotations
@@ -196,8 +199,8 @@ def _buckets(tensors: Sequence[torch.Tensor]) -> Iterable[List[torch.Tensor]]:
 
 
 def from_environment(backend: Optional[str] = None) -> DistContext:
-    """The context `torchrun` / `deepspeed` describe through RANK, WORLD_SIZE and LOCAL_RANK; joins
-    (or reuses) the default process group when WORLD_SIZE > 1. Without those variables: one process."""
+    """The context `torchrun` describes through RANK, WORLD_SIZE and LOCAL_RANK; joins (or reuses) the
+    default process group when WORLD_SIZE > 1. Without those variables: one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world < 1:
         raise ValueError(f"environment variable WORLD_SIZE must be >= 1, got {world}")
@@ -205,9 +208,9 @@ def from_environment(backend: Optional[str] = None) -> DistContext:
         return DistContext()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = os.environ.get("TEMPFLOW_FAST_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend not in ("gloo", "nccl"):
-        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+        raise ValueError(f"backend (or TEMPFLOW_FAST_DIST_BACKEND) must be 'gloo' or 'nccl', got {backend!r}")
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():

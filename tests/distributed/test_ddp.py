@@ -143,3 +143,26 @@ def test_shard_keeps_whole_prompts_and_checks_divisibility():
     assert DistContext().shard(prompts) == prompts
     with pytest.raises(ValueError, match="prompts_per_iteration"):
         DistContext(0, 3).shard(prompts)
+
+
+@pytest.mark.parametrize("env, match", [
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "TEMPFLOW_FAST_DIST_BACKEND": "mpi"}, "TEMPFLOW_FAST_DIST_BACKEND"),
+])
+def test_environment_errors_name_the_variable(monkeypatch, env, match):
+    from tempflow_fast.training.distributed import from_environment
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=match):
+        from_environment()
+
+
+def test_one_process_without_torchrun_environment(monkeypatch):
+    from tempflow_fast.training.distributed import from_environment
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ctx = from_environment()
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.active) == (0, 1, True, False)
+    x = torch.arange(3.0)
+    assert ctx.all_gather_rows(x)[0] is x and ctx.all_sum(5) == 5 and ctx.all_true(False) is False
