@@ -25,7 +25,9 @@ ranks sample distinct initial noises and SDE noises.
 
 Checkpoints: rank 0 writes, every rank waits (`barrier`) and later loads the same files; the world
 size is stored and a resume on another world size is refused (the data order and the per-rank
-noises depend on it). Logging, progress bars and exports happen on rank 0 only (`is_main`).
+noises depend on it). Logging, progress bars and exports happen on rank 0 only (`is_main`). What
+rank 0 logs: rewards, reward statistics, zero-std ratio, loss, clip fraction and KL of the global
+batch; NFE, image and policy-pass counts (per iteration and the run's totals) of rank 0's own shard.
 
 Backend: nccl when CUDA is available (the model must then live on `cuda:<local_rank>`), gloo otherwise;
 TEMPFLOW_FAST_DIST_BACKEND=gloo|nccl overrides the choice (gloo for a CPU model on a GPU machine).
