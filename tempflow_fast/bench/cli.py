@@ -2,6 +2,7 @@
 
     tempflow-fast bench                                  # every subject, papers' plans, shipped tiny model
     tempflow-fast bench rollout iteration --model-path runs/try/final
+    tempflow-fast bench rollout iteration --model-kind flux --model-path black-forest-labs/FLUX.1-dev
     tempflow-fast bench --quick --reps 2                 # small plans and model: a smoke run
 
 Prints one markdown table, writes `<out>/bench.csv` (columns: results.COLUMNS, one schema for every
@@ -30,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="tempflow", choices=["flow_grpo", "tempflow", "g2rpo", "stepwise"],
                    help="trainer method of train_step / iteration")
     p.add_argument("--model-path", default=None,
-                   help="a saved tiny_flux model folder to bench instead of the shipped one")
+                   help="the model to bench instead of the shipped tiny one: a folder or hub id for --model-kind")
+    p.add_argument("--model-kind", default="tiny_flux", choices=["tiny_flux", "flux", "sd3"],
+                   help="adapter that loads --model-path")
+    p.add_argument("--dtype", default=None, help="flux / sd3 weights dtype: bf16 (default), fp16, fp32")
+    p.add_argument("--resolution", type=int, default=None, help="flux / sd3 image size (default: the adapter's)")
     p.add_argument("--reward", default="brightness", choices=["brightness", "shapes"],
                    help="brightness: continuous, every sample trained (full update cost); shapes: the task's detector")
     p.add_argument("--ops-providers", default=None,
@@ -56,7 +61,8 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         settings = Settings(device=device, reps=args.reps, warmup=args.warmup, quick=args.quick, prompts=args.prompts,
-                            method=args.method, model_path=args.model_path, reward=args.reward,
+                            method=args.method, model_kind=args.model_kind, model_path=args.model_path, dtype=args.dtype,
+                            resolution=args.resolution, reward=args.reward,
                             ops_providers=[x for x in args.ops_providers.split(",") if x] if args.ops_providers
                             else None,
                             plans=[x for x in args.plans.split(",") if x] if args.plans else None)

@@ -63,7 +63,10 @@ class Settings:
     quick: bool = False  # small plans, shapes and model: a smoke run in seconds
     prompts: int = 1  # prompts (groups) per rollout / iteration
     method: str = "tempflow"  # trainer method of train_step / iteration
-    model_path: Optional[str] = None  # a tiny_flux save_pretrained folder; None = shipped (random when --quick)
+    model_kind: str = "tiny_flux"  # adapter of model_path: tiny_flux, flux or sd3 (models.loading.MODEL_KINDS)
+    model_path: Optional[str] = None  # folder (or hub id) for model_kind; None = shipped tiny (random when quick)
+    dtype: Optional[str] = None  # model dtype for flux / sd3 (default bf16)
+    resolution: Optional[int] = None  # image size for flux / sd3 (default: the adapter's)
     reward: str = "brightness"  # "brightness" or "shapes"
     ops_providers: Optional[Sequence[str]] = None  # None = bench/ops.py's providers for the device
     plans: Optional[Sequence[str]] = None  # rollout plans by name (PLANS, or QUICK_PLANS with quick); None = all
@@ -75,6 +78,12 @@ class Settings:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.prompts < 1:
             raise ValueError(f"prompts must be >= 1, got {self.prompts}")
+        from tempflow_fast.models.loading import MODEL_KINDS
+
+        if self.model_kind not in MODEL_KINDS:
+            raise ValueError(f"model_kind must be one of {', '.join(MODEL_KINDS)}, got {self.model_kind!r}")
+        if self.model_kind != "tiny_flux" and not self.model_path:
+            raise ValueError(f"model_kind {self.model_kind!r} needs model_path (a pipeline folder or hub id)")
         if self.reward not in ("brightness", "shapes"):
             raise ValueError(f"reward must be 'brightness' or 'shapes', got {self.reward!r}")
         known = QUICK_PLANS if self.quick else PLANS
@@ -125,7 +134,10 @@ def load_model(s: Settings):
     from tempflow_fast.models import tiny_flux
 
     if s.model_path:
-        return tiny_flux.load(s.model_path, s.device), f"model {Path(s.model_path).name}"
+        from tempflow_fast.models.loading import load_adapter
+
+        model = load_adapter(s.model_kind, s.model_path, device=s.device, dtype=s.dtype, resolution=s.resolution)
+        return model, f"{s.model_kind} {Path(s.model_path).name}"
     if s.quick:
         model = tiny_flux.TinyFluxAdapter.create(seed=0, transformer_config=QUICK_TRANSFORMER)
         model.module.to(s.device)

@@ -58,6 +58,24 @@ def test_quick_suite_writes_one_schema(tmp_path, capsys):
     assert value("train_step", "engine", "model_calls") == 44
 
 
+def test_a_diffusers_flux_pipeline_by_path(tmp_path):
+    """The same subjects on a FLUX pipeline folder (tiny random components, built offline)."""
+    from tests.models.tiny_pipelines import RESOLUTION, make_tiny_flux_pipeline
+
+    pipe = make_tiny_flux_pipeline(tmp_path / "flux-pipe")
+    out = tmp_path / "suite"
+    rc = main(["rollout", "iteration", "--quick", "--reps", "1", "--warmup", "0", "--threads", "1",
+               "--plans", "flow_grpo_4x4", "--model-kind", "flux", "--model-path", str(pipe), "--dtype", "fp32",
+               "--resolution", str(RESOLUTION), "--out", str(out), "--no-plots"])
+    assert rc == 0
+    with open(out / "bench.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["subject"] for r in rows} == {"rollout", "iteration"}
+    assert all(r["shape"].endswith("flux flux-pipe") for r in rows)
+    (nfe,) = [r for r in rows if (r["provider"], r["metric"]) == ("engine", "nfe_total")]
+    assert float(nfe["p50"]) == 16  # G = 4 trajectories × T = 4 steps
+
+
 def test_telemetry_samples_in_background(monkeypatch):
     """With an NVML stand-in, the sampler thread reads every quantity in the labelled units."""
     fake = types.SimpleNamespace(
@@ -89,7 +107,8 @@ def test_no_gpu_means_na_and_a_reason():
 
 @pytest.mark.parametrize("kwargs, name", [
     (dict(reps=0), "reps"), (dict(prompts=0), "prompts"), (dict(reward="clip"), "reward"),
-    (dict(quick=True, plans=["tempflow_4x6"]), "plans"),
+    (dict(quick=True, plans=["tempflow_4x6"]), "plans"), (dict(model_kind="sdxl"), "model_kind"),
+    (dict(model_kind="flux"), "model_path"),
 ])
 def test_bad_settings_name_the_field(kwargs, name):
     with pytest.raises(ValueError, match=name):
