@@ -12,6 +12,7 @@ from .composite import CompositeReward
 from .config import REWARD_NAMES, RewardConfig, build_reward
 from .reference_server import RewardHTTPServer
 from .server_client import RewardServerClient, load_prompt_metadata
+from .unified_reward import UnifiedRewardClient
 
 __all__ = ["AsyncScorer", "Reward", "check_batch", "CompositeReward", "REWARD_NAMES", "RewardConfig", "build_reward",
-           "RewardHTTPServer", "RewardServerClient", "load_prompt_metadata"]
+           "RewardHTTPServer", "RewardServerClient", "load_prompt_metadata", "UnifiedRewardClient"]

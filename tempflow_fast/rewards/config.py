@@ -21,15 +21,17 @@ from typing import List, Literal, Optional
 
 from .base import resolve_device
 
-REWARD_NAMES = ("shapes", "pickscore", "clip", "hps", "imagereward", "aesthetic", "server", "composite")
+REWARD_NAMES = ("shapes", "pickscore", "clip", "hps", "imagereward", "aesthetic", "server", "unifiedreward", "composite")
 _NEEDS_PATH = ("pickscore", "clip", "hps", "aesthetic")
 _SCALED = ("pickscore", "clip", "hps", "imagereward")
 
 
 @dataclass
 class RewardConfig:
-    # which reward: the shapes detector, an in-process model, a reward server, or a weighted sum
-    name: Literal["shapes", "pickscore", "clip", "hps", "imagereward", "aesthetic", "server", "composite"] = "shapes"
+    # which reward: the shapes detector, an in-process model, a reward server (Flow-GRPO format, or
+    # UnifiedReward behind an OpenAI-compatible chat API), or a weighted sum
+    name: Literal["shapes", "pickscore", "clip", "hps", "imagereward", "aesthetic", "server", "unifiedreward",
+                  "composite"] = "shapes"
     # weights: a folder or hub id (pickscore, clip: the CLIPModel; aesthetic: its CLIP model), or one file /
     # 'owner/repo/file' (hps: the HPS checkpoint; imagereward: the checkpoint or 'ImageReward-v1.0')
     path: Optional[str] = None
@@ -42,8 +44,8 @@ class RewardConfig:
     device: str = "auto"  # where the reward model runs: auto (CUDA when present) | cpu | cuda | cuda:N
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # reward model weights and activations
     scale: float = 1.0  # pickscore/clip/hps/imagereward: multiplies the score (Flow-GRPO: 1/26 PickScore, 1/30 CLIP)
-    batch_size: int = 32  # images per reward-model forward, or per server request
-    url: Optional[str] = None  # server: e.g. http://127.0.0.1:18085 (Flow-GRPO's GenEval port)
+    batch_size: int = 32  # images per reward-model forward, per server request, or unifiedreward requests in flight
+    url: Optional[str] = None  # server: e.g. http://127.0.0.1:18085 (GenEval); unifiedreward: http://127.0.0.1:17140/v1
     protocol: Literal["json", "pickle"] = "json"  # server: wire format; pickle = Flow-GRPO's servers
     image_format: Literal["jpeg", "png"] = "jpeg"  # server: how images travel (Flow-GRPO sends JPEG)
     timeout_s: float = 120.0  # server: seconds to wait for each connect/read before a retry
@@ -53,6 +55,9 @@ class RewardConfig:
     metadata_path: Optional[str] = None  # server: GenEval metadata JSONL; sends each prompt's line as meta_datas
     only_strict: bool = True  # server with metadata: ask GenEval for the strict score only (faster)
     send_prompts: bool = True  # server: include the prompts in requests (UnifiedReward needs them)
+    served_model: str = "UnifiedReward-7b-v1.5"  # unifiedreward: the model name the chat server serves
+    api_key_env: Optional[str] = None  # unifiedreward: environment variable holding the API key; None = send none
+    image_size: int = 512  # unifiedreward: images are resized to this square before sending
     weight: float = 1.0  # inside a composite: this component's weight w_i
     label: Optional[str] = None  # name in logs and composites; None = the reward's own name
     normalize: Literal["running", "batch", "none"] = "running"  # composite: per-component normalisation
@@ -64,8 +69,8 @@ class RewardConfig:
             raise ValueError(f"path is required for the {self.name!r} reward")
         if self.name == "aesthetic" and not self.head_path:
             raise ValueError("head_path (the LAION MLP head) is required for the 'aesthetic' reward")
-        if self.name == "server" and not self.url:
-            raise ValueError("url is required for the 'server' reward")
+        if self.name in ("server", "unifiedreward") and not self.url:
+            raise ValueError(f"url is required for the {self.name!r} reward")
         if self.name == "composite":
             if not self.components:
                 raise ValueError("components must list at least one reward for 'composite'")
@@ -81,6 +86,8 @@ class RewardConfig:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
         if self.retries < 0 or self.backoff_s < 0:
             raise ValueError(f"retries and backoff_s must be >= 0, got {self.retries} and {self.backoff_s}")
+        if self.image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
         if self.async_workers < 0:
             raise ValueError(f"async_workers must be >= 0, got {self.async_workers}")
         resolve_device(self.device)
@@ -131,6 +138,12 @@ def _build_one(cfg: RewardConfig):
                                   timeout_s=cfg.timeout_s, retries=cfg.retries, backoff_s=cfg.backoff_s,
                                   batch_size=cfg.batch_size, response_key=cfg.response_key, metadata=metadata,
                                   only_strict=cfg.only_strict, send_prompts=cfg.send_prompts)
+    if cfg.name == "unifiedreward":
+        from .unified_reward import UnifiedRewardClient
+
+        return UnifiedRewardClient(cfg.url, served_model=cfg.served_model, api_key_env=cfg.api_key_env,
+                                   image_size=cfg.image_size, timeout_s=cfg.timeout_s, retries=cfg.retries,
+                                   backoff_s=cfg.backoff_s, concurrency=cfg.batch_size)
     from .composite import CompositeReward
 
     return CompositeReward([(build_reward(c), c.weight) for c in cfg.components], normalize=cfg.normalize)

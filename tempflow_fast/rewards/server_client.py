@@ -96,31 +96,35 @@ class RewardServerClient:
         return torch.tensor(scores, dtype=torch.float32, device=images.device)
 
     def _post(self, body: bytes, headers: Dict[str, str], expected: int) -> List[float]:
-        last = "no attempt made"
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(min(_MAX_BACKOFF_S, self.backoff_s * 2 ** (attempt - 1)))
-            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    payload = response.read()
-            except urllib.error.HTTPError as err:
-                detail = err.read().decode("utf-8", "replace").strip()
-                if len(detail) > 600:  # a traceback's last lines say what went wrong
-                    detail = "..." + detail[-600:]
-                last = f"HTTP {err.code}: {detail}"
-                if err.code in _RETRY_STATUS:
-                    continue
-                raise RuntimeError(f"reward server {self.url} refused the request ({last})") from None
-            except (socket.timeout, TimeoutError) as err:
-                last = f"no answer within timeout_s={self.timeout_s:g} s ({err})"
-                continue
-            except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
-                last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
-                continue
-            try:
-                return decode_scores(payload, self.protocol, expected, self.response_key)
-            except ValueError as err:
-                raise RuntimeError(f"reward server {self.url} sent a malformed response: {err}") from None
-        raise RuntimeError(f"reward server {self.url} failed after {self.retries + 1} attempts "
-                           f"(timeout_s={self.timeout_s:g}, retries={self.retries}); last error: {last}")
+        payload = post_with_retries(self.url, body, headers, self.timeout_s, self.retries, self.backoff_s)
+        try:
+            return decode_scores(payload, self.protocol, expected, self.response_key)
+        except ValueError as err:
+            raise RuntimeError(f"reward server {self.url} sent a malformed response: {err}") from None
+
+
+def post_with_retries(url: str, body: bytes, headers: Dict[str, str], timeout_s: float, retries: int,
+                      backoff_s: float) -> bytes:
+    """POST `body`; the response body of the first 200 answer. Timeouts, refused connections and
+    429/5xx are retried (module docstring); RuntimeError naming `url` and the last error after that."""
+    last = "no attempt made"
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(_MAX_BACKOFF_S, backoff_s * 2 ** (attempt - 1)))
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                return response.read()
+        except urllib.error.HTTPError as err:
+            detail = err.read().decode("utf-8", "replace").strip()
+            if len(detail) > 600:  # a traceback's last lines say what went wrong
+                detail = "..." + detail[-600:]
+            last = f"HTTP {err.code}: {detail}"
+            if err.code not in _RETRY_STATUS:
+                raise RuntimeError(f"reward server {url} refused the request ({last})") from None
+        except (socket.timeout, TimeoutError) as err:
+            last = f"no answer within timeout_s={timeout_s:g} s ({err})"
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+            last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+    raise RuntimeError(f"reward server {url} failed after {retries + 1} attempts "
+                       f"(timeout_s={timeout_s:g}, retries={retries}); last error: {last}")

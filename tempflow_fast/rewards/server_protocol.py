@@ -15,6 +15,7 @@ request:
     UnifiedReward, DeQA  {"outputs": [float] * B}
   failure   500, body = the server's Python traceback as UTF-8 text
 
+  (Flow-GRPO's newer UnifiedReward path talks to an OpenAI-compatible chat server instead: unified_reward.py.)
   The GenEval metadata of a prompt is its line of GenEval's metadata JSONL (`{"tag": ..., "include":
   [{"class": ..., "count": ...}], "prompt": ...}`).
 

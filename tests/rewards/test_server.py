@@ -3,6 +3,7 @@ both wire formats, and the failures — a server that sleeps past the timeout, o
 malformed JSON, one that errors — end in clear RuntimeErrors within bounded time."""
 
 import base64
+import io
 import json
 import pickle
 import threading
@@ -90,7 +91,8 @@ def test_geneval_metadata_is_sent(tmp_path):
 
 
 class _Stub:
-    """A loopback HTTP server answering every POST with `handler(request_handler)`."""
+    """A loopback HTTP server answering every POST with `handler(request_handler, stub)`; the request
+    body is in `request_handler._body`."""
 
     def __init__(self, handler):
         stub = self
@@ -100,7 +102,7 @@ class _Stub:
         class H(BaseHTTPRequestHandler):
             def do_POST(self):
                 stub.calls += 1
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self._body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 handler(self, stub)
 
             def log_message(self, *args):
@@ -225,3 +227,43 @@ def test_client_arguments_are_checked():
         RewardServerClient("http://127.0.0.1:1/", protocol="grpc")
     with pytest.raises(ValueError, match="timeout_s must be > 0"):
         RewardServerClient("http://127.0.0.1:1/", timeout_s=0)
+
+
+def test_unifiedreward_chat_protocol(monkeypatch):
+    from PIL import Image
+
+    from tempflow_fast.rewards.unified_reward import parse_final_score
+
+    seen = []
+
+    def chat(handler, stub):
+        body = json.loads(handler._body)
+        content = body["messages"][0]["content"]
+        url = content[0]["image_url"]["url"]
+        assert url.startswith("data:image;base64,")
+        size = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size
+        text = content[1]["text"]
+        seen.append((body["model"], body["temperature"], size, handler.headers.get("Authorization")))
+        answer = "I cannot tell." if "unscorable" in text else f"Looks fine. Final Score: {text.count('square') + 2}"
+        _reply(handler, 200, json.dumps({"choices": [{"message": {"content": answer}}]}).encode())
+
+    monkeypatch.setenv("TEST_UR_KEY", "sekrit")
+    with _Stub(chat) as stub:
+        reward = build_reward(RewardConfig(name="unifiedreward", url=stub.url + "v1", image_size=24, timeout_s=10,
+                                           retries=0, batch_size=3, api_key_env="TEST_UR_KEY"))
+        prompts = ["a red square", "two blue squares and a square", "unscorable", "a circle"]
+        scores = reward(torch.rand(4, 3, 16, 16), prompts)
+    torch.testing.assert_close(scores, torch.tensor([3 / 5, 4 / 5, 0.0, 2 / 5]))
+    assert reward.last_unparsed == 1
+    assert all(s == ("UnifiedReward-7b-v1.5", 0, (24, 24), "Bearer sekrit") for s in seen) and len(seen) == 4
+    assert parse_final_score("Final Score: 4.5 overall") == 4.5 and parse_final_score("Final Score: 7") is None
+
+
+def test_unifiedreward_malformed_completion_is_a_clear_error():
+    from tempflow_fast.rewards.unified_reward import UnifiedRewardClient
+
+    with _Stub(lambda h, s: _reply(h, 200, b'{"choices": []}')) as stub:
+        with pytest.raises(RuntimeError, match=r"malformed chat completion \(IndexError"):
+            UnifiedRewardClient(stub.url + "v1", timeout_s=5, retries=0)(torch.rand(1, 3, 8, 8), ["a"])
+    with pytest.raises(ValueError, match="api_key_env"):
+        UnifiedRewardClient("http://127.0.0.1:1/v1", api_key_env="TEMPFLOW_SURELY_UNSET_VARIABLE")
