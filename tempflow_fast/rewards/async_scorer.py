@@ -5,6 +5,7 @@ segment while the reward model runs.
     fut = scorer.submit(images, prompts)         # returns at once
     ...sample the next segment...
     scores = fut.result()                        # (B,) float32, or the reward's exception re-raised
+    fut.components                               # a composite's raw per-component scores of this call
 
 Futures map one-to-one to submissions, so results can never be paired with the wrong batch; with one
 worker (the default) the reward is also *called* in submission order, which stateful rewards (a
@@ -34,6 +35,8 @@ class AsyncScorer:
         self.name = getattr(reward, "name", type(reward).__name__)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reward")
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._pending: set = set()
 
     def submit(self, images: torch.Tensor, prompts: Sequence[str]) -> "Future[torch.Tensor]":
         prompts = list(prompts)
@@ -42,7 +45,29 @@ class AsyncScorer:
             consumer = torch.cuda.current_stream(images.device)
             ready = torch.cuda.Event()
             ready.record(consumer)
-        return self._pool.submit(self._run, images, prompts, ready, consumer)
+        future: "Future[torch.Tensor]" = Future()
+        future.components = {}
+        with self._lock:
+            self._pending.add(future)
+        future.add_done_callback(self._forget)
+        self._pool.submit(self._settle, future, images, prompts, ready, consumer)
+        return future
+
+    def _forget(self, future: Future) -> None:
+        with self._lock:
+            self._pending.discard(future)
+
+    def _settle(self, future: Future, images, prompts, ready, consumer) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            out = self._run(images, prompts, ready, consumer)
+            # a composite's per-component scores of *this* call; the next call overwrites last_components
+            future.components = dict(getattr(self.reward, "last_components", {}))
+        except BaseException as err:  # handed to whoever waits on the future
+            future.set_exception(err)
+        else:
+            future.set_result(out)
 
     def _run(self, images: torch.Tensor, prompts: Sequence[str], ready, consumer) -> torch.Tensor:
         if ready is None:
@@ -60,7 +85,13 @@ class AsyncScorer:
         return out
 
     def close(self, wait: bool = True) -> None:
+        """Finish every submitted batch (wait=True), or cancel the ones not started yet (wait=False)."""
         self._pool.shutdown(wait=wait, cancel_futures=not wait)
+        if not wait:
+            with self._lock:
+                pending = list(self._pending)
+            for future in pending:  # never started: the pool dropped its task, so nobody else settles it
+                future.cancel()
 
     def __enter__(self) -> "AsyncScorer":
         return self

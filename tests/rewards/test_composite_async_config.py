@@ -172,3 +172,32 @@ def test_missing_optional_packages_name_the_extra(monkeypatch, tmp_path, module,
     cfg = RewardConfig(name=name, path=str(tmp_path / "ckpt.pt"), device="cpu")
     with pytest.raises(ImportError, match=rf"tempflow_fast\[rewards\].*{match}"):
         build_reward(cfg)
+
+
+def test_async_futures_carry_their_own_components():
+    comp = CompositeReward([(Fixed("a", [1.0], [2.0]), 1.0), (Fixed("b", [5.0], [7.0]), 1.0)], normalize="none")
+    with AsyncScorer(comp) as scorer:
+        first, second = scorer.submit(_images(1), ["x"]), scorer.submit(_images(1), ["y"])
+        assert float(first.result(timeout=10)) == 6.0 and float(second.result(timeout=10)) == 9.0
+    assert {k: float(v) for k, v in first.components.items()} == {"a": 1.0, "b": 5.0}
+    assert {k: float(v) for k, v in second.components.items()} == {"a": 2.0, "b": 7.0}
+
+
+def test_async_close_without_waiting_cancels_batches_not_started():
+    gate = threading.Event()
+
+    class Gated:
+        name = "gated"
+
+        def __call__(self, images, prompts):
+            gate.wait(10)
+            return torch.zeros(images.shape[0])
+
+    scorer = AsyncScorer(Gated())
+    running = scorer.submit(_images(1), ["x"])
+    queued = scorer.submit(_images(1), ["y"])
+    time.sleep(0.05)
+    scorer.close(wait=False)
+    assert queued.cancelled()
+    gate.set()
+    assert float(running.result(timeout=10)) == 0.0
