@@ -117,6 +117,24 @@ class FluxAdapter:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    def offload_text_encoders(self, device: Union[str, torch.device] = "cpu") -> None:
+        """Move the text encoders to `device` (GPU memory back; they still encode, and export keeps them)."""
+        for name in ('text_encoder', 'text_encoder_2'):
+            enc = getattr(self.pipeline, name)
+            if enc is not None:
+                enc.to(device)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def save_pretrained(self, directory) -> None:
+        """A pipeline folder `load_adapter` reads back: `self.module` (e.g. a LoRA-merged copy) as the
+        transformer, the other components as loaded. Needs the text encoders (offloaded is fine)."""
+        if self.cache.released:
+            raise ValueError("cannot save a complete pipeline: the text encoders were released; use "
+                             "offload_text_encoders() instead of release_text_encoders() to keep them for export")
+        components = dict(self.pipeline.components, transformer=self.module)
+        type(self.pipeline)(**components).save_pretrained(str(directory))
+
     def encode_prompts(self, prompts: Sequence[str]) -> Cond:
         if isinstance(prompts, str):
             raise ValueError("prompts must be a sequence of str, got a single str")

@@ -145,3 +145,22 @@ def test_bad_inputs(model):
         model.velocity(torch.zeros(1, 4, 16), torch.zeros(1), cond)
     with pytest.raises(ValueError, match="single str"):
         model.encode_prompts("two red squares")
+
+
+def test_save_pretrained_round_trip(folder, tmp_path):
+    """Export writes a pipeline folder with `module` as the transformer (the trainer passes a
+    LoRA-merged copy); the text encoders must still exist (offloaded is fine, released is not)."""
+    m = _load(folder)
+    with torch.no_grad():
+        for p in m.module.proj_out.parameters():
+            p.add_(0.01)  # a "trained" transformer differs from the source folder
+    m.offload_text_encoders("cpu")
+    m.save_pretrained(tmp_path / "out")
+    back = _load(tmp_path / "out")
+    x = torch.randn(1, *m.latent_shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(back.velocity(x, torch.tensor([0.5]), back.encode_prompts(PROMPTS[:1])),
+                                   m.velocity(x, torch.tensor([0.5]), m.encode_prompts(PROMPTS[:1])))
+    m.release_text_encoders()
+    with pytest.raises(ValueError, match="text encoders were released"):
+        m.save_pretrained(tmp_path / "again")

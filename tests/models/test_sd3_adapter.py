@@ -130,3 +130,16 @@ def test_lora_targets_exist(folder):
         assert any(n.endswith("." + t) for n in names), t
     m.module.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=list(SD3_LORA_TARGETS)))
     assert any("lora_A" in n for n, _ in m.module.named_parameters())
+
+
+def test_save_pretrained_round_trip(folder, tmp_path):
+    m = _load(folder)
+    with torch.no_grad():
+        for p in m.module.proj_out.parameters():
+            p.add_(0.01)
+    m.save_pretrained(tmp_path / "out")
+    back = _load(tmp_path / "out")
+    x = torch.randn(1, *m.latent_shape, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(back.velocity(x, torch.tensor([0.5]), back.encode_prompts(PROMPTS[:1])),
+                                   m.velocity(x, torch.tensor([0.5]), m.encode_prompts(PROMPTS[:1])))
