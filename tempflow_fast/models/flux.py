@@ -87,6 +87,7 @@ class FluxAdapter:
         self.latent_shape = ((h // 2) * (w // 2), channels * 4)
         self.image_seq_len = self.latent_shape[0]
         self._img_ids = latent_image_ids(h, w)
+        self._ids_on = {}
         self.cache = PromptCache(self._encode, cache_device)
 
     @property
@@ -165,10 +166,17 @@ class FluxAdapter:
             pooled_projections=pooled.to(dtype),
             encoder_hidden_states=embeds.to(dtype),
             txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device, dtype=dtype),
-            img_ids=self._img_ids.to(device=x.device, dtype=dtype),
+            img_ids=self._image_ids(x.device, dtype),
             return_dict=False,
         )[0]
         return out.float()
+
+    def _image_ids(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        # Kept on the device: a host-to-device copy inside velocity would break CUDA-graph capture.
+        key = (device, dtype)
+        if key not in self._ids_on:
+            self._ids_on[key] = self._img_ids.to(device=device, dtype=dtype)
+        return self._ids_on[key]
 
     # --- VAE ----------------------------------------------------------------------------------
 

@@ -59,6 +59,7 @@ class SD3Adapter:
         self.latent_shape = (self.module.config.in_channels, h, w)
         self.image_seq_len = (h // patch) * (w // patch)
         self.cache = PromptCache(self._encode, cache_device)
+        self._negative_on = {}
 
     @property
     def device(self) -> torch.device:
@@ -118,9 +119,12 @@ class SD3Adapter:
             raise ValueError("prompts must be a sequence of str, got a single str")
         return self.cache.get(list(prompts), self.device)
 
-    def _negative(self, batch: int, device) -> Cond:
-        neg = self.cache.get([self.negative_prompt], device)
-        return {k: v.expand(batch, *v.shape[1:]) for k, v in neg.items()}
+    def _negative(self, batch: int, device: torch.device) -> Cond:
+        # One device-resident copy of the negative prompt's embeddings: no host-to-device copy per
+        # forward (which would also break CUDA-graph capture).
+        if device not in self._negative_on:
+            self._negative_on[device] = self.cache.get([self.negative_prompt], device)
+        return {k: v.expand(batch, *v.shape[1:]) for k, v in self._negative_on[device].items()}
 
     # --- transformer --------------------------------------------------------------------------
 
