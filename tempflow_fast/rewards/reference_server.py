@@ -45,6 +45,11 @@ class RewardHTTPServer:
             self._thread.start()
         return self
 
+    def wait(self) -> None:
+        """Block until the server stops (close() from another thread, or the process is interrupted)."""
+        while self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout=0.5)  # short joins keep Ctrl-C responsive
+
     def close(self) -> None:
         if self._thread is not None:
             self._httpd.shutdown()

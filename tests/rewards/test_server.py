@@ -267,3 +267,27 @@ def test_unifiedreward_malformed_completion_is_a_clear_error():
             UnifiedRewardClient(stub.url + "v1", timeout_s=5, retries=0)(torch.rand(1, 3, 8, 8), ["a"])
     with pytest.raises(ValueError, match="api_key_env"):
         UnifiedRewardClient("http://127.0.0.1:1/v1", api_key_env="TEMPFLOW_SURELY_UNSET_VARIABLE")
+
+
+def test_serve_command_serves_a_configured_reward():
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "tempflow_fast.rewards.serve", "--set", "name=shapes", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving shapes_detector on http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() is not None else "")
+        images, prompts = _shapes_batch(6)
+        remote = RewardServerClient(line.split(" on ")[1].strip(), image_format="png", timeout_s=30, retries=0)(images, prompts)
+        assert torch.equal(remote, ShapesReward()(images, prompts))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_serve_command_reports_config_errors(capsys):
+    from tempflow_fast.rewards.serve import main
+
+    assert main(["--set", "name=server", "--port", "0"]) == 2
+    assert "url is required for the 'server' reward" in capsys.readouterr().err
