@@ -92,8 +92,6 @@ def transformer_spec_from_module(transformer: torch.nn.Module, image_tokens: int
 
 def pipeline_spec(kind: str, folder: str, *, resolution: int, max_sequence_length: int):
     """(TransformerSpec, {component: params}) for a local FLUX / SD3 pipeline folder, weights unread."""
-    from accelerate import init_empty_weights
-
     root = Path(folder)
     if not (root / "model_index.json").is_file():
         raise ValueError(f"path must be a local pipeline folder with model_index.json for the memory estimate, "
@@ -105,7 +103,7 @@ def pipeline_spec(kind: str, folder: str, *, resolution: int, max_sequence_lengt
     else:
         raise ValueError(f"kind must be 'flux' or 'sd3' for a pipeline folder, got {kind!r}")
     config = cls.load_config(str(root / "transformer"))
-    with init_empty_weights():
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
         transformer = cls.from_config(config)
     vae_cfg = json.loads((root / "vae" / "config.json").read_text())
     vae_scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
