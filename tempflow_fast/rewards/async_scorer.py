@@ -15,7 +15,8 @@ I/O (reward-server clients).
 On CUDA the work runs on a side stream per worker: it waits for an event recorded on the submitting
 stream (so the images are complete), marks the images as used by the side stream (so the caching
 allocator does not hand their memory out early), and synchronises the side stream before the future
-completes; the scores are marked as used by the submitting stream. The caller must not write into `images` until the future is done.
+completes; the scores are marked as used by the submitting stream. The caller must not write into
+`images` until the future is done.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ class ClipSimilarityReward:
         self.max_length = max_length
         self.batch_size = batch_size
         self.processor = CLIPProcessor.from_pretrained(processor_path or path)
-        self.model = CLIPModel.from_pretrained(path).to(device=self.device, dtype=self.dtype).eval().requires_grad_(False)
+        model = CLIPModel.from_pretrained(path).to(device=self.device, dtype=self.dtype)
+        self.model = model.eval().requires_grad_(False)
         self.transform = ImageTransform.from_hf_processor(self.processor.image_processor)
         self._text_cache: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         self._text_cache_size = text_cache_size

@@ -80,7 +80,8 @@ class CompositeReward:
         for reward, weight in self.components:
             r = reward(images, prompts).detach().float().to(images.device)
             if r.shape != total.shape:
-                raise ValueError(f"component {reward.name!r} returned shape {tuple(r.shape)}, expected {tuple(total.shape)}")
+                raise ValueError(f"component {reward.name!r} returned shape {tuple(r.shape)}, "
+                                 f"expected {tuple(total.shape)}")
             raw[reward.name] = r
             total += weight * self._normalise(reward.name, r)
         self.last_components = raw

@@ -21,7 +21,8 @@ from typing import List, Literal, Optional
 
 from .base import resolve_device
 
-REWARD_NAMES = ("shapes", "pickscore", "clip", "hps", "imagereward", "aesthetic", "server", "unifiedreward", "composite")
+REWARD_NAMES = ("shapes", "pickscore", "clip", "hps", "imagereward", "aesthetic", "server", "unifiedreward",
+                "composite")
 _NEEDS_PATH = ("pickscore", "clip", "hps", "aesthetic")
 _SCALED = ("pickscore", "clip", "hps", "imagereward")
 
@@ -125,7 +126,8 @@ def _build_one(cfg: RewardConfig):
     if cfg.name == "imagereward":
         from .imagereward import ImageRewardReward
 
-        return ImageRewardReward(cfg.path or "ImageReward-v1.0", med_config=cfg.processor_path, scale=cfg.scale, **common)
+        return ImageRewardReward(cfg.path or "ImageReward-v1.0", med_config=cfg.processor_path, scale=cfg.scale,
+                                 **common)
     if cfg.name == "aesthetic":
         from .aesthetic import AestheticReward
 

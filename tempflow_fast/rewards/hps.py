@@ -26,8 +26,8 @@ def _import_open_clip():
     try:
         import open_clip
     except ImportError as err:
-        raise ImportError("the HPS reward needs open_clip: pip install 'tempflow_fast[rewards]' "
-                          f"(open_clip_torch and a torchvision matching your torch); import failed with: {err}") from err
+        raise ImportError("the HPS reward needs open_clip: pip install 'tempflow_fast[rewards]' (open_clip_torch "
+                          f"and a torchvision matching your torch); import failed with: {err}") from err
     return open_clip
 
 
@@ -49,7 +49,8 @@ class HPSReward:
         ckpt = torch.load(resolve_file(path, "path"), map_location="cpu", weights_only=True)
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
         if not isinstance(state, dict):
-            raise ValueError(f"path {path!r}: expected a state dict (or {{'state_dict': ...}}), got {type(state).__name__}")
+            raise ValueError(f"path {path!r}: expected a state dict (or {{'state_dict': ...}}), "
+                             f"got {type(state).__name__}")
         # checkpoints saved from DistributedDataParallel prefix every key with "module."
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
         model.load_state_dict(state)

@@ -84,7 +84,8 @@ def _load_offline(path: str, med_config: str, device: torch.device):
 
     for name, value in (("path", path), ("med_config", med_config)):
         if not os.path.isfile(value):
-            raise ValueError(f"{name}: no such file {value!r} (offline ImageReward needs the checkpoint and med_config.json)")
+            raise ValueError(f"{name}: no such file {value!r} "
+                             "(offline ImageReward needs the checkpoint and med_config.json)")
     model_class = importlib.import_module("ImageReward.ImageReward").ImageReward
     model = model_class(med_config=med_config, device=str(device))
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=False)

@@ -63,7 +63,8 @@ class ImageTransform:
         resample = getattr(image_processor, "resample", 3)
         resample = getattr(resample, "value", resample)  # PIL enum or int
         if resample not in _RESAMPLE:
-            raise ValueError(f"image processor resample {resample!r} is not supported; known: {sorted(map(str, _RESAMPLE))}")
+            raise ValueError(f"image processor resample {resample!r} is not supported; "
+                             f"known: {sorted(map(str, _RESAMPLE))}")
         return cls(mean=mean, std=std, shortest_edge=shortest, resize_hw=resize_hw, crop_hw=crop,
                    interpolation=_RESAMPLE[resample])
 

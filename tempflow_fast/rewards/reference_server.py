@@ -26,7 +26,8 @@ _MAX_BODY_BYTES = 1 << 30
 class RewardHTTPServer:
     def __init__(self, reward: Callable, host: str = "127.0.0.1", port: int = 0, allow_pickle: bool = False):
         if allow_pickle and not _is_loopback(host):
-            raise ValueError(f"allow_pickle serves only on a loopback host (unpickling runs sender-chosen code), got host {host!r}")
+            raise ValueError("allow_pickle serves only on a loopback host (unpickling runs sender-chosen code), "
+                             f"got host {host!r}")
         self.reward = reward
         self.allow_pickle = allow_pickle
         self._lock = threading.Lock()

@@ -23,10 +23,12 @@ from .reference_server import RewardHTTPServer
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tempflow_fast.rewards.serve", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML file holding a RewardConfig (the training config's reward: section)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a RewardConfig field")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a RewardConfig field")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, default=18085, help="port; 0 = any free port (default: 18085)")
-    parser.add_argument("--allow-pickle", action="store_true", help="also accept Flow-GRPO's pickled requests (loopback only)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="also accept Flow-GRPO's pickled requests (loopback only)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(RewardConfig, args.config, args.set)

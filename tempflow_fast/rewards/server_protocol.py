@@ -48,7 +48,8 @@ JSON_CONTENT_TYPE = "application/json"
 SCORE_KEYS = ("scores", "outputs")  # GenEval's, then UnifiedReward's / DeQA's
 
 _SAFE_GLOBALS = {
-    ("builtins", n) for n in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "int", "float", "bool", "complex")
+    ("builtins", n)
+    for n in ("dict", "list", "tuple", "set", "frozenset", "str", "bytes", "int", "float", "bool", "complex")
 } | {("collections", "OrderedDict"), ("collections", "defaultdict")} | {
     (m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("scalar", "_reconstruct")
 } | {("numpy", "dtype"), ("numpy", "ndarray")}
@@ -98,7 +99,8 @@ def decode_images(files: Sequence[bytes]) -> torch.Tensor:
 
 
 def encode_request(protocol: str, files: List[bytes], image_format: str, prompts: Optional[Sequence[str]],
-                   meta_datas: Optional[Sequence[dict]] = None, only_strict: bool = True) -> tuple[bytes, Dict[str, str]]:
+                   meta_datas: Optional[Sequence[dict]] = None,
+                   only_strict: bool = True) -> tuple[bytes, Dict[str, str]]:
     """→ (body, headers) of one request."""
     if protocol == "json":
         payload: Dict[str, Any] = {"images": [base64.b64encode(f).decode("ascii") for f in files],
@@ -130,7 +132,8 @@ def decode_request(body: bytes, content_type: str, allow_pickle: bool) -> Dict[s
             raise ValueError("pickled request must be a dict with an 'images' list")
         files = data["images"]
     else:
-        raise ValueError(f"this server accepts {JSON_CONTENT_TYPE} only (pickle is off), got content type {content_type!r}")
+        raise ValueError(f"this server accepts {JSON_CONTENT_TYPE} only (pickle is off), "
+                         f"got content type {content_type!r}")
     data = dict(data)
     data["images"] = decode_images(files)
     return data

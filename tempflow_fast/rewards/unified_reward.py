@@ -61,7 +61,8 @@ class UnifiedRewardClient:
         if image_size < 1 or concurrency < 1:
             raise ValueError(f"image_size and concurrency must be >= 1, got {image_size} and {concurrency}")
         if not timeout_s > 0 or retries < 0 or backoff_s < 0:
-            raise ValueError(f"need timeout_s > 0, retries >= 0, backoff_s >= 0; got {timeout_s}, {retries}, {backoff_s}")
+            raise ValueError(f"need timeout_s > 0, retries >= 0, backoff_s >= 0; "
+                             f"got {timeout_s}, {retries}, {backoff_s}")
         self.endpoint = url.rstrip("/") + "/chat/completions"
         self.headers = {"Content-Type": "application/json"}
         if api_key_env is not None:
@@ -103,5 +104,6 @@ class UnifiedRewardClient:
             raise RuntimeError(f"reward server {self.endpoint} sent a malformed chat completion "
                                f"({type(err).__name__}: {err}); body starts {raw[:120]!r}") from None
         if not isinstance(content, str):
-            raise RuntimeError(f"reward server {self.endpoint}: message content must be text, got {type(content).__name__}")
+            raise RuntimeError(f"reward server {self.endpoint}: message content must be text, "
+                               f"got {type(content).__name__}")
         return content

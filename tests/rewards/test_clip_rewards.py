@@ -1,6 +1,5 @@
 """PickScore, CLIP score and the aesthetic predictor from tiny folders built offline, loaded by path."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -200,7 +200,8 @@ def test_reference_server_answers_bad_requests_with_400_and_reward_errors_with_5
         status, body, _ = server.score(json.dumps({"images": []}).encode(), "application/json")
         assert status == 400 and b"at least one image" in body
         one = base64.b64encode(encode_images(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), "png")[0]).decode()
-        status, body, _ = server.score(json.dumps({"images": [one], "prompts": ["a", "b"]}).encode(), "application/json")
+        request = json.dumps({"images": [one], "prompts": ["a", "b"]}).encode()
+        status, body, _ = server.score(request, "application/json")
         assert status == 400 and b"prompts has 2 entries but images has 1 rows" in body
         with pytest.raises(RuntimeError, match=r"(?s)HTTP 500.*model exploded"):
             RewardServerClient(server.url, timeout_s=5, retries=0)(torch.rand(1, 3, 8, 8), ["a"])
@@ -209,7 +210,8 @@ def test_reference_server_answers_bad_requests_with_400_and_reward_errors_with_5
 
 
 def test_pickle_responses_are_unpickled_safely():
-    assert decode_scores(pickle.dumps({"outputs": np.array([0.25, 1.0], dtype=np.float32)}), "pickle", 2, None) == [0.25, 1.0]
+    as_array = pickle.dumps({"outputs": np.array([0.25, 1.0], dtype=np.float32)})
+    assert decode_scores(as_array, "pickle", 2, None) == [0.25, 1.0]
     assert decode_scores(pickle.dumps({"scores": [np.float64(0.5), True]}), "pickle", 2, None) == [0.5, 1.0]
 
     class Evil:
@@ -269,18 +271,19 @@ def test_unifiedreward_malformed_completion_is_a_clear_error():
         UnifiedRewardClient("http://127.0.0.1:1/v1", api_key_env="TEMPFLOW_SURELY_UNSET_VARIABLE")
 
 
-def test_serve_command_serves_a_configured_reward():
+def test_serve_command_serves_a_configured_reward(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "tempflow_fast.rewards.serve", "--set", "name=shapes", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "tempflow_fast.rewards.serve", "--set", "name=shapes", "--port", "0"]
+    with open(tmp_path / "stderr.txt", "w") as errors:  # a file, not a pipe: nobody drains it while serving
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("serving shapes_detector on http://127.0.0.1:"), (line, proc.stderr.read() if proc.poll() is not None else "")
+        line = proc.stdout.readline()  # EOF (""), if the command dies first
+        assert line.startswith("serving shapes_detector on http://127.0.0.1:"), (tmp_path / "stderr.txt").read_text()
         images, prompts = _shapes_batch(6)
-        remote = RewardServerClient(line.split(" on ")[1].strip(), image_format="png", timeout_s=30, retries=0)(images, prompts)
-        assert torch.equal(remote, ShapesReward()(images, prompts))
+        client = RewardServerClient(line.split(" on ")[1].strip(), image_format="png", timeout_s=30, retries=0)
+        assert torch.equal(client(images, prompts), ShapesReward()(images, prompts))
     finally:
         proc.terminate()
         proc.wait(timeout=30)

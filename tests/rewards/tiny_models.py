@@ -14,7 +14,7 @@ PROJECTION_DIM = 16
 
 def _byte_symbols():
     """GPT-2 / CLIP byte → printable-character table (every byte gets one vocabulary symbol)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -38,7 +38,8 @@ def clip_processor():
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges)
-    images = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    images = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     return CLIPProcessor(image_processor=images, tokenizer=tokenizer)
 
 
@@ -61,7 +62,8 @@ def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
 
 
 def save_aesthetic_head(path: Path, in_features: int = PROJECTION_DIM, seed: int = 0) -> Path:
-    """A LAION-layout head (Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear, Linear) saved as a torch state dict."""
+    """A LAION-layout head (Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear, Linear), saved as
+    a torch state dict."""
     g = torch.Generator().manual_seed(seed)
     sizes = [in_features, 12, 8, 6, 4, 1]
     state = {}
