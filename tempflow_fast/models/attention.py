@@ -52,7 +52,9 @@ class DispatchJointAttnProcessor:
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, -1, attn.heads, t.shape[-1] // attn.heads)
 
-        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        query = heads(attn.to_q(hidden_states))
+        key = heads(attn.to_k(hidden_states))
+        value = heads(attn.to_v(hidden_states))
         # diffusers' qk-norms normalise the last (head_dim) axis, so (B, S, H, D) works as (B, H, S, D) does.
         if attn.norm_q is not None:
             query = attn.norm_q(query)

@@ -74,7 +74,8 @@ class FluxAdapter:
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale!r}")
         if not 1 <= max_sequence_length <= 512:
-            raise ValueError(f"max_sequence_length must be in 1..512 (FluxPipeline's limit), got {max_sequence_length!r}")
+            raise ValueError(f"max_sequence_length must be in 1..512 (FluxPipeline's limit), "
+                             f"got {max_sequence_length!r}")
         self.pipeline = pipeline
         self.module = pipeline.transformer
         self.vae = pipeline.vae

@@ -85,7 +85,8 @@ def _linear_shapes(module: torch.nn.Module) -> Dict[str, tuple]:
 def transformer_spec_from_module(transformer: torch.nn.Module, image_tokens: int, text_tokens: int) -> TransformerSpec:
     cfg = transformer.config
     hidden = cfg.num_attention_heads * cfg.attention_head_dim
-    blocks = len(getattr(transformer, "transformer_blocks", [])) + len(getattr(transformer, "single_transformer_blocks", []))
+    blocks = (len(getattr(transformer, "transformer_blocks", []))
+              + len(getattr(transformer, "single_transformer_blocks", [])))
     return TransformerSpec(sum(p.numel() for p in transformer.parameters()), hidden, blocks, image_tokens, text_tokens,
                            _linear_shapes(transformer))
 
@@ -167,7 +168,8 @@ def estimate_memory(spec: TransformerSpec, *, dtype: torch.dtype = torch.bfloat1
     te_size = torch.finfo(text_encoder_dtype or dtype).bits // 8
     if lora_rank is not None:
         if lora_rank < 1 or not lora_targets:
-            raise ValueError(f"LoRA needs rank >= 1 and target modules, got rank {lora_rank!r}, targets {lora_targets!r}")
+            raise ValueError(f"LoRA needs rank >= 1 and target modules, got rank {lora_rank!r}, "
+                             f"targets {lora_targets!r}")
         trainable = spec.lora_params(lora_targets, lora_rank)
         if trainable == 0:
             raise ValueError(f"lora_targets {list(lora_targets)} match no Linear layer of the transformer")

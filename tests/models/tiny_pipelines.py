@@ -24,7 +24,7 @@ TEXT_LEN = 16  # CLIP context length (and T5 max_sequence_length in the tests)
 
 def _bytes_to_unicode():
     """GPT-2 / CLIP byte → printable-character table (every byte gets one vocab symbol)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
