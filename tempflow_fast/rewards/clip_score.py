@@ -7,7 +7,7 @@ diagonal for one prompt per image) and what Flow-GRPO's CLIP score takes (`logit
 Flow-GRPO then divides PickScore by 26 and CLIP score by 30: pass `scale=1/26` / `scale=1/30` to match.
 
 PickScore ships its model (`yuvalkirstain/PickScore_v1`, a `CLIPModel`) apart from its processor (the
-one of `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`): hence `processor_path`, defaulting to `path`.
+one of `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`): hence `processor_path` (see `pickscore`).
 Images are preprocessed on tensors from the processor's own size/crop/mean/std (see preprocess.py);
 prompts are tokenised by the processor's tokenizer, each distinct prompt once (a GRPO batch repeats every
 prompt group-size times) with a small cache across calls.
@@ -15,6 +15,7 @@ prompt group-size times) with a small cache across calls.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Optional, Sequence, Union
 
@@ -91,9 +92,17 @@ class ClipSimilarityReward:
         return scores.to(device=images.device, dtype=torch.float32)
 
 
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+
 def pickscore(path: str, *, processor_path: Optional[str] = None, **kwargs) -> ClipSimilarityReward:
     """PickScore (Kirstain et al. 2023): `path` = the PickScore_v1 folder or hub id, `processor_path` = the
-    CLIP-ViT-H-14 processor it was trained with (defaults to `path` when the folder holds both)."""
+    CLIP-ViT-H-14 processor it was trained with. Left out, it is `path` itself when that is a local folder
+    holding a processor config, else PICKSCORE_PROCESSOR (what PickScore's reference code loads)."""
+    if processor_path is None:
+        has_processor = any(os.path.isfile(os.path.join(path, f)) for f in ("preprocessor_config.json",
+                                                                              "processor_config.json"))
+        processor_path = path if has_processor else PICKSCORE_PROCESSOR
     return ClipSimilarityReward(path, processor_path=processor_path, name=kwargs.pop("name", "pickscore"), **kwargs)
 
 

@@ -36,7 +36,8 @@ class RewardConfig:
     # weights: a folder or hub id (pickscore, clip: the CLIPModel; aesthetic: its CLIP model), or one file /
     # 'owner/repo/file' (hps: the HPS checkpoint; imagereward: the checkpoint or 'ImageReward-v1.0')
     path: Optional[str] = None
-    # pickscore: the CLIP processor folder/hub id it was trained with (default: path);
+    # pickscore: the CLIP processor folder/hub id it was trained with (default: path when that folder holds
+    # a processor config, else laion/CLIP-ViT-H-14-laion2B-s32B-b79K); clip: the processor (default: path);
     # imagereward: its med_config.json (needed offline)
     processor_path: Optional[str] = None
     # aesthetic: the LAION MLP head state dict (.pth / .safetensors, or 'owner/repo/file')

@@ -150,3 +150,15 @@ def test_bfloat16_weights_score_close_to_float32(clip_dir):
     low = half(images, PROMPTS)
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, full, atol=0.1 * float(full.abs().max()), rtol=0)
+
+
+def test_pickscore_processor_defaults(clip_dir, tmp_path, monkeypatch):
+    from tempflow_fast.rewards import clip_score as module
+
+    seen = []
+    monkeypatch.setattr(module, "ClipSimilarityReward", lambda path, processor_path, **kw: seen.append(processor_path))
+    module.pickscore(str(clip_dir))  # the folder holds its processor
+    module.pickscore(str(tmp_path))  # model only, as yuvalkirstain/PickScore_v1 ships
+    module.pickscore("yuvalkirstain/PickScore_v1")
+    module.pickscore(str(tmp_path), processor_path="/elsewhere")
+    assert seen == [str(clip_dir), module.PICKSCORE_PROCESSOR, module.PICKSCORE_PROCESSOR, "/elsewhere"]
