@@ -50,9 +50,9 @@ class RewardConfig:
     url: Optional[str] = None  # server: e.g. http://127.0.0.1:18085 (GenEval); unifiedreward: http://127.0.0.1:17140/v1
     protocol: Literal["json", "pickle"] = "json"  # server: wire format; pickle = Flow-GRPO's servers
     image_format: Literal["jpeg", "png"] = "jpeg"  # server: how images travel (Flow-GRPO sends JPEG)
-    timeout_s: float = 120.0  # server: seconds to wait for each connect/read before a retry
-    retries: int = 3  # server: further attempts after a timeout, refused connection or 5xx
-    backoff_s: float = 1.0  # server: sleep before retry i is backoff_s · 2^(i-1) seconds
+    timeout_s: float = 120.0  # server, unifiedreward: seconds to wait for each connect/read before a retry
+    retries: int = 3  # server, unifiedreward: further attempts after a timeout, refused connection or 5xx
+    backoff_s: float = 1.0  # server, unifiedreward: sleep before retry i is backoff_s · 2^(i-1) seconds
     response_key: Optional[str] = None  # server: response field with the scores; None = "scores", else "outputs"
     metadata_path: Optional[str] = None  # server: GenEval metadata JSONL; sends each prompt's line as meta_datas
     only_strict: bool = True  # server with metadata: ask GenEval for the strict score only (faster)
