@@ -236,3 +236,13 @@ def estimate_for(kind: str, path: Optional[str], *, dtype: torch.dtype = torch.b
                            text_encoders_resident=text_encoders_resident, lora_rank=lora_rank,
                            lora_targets=lora_targets, states_per_forward=states_per_forward,
                            cfg_batches=cfg_batches, gradient_checkpointing=gradient_checkpointing)
+
+
+def dry_run_lines(estimate: MemoryEstimate, nfe: Dict[str, int]) -> list:
+    """The `--dry-run` block: memory by part, then NFE per iteration by phase (from nfe_per_iteration)."""
+    lines = ["memory estimate (per GPU):"] + ["  " + line for line in estimate.lines()]
+    lines.append("NFE per iteration (latent rows through the model):")
+    lines += [f"  {k.split('/', 1)[1]:<28} {v:>12,} rows" for k, v in nfe.items() if k.startswith("nfe/")]
+    lines.append(f"  {'total':<28} {nfe['nfe_total']:>12,} rows")
+    lines.append(f"  {'transformer rows (x2 with CFG)':<28} {nfe['transformer_rows']:>12,} rows")
+    return lines

@@ -7,7 +7,7 @@ import torch
 
 from tempflow_fast.models.flux import FLUX_LORA_TARGETS
 from tempflow_fast.models.loading import MODEL_KINDS, load_adapter, lora_defaults, resolve_dtype
-from tempflow_fast.models.memory import estimate_for, estimate_memory, nfe_per_iteration, pipeline_spec
+from tempflow_fast.models.memory import dry_run_lines, estimate_for, estimate_memory, nfe_per_iteration, pipeline_spec
 from tempflow_fast.models.tiny_flux import TinyFluxAdapter
 from tempflow_fast.sampling.engine import rollout
 from tempflow_fast.sampling.plans import Bifurcation, SingularSDE
@@ -149,3 +149,5 @@ def test_nfe_per_iteration_matches_engine(flux_dir):
         assert nfe["nfe_total"] == measured.total_nfe
         assert all(nfe[f"nfe/{k}"] == v for k, v in measured.nfe.items())
         assert nfe["transformer_rows"] == 2 * measured.total_nfe
+    text = "\n".join(dry_run_lines(estimate_for("tiny_flux", None), nfe))
+    assert f"{nfe['nfe_total']:,} rows" in text and "MiB" in text
