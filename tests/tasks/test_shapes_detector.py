@@ -44,7 +44,8 @@ def test_ground_truth_is_all_correct(ground_truth):
     reward = ShapesReward()
     r = reward(images, prompts)
     assert r.dtype == torch.float32 and r.shape == (len(prompts),) and bool((r == 1).all())
-    assert reward.details["overall"] == {"accuracy": 1.0, "correct": len(prompts), "count": len(prompts)}
+    assert reward.details["overall"] == {"accuracy": 1.0, "correct": len(prompts), "count": len(prompts),
+                                         "image_accuracy": 1.0}
     assert set(reward.details) == set(grammar.CATEGORIES) | {"overall"}
 
 
@@ -87,3 +88,11 @@ def test_bad_input_raises():
         detector.correct(torch.zeros(2, 1, 16, 16), ["a red square"] * 2)
     with pytest.raises(ValueError, match="prompts"):
         detector.correct(torch.zeros(2, 3, 16, 16), ["a red square"])
+
+
+def test_overall_is_mean_of_categories():
+    prompts = ["a red square"] * 2 + ["a red square left of a blue square"] * 6
+    table = detector.accuracy_by_category(torch.tensor([1, 1, 1, 0, 0, 0, 0, 0]), prompts)
+    assert table["single_object"]["accuracy"] == 1.0 and table["position"]["accuracy"] == pytest.approx(1 / 6)
+    assert table["overall"]["accuracy"] == pytest.approx((1 + 1 / 6) / 2)
+    assert table["overall"]["image_accuracy"] == pytest.approx(3 / 8)

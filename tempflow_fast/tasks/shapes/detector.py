@@ -113,7 +113,12 @@ def judge(det: Detections, prompts: Sequence[str]) -> torch.Tensor:
 
 
 def accuracy_by_category(correctness: torch.Tensor, prompts: Sequence[str]) -> Dict[str, Dict[str, float]]:
-    """{category: {"accuracy", "correct", "count"}} plus "overall" (mean over images)."""
+    """{category: {"accuracy", "correct", "count"}} plus "overall".
+
+    As in GenEval, the overall accuracy is the mean of the per-category accuracies (categories
+    present), so the many position prompts do not outweigh the rest; "overall" also carries the
+    pooled totals and their ratio as "image_accuracy".
+    """
     cats = [parse(p).category for p in prompts]
     c = correctness.float().cpu()
     out: Dict[str, Dict[str, float]] = {}
@@ -123,7 +128,8 @@ def accuracy_by_category(correctness: torch.Tensor, prompts: Sequence[str]) -> D
             hits = int(c[idx].sum())
             out[name] = {"accuracy": hits / len(idx), "correct": hits, "count": len(idx)}
     hits = int(c.sum())
-    out["overall"] = {"accuracy": hits / max(1, len(c)), "correct": hits, "count": len(c)}
+    mean = sum(row["accuracy"] for row in out.values()) / max(1, len(out))
+    out["overall"] = {"accuracy": mean, "correct": hits, "count": len(c), "image_accuracy": hits / max(1, len(c))}
     return out
 
 

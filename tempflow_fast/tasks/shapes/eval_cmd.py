@@ -91,10 +91,14 @@ def evaluate(model, prompts: Sequence[str], settings: EvalSettings) -> Dict[str,
 
 def format_table(table: Dict[str, Dict[str, float]]) -> str:
     lines = [f"{'category':<18} {'accuracy':>8} {'correct / images':>17}", "-" * 45]
-    for name in list(CATEGORIES) + ["overall"]:
+    for name in CATEGORIES:
         if name in table:
             row = table[name]
             lines.append(f"{name:<18} {row['accuracy']:>8.3f} {row['correct']:>8d} / {row['count']:<6d}")
+    overall = table["overall"]
+    lines.append("-" * 45)
+    lines.append(f"{'overall':<18} {overall['accuracy']:>8.3f}   (mean of categories, as GenEval)")
+    lines.append(f"{'all images':<18} {overall['image_accuracy']:>8.3f} {overall['correct']:>8d} / {overall['count']:<6d}")
     return "\n".join(lines)
 
 
