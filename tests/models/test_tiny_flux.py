@@ -7,7 +7,7 @@ from diffusers import FluxTransformer2DModel
 
 from tempflow_fast.models.base import FlowModelAdapter, select_cond
 from tempflow_fast.models.tiny_flux import TinyFluxAdapter, pack, unpack
-from tempflow_fast.tasks.shapes import render
+from tempflow_fast.tasks.shapes.render import render
 
 PROMPTS = ["two red squares", "a blue square above a yellow square", "green squares"]
 
