@@ -57,7 +57,7 @@ def test_incompatible_prompts_score_zero(ground_truth):
         mask = torch.tensor([not compatible(specs[p], specs[other]) for p in prompts])
         if not mask.any():
             continue
-        sub = Detections(det.counts[mask], det.centroids[mask])
+        sub = Detections(det.counts[mask], det.centroids[mask], det.oversized[mask])
         ok = detector.judge(sub, [other] * int(mask.sum()))
         assert not ok.any(), (other, [prompts[i] for i in mask.nonzero().flatten()[ok].tolist()][:3])
         n_pairs += int(mask.sum())
@@ -79,8 +79,14 @@ def test_blank_and_merged_images_fail():
     blank = torch.zeros(3, 3, 16, 16)
     assert not detector.correct(blank, prompts).any()
     merged = torch.zeros(3, 3, 16, 16)
-    merged[:, 0, 2:6, 2:10] = 1.0  # two red squares touching read as one blob, not "two"
-    assert detector.correct(merged, prompts).tolist() == [True, True, False]
+    merged[:, 0, 2:6, 2:10] = 1.0  # two touching red squares: one 32-px blob, not a square at all
+    assert not detector.correct(merged, prompts).any()
+    smear = torch.zeros(3, 3, 16, 16)
+    smear[:, 0, 2:7, 2:7] = 1.0  # 25 px: too big for a square
+    assert not detector.correct(smear, prompts).any()
+    near = torch.zeros(3, 3, 16, 16)
+    near[:, 0, 2:6, 2:7] = 1.0  # 20 px: a slightly sloppy square still counts
+    assert detector.correct(near, prompts).tolist() == [True, True, False]
 
 
 def test_bad_input_raises():

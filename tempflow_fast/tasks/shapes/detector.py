@@ -4,7 +4,9 @@ Per image: every pixel whose brightest channel exceeds 0.5 takes the nearest pal
 it is background. Same-colour pixels form blobs (8-connected), found for the whole batch at once by
 max-pool label propagation (each pixel carries the largest pixel index of its blob after at most
 as many rounds as the longest path through a blob). Blobs smaller than a quarter square (4 px) are
-ignored as noise. An image is correct when the per-colour blob counts are exactly what the prompt
+ignored as noise; blobs over 1.5 squares (24 px) are not squares (merged or smeared shapes) and
+make the image wrong, so a reward-seeking policy cannot pass by painting large patches. An image
+is correct when the per-colour blob counts are exactly what the prompt
 asks (`colors`: at least one blob and all of that colour) and, for position prompts, the two
 blobs' centroids are offset by more than half a side (2 px) in the named direction.
 """
@@ -22,16 +24,18 @@ from .render import IMAGE_SIZE, PALETTE, SIDE
 
 BRIGHT = 0.5
 MIN_BLOB_PIXELS = SIDE * SIDE // 4
+MAX_BLOB_PIXELS = SIDE * SIDE * 3 // 2
 _RELATION_AXIS = {"left of": (0, 1.0), "right of": (0, -1.0), "above": (1, 1.0), "below": (1, -1.0)}
 
 
 @dataclass
 class Detections:
     """counts (B, 4): blobs per palette colour; centroids (B, 4, 2): (x, y) mean over that
-    colour's kept blobs, NaN where the colour has none."""
+    colour's kept blobs, NaN where the colour has none; oversized (B,): blobs too big to be a square."""
 
     counts: torch.Tensor
     centroids: torch.Tensor
+    oversized: torch.Tensor
 
 
 def colour_map(images: torch.Tensor) -> torch.Tensor:
@@ -64,6 +68,7 @@ def detect(images: torch.Tensor) -> Detections:
     size[:, 0] = 0
     kept_blob = size >= MIN_BLOB_PIXELS  # (B*K, HW+1)
     counts = kept_blob.sum(1).view(b, k)
+    oversized = (size > MAX_BLOB_PIXELS).sum(1).view(b, k).sum(1)
     pixel_kept = kept_blob.gather(1, flat) & (flat > 0)
     ys, xs = torch.meshgrid(torch.arange(h, device=flat.device), torch.arange(w, device=flat.device), indexing="ij")
     pk = pixel_kept.view(b, k, h * w).float()
@@ -71,7 +76,7 @@ def detect(images: torch.Tensor) -> Detections:
     cx = (pk * xs.reshape(1, 1, -1)).sum(2) / n
     cy = (pk * ys.reshape(1, 1, -1)).sum(2) / n
     centroids = torch.stack([cx, cy], -1)  # NaN where n == 0 (0/0)
-    return Detections(counts=counts, centroids=centroids)
+    return Detections(counts=counts, centroids=centroids, oversized=oversized)
 
 
 def _spec_tensors(specs: Sequence[PromptSpec], device) -> Dict[str, torch.Tensor]:
@@ -109,7 +114,7 @@ def judge(det: Detections, prompts: Sequence[str]) -> torch.Tensor:
     p2 = det.centroids[rows, t["second"]]
     offset = (p2 - p1).gather(1, t["axis"][:, None]).squeeze(1) * t["sign"]
     rel_ok = torch.nan_to_num(offset, nan=0.0) > SIDE / 2
-    return ok & (~t["has_rel"] | rel_ok)
+    return ok & (~t["has_rel"] | rel_ok) & (det.oversized == 0)
 
 
 def accuracy_by_category(correctness: torch.Tensor, prompts: Sequence[str]) -> Dict[str, Dict[str, float]]:
