@@ -60,13 +60,21 @@ def rectified_flow_loss(model: TinyFluxAdapter, images: torch.Tensor, prompts: l
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    for name in ("steps", "batch_size", "save_every", "log_every"):
+    for name in ("steps", "batch_size", "save_every", "log_every", "warmup", "lr"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    previous_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _train(args, argv)
+    finally:
+        torch.set_num_threads(previous_threads)  # main() also runs in-process (tests, notebooks)
+
+
+def _train(args: argparse.Namespace, argv) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
