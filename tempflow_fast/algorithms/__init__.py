@@ -11,7 +11,7 @@ __all__ = ["FlowGRPO", "TempFlowGRPO", "G2RPO", "StepwiseFlowGRPO", "from_config
 def from_config(cfg):
     """The algorithm object for `cfg.method` (a tempflow_fast.training.train_config.Config)."""
     s = cfg.sampling
-    common = dict(num_steps=s.num_steps, noise_level=s.noise_level, shift=s.shift)
+    common = dict(num_steps=s.num_steps, noise_level=s.noise_level, shift=s.shift, dynamic_shift=s.dynamic_shift)
     if cfg.method == "flow_grpo":
         return FlowGRPO(group_size=cfg.flow_grpo.group_size, **common)
     if cfg.method == "tempflow":

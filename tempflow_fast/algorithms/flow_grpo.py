@@ -18,10 +18,11 @@ class FlowGRPO:
     group_size: int = 24  # G
     noise_level: float = 0.7  # η
     shift: float = 1.0
+    dynamic_shift: bool = False  # FLUX's resolution-dependent shift
     name: str = "flow_grpo"
 
     def plan(self) -> FullSDE:
-        return FullSDE(self.num_steps, self.group_size, "flow", self.noise_level, shift=self.shift)
+        return FullSDE(self.num_steps, self.group_size, "flow", self.noise_level, shift=self.shift, dynamic_shift=self.dynamic_shift)
 
     def credit(self, result, rewards: Rewards, *, global_std: bool = False) -> Credit:
         traj = result.trajectories

@@ -22,12 +22,13 @@ class G2RPO:
     granularities: Sequence[int] = field(default_factory=lambda: (1, 2, 3))  # Λ
     noise_level: float = 0.7
     shift: float = 1.0
+    dynamic_shift: bool = False  # FLUX's resolution-dependent shift
     name: str = "g2rpo"
 
     def plan(self) -> SingularSDE:
         steps = None if self.branch_steps is None else tuple(self.branch_steps)
         return SingularSDE(self.num_steps, self.branches, steps, tuple(self.granularities), 1, "flow",
-                           self.noise_level, trunk_images=True, shift=self.shift)
+                           self.noise_level, trunk_images=True, shift=self.shift, dynamic_shift=self.dynamic_shift)
 
     def credit(self, result, rewards: Rewards, *, global_std: bool = False) -> Credit:
         traj = result.trajectories

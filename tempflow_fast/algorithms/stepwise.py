@@ -20,10 +20,11 @@ class StepwiseFlowGRPO:
     sde: str = "ddim"
     noise_level: float = 0.7
     shift: float = 1.0
+    dynamic_shift: bool = False  # FLUX's resolution-dependent shift
     name: str = "stepwise"
 
     def plan(self) -> FullSDE:
-        return FullSDE(self.num_steps, self.group_size, self.sde, self.noise_level, tweedie=True, shift=self.shift)
+        return FullSDE(self.num_steps, self.group_size, self.sde, self.noise_level, tweedie=True, shift=self.shift, dynamic_shift=self.dynamic_shift)
 
     def credit(self, result, rewards: Rewards, *, global_std: bool = False) -> Credit:
         if rewards.tweedie is None:

@@ -29,6 +29,7 @@ class TempFlowGRPO:
     bifurcation_steps: Optional[Sequence[int]] = None  # None = every k in 0..T-2
     noise_level: float = 0.7  # η
     shift: float = 1.0
+    dynamic_shift: bool = False  # FLUX's resolution-dependent shift
     bifurcation: bool = True
     noise_aware_weights: bool = True
     seed_grouping: bool = True
@@ -36,10 +37,10 @@ class TempFlowGRPO:
 
     def plan(self):
         if not self.bifurcation:
-            return FullSDE(self.num_steps, self.num_seeds * self.branches, "flow", self.noise_level, shift=self.shift)
+            return FullSDE(self.num_steps, self.num_seeds * self.branches, "flow", self.noise_level, shift=self.shift, dynamic_shift=self.dynamic_shift)
         steps = None if self.bifurcation_steps is None else tuple(self.bifurcation_steps)
         return Bifurcation(self.num_steps, self.num_seeds, self.branches, steps, "flow", self.noise_level,
-                           trunk_images=True, shift=self.shift)
+                           trunk_images=True, shift=self.shift, dynamic_shift=self.dynamic_shift)
 
     def credit(self, result, rewards: Rewards, *, global_std: bool = False) -> Credit:
         traj = result.trajectories

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from tempflow_fast.rewards.config import RewardConfig
+
 METHODS = ("flow_grpo", "tempflow", "g2rpo", "stepwise")
 
 
@@ -19,8 +21,16 @@ def _positive(section: str, **values) -> None:
 
 @dataclass
 class ModelConfig:
-    kind: Literal["tiny_flux"] = "tiny_flux"  # which adapter loads `path`
-    path: Optional[str] = None  # folder with weights; None = the tiny model shipped in the package
+    kind: Literal["tiny_flux", "flux", "sd3"] = "tiny_flux"  # which adapter loads `path`
+    path: Optional[str] = None  # weights folder or hub id; None = the tiny model shipped in the package
+    device: str = "auto"  # where the model runs: auto (CUDA when present) | cpu | cuda | cuda:N
+    dtype: Optional[str] = None  # weights dtype; None = bf16 for flux/sd3, fp32 for tiny_flux
+    resolution: Optional[int] = None  # image side in px; None = 1024 FLUX, 512 SD3 (tiny_flux: fixed 16)
+    max_sequence_length: Optional[int] = None  # T5 tokens; None = 512 FLUX, 256 SD3
+    attention_backend: Optional[str] = None  # diffusers dispatcher: native, flash, flash3, xformers, sage, ...
+    compile_blocks: bool = False  # torch.compile the repeated transformer blocks
+    gradient_checkpointing: bool = False
+    text_encoders: Literal["keep", "offload", "release"] = "offload"  # after the prompts' embeddings are cached
 
 
 @dataclass
@@ -28,6 +38,8 @@ class SamplingConfig:
     num_steps: int = 10  # T, denoising steps of training rollouts
     shift: float = 1.0  # schedule shift (diffusers' FlowMatchEulerDiscrete `shift`)
     noise_level: float = 0.7  # η of the SDE
+    dynamic_shift: bool = False  # FLUX's resolution-dependent shift instead of `shift`
+    guidance_scale: Optional[float] = None  # FLUX distilled guidance / SD3 CFG scale; None = the model's default
 
     def validate(self):
         if self.num_steps < 2:
@@ -136,11 +148,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class DataConfig:
+    # training prompts: a .txt (one per line) or .jsonl (a "prompt" field); None = the shapes task's train split
+    train_prompts: Optional[str] = None
+    # held-out prompts scored by mean reward before/after training (non-shapes tasks); None = no such eval
+    eval_prompts: Optional[str] = None
+
+
+@dataclass
 class Config:
     method: Literal["flow_grpo", "tempflow", "g2rpo", "stepwise"] = "tempflow"
     output_dir: str = "runs/default"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     flow_grpo: FlowGRPOConfig = field(default_factory=FlowGRPOConfig)

@@ -29,7 +29,52 @@ from tempflow_fast.training import distributed
 from tempflow_fast.training.ema import EMA
 from tempflow_fast.training.metrics_log import MetricsLogger
 from tempflow_fast.training.train_config import Config
+from tempflow_fast.rewards.config import build_reward
 from tempflow_fast.training.update import build_update_batch, finite, policy_loss
+
+
+def read_prompts(path: str, field_name: str) -> List[str]:
+    """Prompts from a .txt (one per line) or .jsonl (objects with a "prompt" field)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config field {field_name!r}: no such file {path!r}")
+    lines = [l.strip() for l in p.read_text().splitlines() if l.strip()]
+    if p.suffix == ".jsonl":
+        try:
+            prompts = [json.loads(l)["prompt"] for l in lines]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"config field {field_name!r}: {path!r} must hold one JSON object with a "
+                             f"'prompt' field per line ({err})") from None
+    else:
+        prompts = lines
+    if not prompts:
+        raise ValueError(f"config field {field_name!r}: {path!r} holds no prompts")
+    return prompts
+
+
+@torch.no_grad()
+def mean_reward_eval(model, prompts: Sequence[str], reward, cfg: Config) -> Dict:
+    """{"overall": {"accuracy": mean reward}} of ODE samples (fixed seeds) for `prompts` (non-shapes tasks)."""
+    from tempflow_fast.sampling.schedules import flow_sigmas
+    from tempflow_fast.sampling.simple import initial_noise, sample
+
+    e, smp = cfg.eval, cfg.sampling
+    gen = torch.Generator().manual_seed(e.seed)
+    sigmas = flow_sigmas(e.num_steps, smp.shift, image_seq_len=model.image_seq_len, dynamic_shift=smp.dynamic_shift)
+    per_image = [p for p in prompts for _ in range(e.images_per_prompt)]
+    scores = []
+    was = model.module.training
+    model.module.eval()
+    try:
+        for i in range(0, len(per_image), 16):
+            chunk = per_image[i:i + 16]
+            noise = initial_noise(model, len(chunk), gen)
+            x = sample(model, model.encode_prompts(chunk), noise.to(sigmas.device), sigmas)
+            scores.append(reward(model.decode(x), chunk).float().cpu())
+    finally:
+        model.module.train(was)
+    mean = float(torch.cat(scores).mean())
+    return {"overall": {"accuracy": mean, "correct": 0, "count": len(per_image)}}
 
 
 class NonFiniteAbort(RuntimeError):
@@ -70,11 +115,13 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         self.model = model if model is not None else self._load_model()
-        self.reward = reward if reward is not None else self._shapes_reward()
-        self.train_prompts = list(train_prompts) if train_prompts is not None else self._shapes_train_prompts()
+        self.reward = reward if reward is not None else build_reward(cfg.reward)
+        self.train_prompts = list(train_prompts) if train_prompts is not None else self._train_prompts()
         if not self.train_prompts:
             raise ValueError("train_prompts is empty")
-        self.eval_fn = eval_fn if eval_fn is not None else self._shapes_eval
+        self._cache_text(self.train_prompts)
+        self.eval_metric: Optional[str] = "held-out accuracy"
+        self.eval_fn = eval_fn if eval_fn is not None else self._default_eval()
         self.algorithm = algorithms.from_config(cfg)
         self.plan = self.algorithm.plan()
         self.runner = EagerRunner(self.model)
@@ -92,23 +139,47 @@ class Trainer:
     # --- set-up -------------------------------------------------------------------------------
 
     def _load_model(self):
-        if self.cfg.model.kind != "tiny_flux":
-            raise ValueError(f"config field 'model.kind': unknown kind {self.cfg.model.kind!r}")
-        from tempflow_fast.models import tiny_flux
+        m, smp = self.cfg.model, self.cfg.sampling
+        from tempflow_fast.models.loading import load_adapter
+        from tempflow_fast.rewards.base import resolve_device
 
-        return tiny_flux.load(self.cfg.model.path)
+        device = resolve_device(m.device)
+        if device.type == "cuda" and self.dist.active:
+            device = torch.device("cuda", self.dist.local_rank)
+        return load_adapter(m.kind, m.path, device=device, dtype=m.dtype, attention_backend=m.attention_backend,
+                            compile_blocks=m.compile_blocks, gradient_checkpointing=m.gradient_checkpointing,
+                            resolution=m.resolution, guidance_scale=smp.guidance_scale,
+                            max_sequence_length=m.max_sequence_length)
 
-    @staticmethod
-    def _shapes_reward():
-        from tempflow_fast.tasks.shapes.detector import ShapesReward
+    def _train_prompts(self) -> List[str]:
+        if self.cfg.data.train_prompts is None:
+            from tempflow_fast.tasks.shapes.grammar import TRAIN_PROMPTS
 
-        return ShapesReward()
+            return list(TRAIN_PROMPTS)
+        return read_prompts(self.cfg.data.train_prompts, "data.train_prompts")
 
-    @staticmethod
-    def _shapes_train_prompts():
-        from tempflow_fast.tasks.shapes.grammar import TRAIN_PROMPTS
+    def _cache_text(self, prompts: Sequence[str]) -> None:
+        """Real pipelines: encode every prompt once, then move / drop the text encoders (model.text_encoders)."""
+        if not hasattr(self.model, "cache_prompts"):
+            return
+        eval_file = self.cfg.data.eval_prompts
+        self.model.cache_prompts(list(prompts) + (read_prompts(eval_file, "data.eval_prompts") if eval_file else []))
+        if self.cfg.model.text_encoders == "offload":
+            self.model.offload_text_encoders("cpu")
+        elif self.cfg.model.text_encoders == "release":
+            self.model.release_text_encoders()
 
-        return list(TRAIN_PROMPTS)
+    def _default_eval(self):
+        """Shapes task: held-out accuracy by category. Otherwise: mean reward on data.eval_prompts, or none."""
+        if self.cfg.data.train_prompts is None and self.cfg.reward.name == "shapes" and self.cfg.model.kind == "tiny_flux":
+            self.eval_metric = "held-out accuracy"
+            return self._shapes_eval
+        if self.cfg.data.eval_prompts is None:
+            self.eval_metric = None
+            return None
+        self.eval_metric = "held-out reward"
+        prompts = read_prompts(self.cfg.data.eval_prompts, "data.eval_prompts")
+        return lambda model: mean_reward_eval(model, prompts, self.reward, self.cfg)
 
     def _shapes_eval(self, model) -> Dict:
         from tempflow_fast.tasks.shapes.eval_cmd import EvalSettings, evaluate, split_prompts
@@ -377,7 +448,9 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------------
 
-    def _evaluate(self) -> Dict:
+    def _evaluate(self) -> Optional[Dict]:
+        if self.eval_fn is None:
+            return None
         was = self.model.module.training
         if self.ema is not None:
             self.ema.swap()
@@ -402,7 +475,7 @@ class Trainer:
         cfg = self.cfg
         from tqdm.auto import tqdm
 
-        if self.eval_before is None:
+        if self.eval_before is None and self.eval_fn is not None:
             self.eval_before = self._evaluate()
             self.logger.log(0, {"heldout_accuracy": self.eval_before["overall"]["accuracy"]})
         bar = tqdm(range(self.iteration, cfg.train.iterations), initial=self.iteration, total=cfg.train.iterations,
@@ -411,7 +484,8 @@ class Trainer:
         for it in bar:
             m = self.run_iteration(it)
             self.iteration = it + 1
-            if cfg.eval.every and self.iteration % cfg.eval.every == 0 and self.iteration < cfg.train.iterations:
+            if (cfg.eval.every and self.eval_fn is not None and self.iteration % cfg.eval.every == 0
+                    and self.iteration < cfg.train.iterations):
                 m["heldout_accuracy"] = self._evaluate()["overall"]["accuracy"]
             m.update(total_nfe=self.counters.nfe, total_policy_passes=self.counters.policy_passes,
                      total_wall_seconds=self.counters.wall_seconds)
@@ -426,7 +500,8 @@ class Trainer:
         if not (cfg.checkpoint.every and self.iteration % cfg.checkpoint.every == 0):
             self.save()
         after = self._evaluate()
-        self.logger.log(self.iteration, {"heldout_accuracy": after["overall"]["accuracy"]})
+        if after is not None:
+            self.logger.log(self.iteration, {"heldout_accuracy": after["overall"]["accuracy"]})
         self.logger.close()
         if self.ema is not None:
             self.ema.swap()
@@ -434,7 +509,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.swap()
         summary = {"before": self.eval_before, "after": after, "counters": self.counters.__dict__,
-                   "iterations": self.iteration, "method": cfg.method}
+                   "iterations": self.iteration, "method": cfg.method, "eval_metric": self.eval_metric}
         if self.dist.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
         return summary
@@ -442,12 +517,15 @@ class Trainer:
 
 def format_summary(summary: Dict) -> str:
     before, after, c = summary["before"], summary["after"], summary["counters"]
-    cats = [k for k in before if k != "overall"] + ["overall"]
-    lines = [f"{'held-out accuracy':<18} {'before':>7} {'after':>7} {'change':>7}", "-" * 42]
-    for k in cats:
-        if k in before and k in after:
-            b, a = before[k]["accuracy"], after[k]["accuracy"]
-            lines.append(f"{k:<18} {b:>7.3f} {a:>7.3f} {a - b:>+7.3f}")
+    metric = summary.get("eval_metric") or "held-out accuracy"
+    lines = []
+    if before is not None and after is not None:
+        cats = [k for k in before if k != "overall"] + ["overall"]
+        lines += [f"{metric:<18} {'before':>7} {'after':>7} {'change':>7}", "-" * 42]
+        for k in cats:
+            if k in before and k in after:
+                b, a = before[k]["accuracy"], after[k]["accuracy"]
+                lines.append(f"{k:<18} {b:>7.3f} {a:>7.3f} {a - b:>+7.3f}")
     lines += [
         "",
         f"method: {summary['method']}, iterations: {summary['iterations']}",
@@ -457,6 +535,9 @@ def format_summary(summary: Dict) -> str:
         f"images scored: {c['images']}",
         f"skipped non-finite updates: {c['skipped_nonfinite']}",
         f"wall time (train loop): {c['wall_seconds']:.1f} s",
-        f"held-out accuracy: before {before['overall']['accuracy']:.3f} after {after['overall']['accuracy']:.3f}",
     ]
+    if before is not None and after is not None:
+        lines.append(f"{metric}: before {before['overall']['accuracy']:.3f} after {after['overall']['accuracy']:.3f}")
+    else:
+        lines.append("no held-out evaluation (set data.eval_prompts)")
     return "\n".join(lines)
