@@ -291,3 +291,56 @@ def rollout(model, prompts: Sequence[str], plan, *, seed: Optional[int] = None,
 
     return RolloutResult(states, samples, trajectories, final, images, trunk_prompt, trunk_seed, trunk_final,
                          trunk_images, tweedie_images, cond, sigmas, layout.sde, layout.noise_level, layout, stats)
+
+
+def concat_results(results: Sequence[RolloutResult]) -> RolloutResult:
+    """One RolloutResult from several rollouts of the same plan over disjoint prompt lists (segments), as if
+    they had been one rollout over the concatenated prompts: row indices (states, trajectories, prompts)
+    are offset, tensors concatenated, counts added. Groups never cross prompts, so credit on the merged
+    result equals credit per segment."""
+    if len(results) == 1:
+        return results[0]
+    first = results[0]
+    if any(r.layout != first.layout or not torch.equal(r.sigmas, first.sigmas) for r in results):
+        raise ValueError("concat_results: every segment must come from the same plan and schedule")
+
+    def offsets(sizes):
+        out, total = [], 0
+        for s in sizes:
+            out.append(total)
+            total += s
+        return out
+
+    st_off = offsets([len(r.states) for r in results])
+    tr_off = offsets([len(r.trajectories) for r in results])
+    pr_off = offsets([cond_batch_size(r.cond) for r in results])
+    cat = lambda xs: torch.cat(list(xs))  # noqa: E731
+    states = TrainedStates(
+        cat(r.states.latents for r in results), cat(r.states.sigma for r in results),
+        cat(r.states.sigma_next for r in results), cat(r.states.std for r in results),
+        cat(r.states.step for r in results), cat(r.states.prompt + o for r, o in zip(results, pr_off)),
+        cat(r.states.seed for r in results))
+    samples = BranchSamples(
+        cat(r.samples.state + o for r, o in zip(results, st_off)), cat(r.samples.sample for r in results),
+        cat(r.samples.old_log_prob for r in results),
+        cat(r.samples.trajectory + o for r, o in zip(results, tr_off)))
+    trajectories = Trajectories(
+        cat(r.trajectories.prompt + o for r, o in zip(results, pr_off)), cat(r.trajectories.seed for r in results),
+        cat(r.trajectories.branch_step for r in results), cat(r.trajectories.branch for r in results))
+    optional = lambda name: None if getattr(first, name) is None else cat(getattr(r, name) for r in results)  # noqa: E731
+    stats = RolloutStats()
+    for r in results:
+        for k, v in r.stats.nfe.items():
+            stats.nfe[k] += v
+        for k, v in r.stats.images.items():
+            stats.images[k] += v
+        stats.padded_rows += r.stats.padded_rows
+        stats.batched_calls += r.stats.batched_calls
+    return RolloutResult(
+        states, samples, trajectories,
+        {lam: cat(r.final_latents[lam] for r in results) for lam in first.final_latents},
+        {lam: cat(r.images[lam] for r in results) for lam in first.images},
+        cat(r.trunk_prompt + o for r, o in zip(results, pr_off)), cat(r.trunk_seed for r in results),
+        optional("trunk_latents"), optional("trunk_images"), optional("tweedie_images"),
+        {k: cat(r.cond[k] for r in results) for k in first.cond}, first.sigmas, first.sde, first.noise_level,
+        first.layout, stats)

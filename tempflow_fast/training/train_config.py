@@ -112,6 +112,8 @@ class TrainConfig:
     beta: float = 0.0  # KL coefficient β
     kl_convention: Literal["flow_grpo", "gaussian"] = "flow_grpo"  # /(2s²) or exact Gaussian /(2·std²)
     states_per_forward: int = 64  # shared states per policy forward (micro-batch)
+    rollout_segments: int = 1  # split each iteration's prompts into this many rollouts, scored while the next samples
+    async_reward: bool = False  # score on a worker thread (overlaps reward models with sampling; GPU rewards)
     ema_decay: float = 0.0  # 0 = no EMA
     max_nonfinite_skips: int = 10  # abort after this many skipped non-finite updates
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -119,7 +121,8 @@ class TrainConfig:
     def validate(self):
         _positive("train", iterations=self.iterations, prompts_per_iteration=self.prompts_per_iteration,
                   inner_epochs=self.inner_epochs, learning_rate=self.learning_rate, grad_clip=self.grad_clip,
-                  clip_range=self.clip_range, adv_clip=self.adv_clip, states_per_forward=self.states_per_forward)
+                  clip_range=self.clip_range, adv_clip=self.adv_clip, states_per_forward=self.states_per_forward,
+                  rollout_segments=self.rollout_segments)
         if self.beta < 0:
             raise ValueError(f"config field 'train.beta': must be >= 0, got {self.beta}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -22,7 +22,7 @@ import yaml
 from tempflow_fast import algorithms
 from tempflow_fast.algorithms.base import Rewards
 from tempflow_fast.config import config_to_dict
-from tempflow_fast.sampling.engine import rollout
+from tempflow_fast.sampling.engine import concat_results, rollout
 from tempflow_fast.sampling.runners import EagerRunner
 from tempflow_fast.training import checkpoint as ckpt
 from tempflow_fast.training import distributed
@@ -125,6 +125,11 @@ class Trainer:
         self.algorithm = algorithms.from_config(cfg)
         self.plan = self.algorithm.plan()
         self.runner = EagerRunner(self.model)
+        self.scorer = None
+        if cfg.train.async_reward:
+            from tempflow_fast.rewards.async_scorer import AsyncScorer
+
+            self.scorer = AsyncScorer(self.reward)
         self._setup_params()
         self.dist.broadcast_parameters([p for _, p in self.named_params])
         self.counters = Counters()
@@ -238,33 +243,66 @@ class Trainer:
 
     # --- one iteration ------------------------------------------------------------------------
 
-    def _score(self, images: torch.Tensor, prompts: List[str]) -> torch.Tensor:
-        return self.reward(images, prompts).float().to(images.device)
+    def _submit_rewards(self, result, prompts: List[str]):
+        """Hand a segment's images to the reward (on the scorer thread when train.async_reward) and return a
+        function that waits for the scores and assembles them into `Rewards`."""
+        def score(images: torch.Tensor, texts: List[str]):
+            if self.scorer is not None:
+                future = self.scorer.submit(images, texts)
+                return lambda: future.result().float().to(images.device)
+            scores = self.reward(images, texts).float().to(images.device)
+            return lambda: scores
 
-    def _rewards(self, result, prompts: List[str]) -> Rewards:
         traj_prompts = [prompts[i] for i in result.trajectories.prompt.tolist()]
-        final = {lam: self._score(img, traj_prompts) for lam, img in result.images.items()}
-        tweedie = None
+        final = {lam: score(img, traj_prompts) for lam, img in result.images.items()}
+        tweedie = trunk = None
         if result.tweedie_images is not None:
             B, T = result.tweedie_images.shape[:2]
             flat = result.tweedie_images.reshape(B * T, *result.tweedie_images.shape[2:])
-            tweedie = self._score(flat, [p for p in traj_prompts for _ in range(T)]).view(B, T)
-        trunk = None
+            tweedie = (score(flat, [p for p in traj_prompts for _ in range(T)]), B, T)
         if result.trunk_images is not None:
-            trunk = self._score(result.trunk_images, [prompts[i] for i in result.trunk_prompt.tolist()])
-        return Rewards(final, tweedie, trunk)
+            trunk = score(result.trunk_images, [prompts[i] for i in result.trunk_prompt.tolist()])
+
+        def collect() -> Rewards:
+            return Rewards({lam: f() for lam, f in final.items()},
+                           None if tweedie is None else tweedie[0]().view(tweedie[1], tweedie[2]),
+                           None if trunk is None else trunk())
+
+        return collect
+
+    def _rollout(self, prompts: List[str], iteration: int):
+        """Rollout in `train.rollout_segments` prompt segments; each segment's images are scored while the
+        next segment samples (train.async_reward). Returns the merged (result, rewards)."""
+        n_seg = min(self.cfg.train.rollout_segments, len(prompts))
+        bounds = [len(prompts) * j // n_seg for j in range(n_seg + 1)]
+        # each rank its own noises; one process keeps the seeds it always had
+        base = (_seed_for(self.cfg.seed, 2, iteration) if not self.dist.active
+                else _seed_for(self.cfg.seed, 2, iteration, self.dist.rank))
+        results, pending = [], []
+        t0 = time.perf_counter()
+        for j in range(n_seg):
+            seg = prompts[bounds[j]:bounds[j + 1]]
+            seed = base if j == 0 else _seed_for(base, j)
+            r = rollout(self.model, seg, self.plan, seed=seed, runner=self.runner)
+            results.append(r)
+            pending.append(self._submit_rewards(r, seg))
+        t1 = time.perf_counter()
+        rewards = [collect() for collect in pending]
+        self._phase_seconds = (t1 - t0, time.perf_counter() - t1)  # sampling (incl. overlapped scoring), reward wait
+        merged = Rewards(
+            {lam: torch.cat([r.final[lam] for r in rewards]) for lam in rewards[0].final},
+            None if rewards[0].tweedie is None else torch.cat([r.tweedie for r in rewards]),
+            None if rewards[0].trunk is None else torch.cat([r.trunk for r in rewards]),
+        )
+        return concat_results(results), merged
 
     def run_iteration(self, iteration: int) -> Dict[str, float]:
         cfg = self.cfg.train
         t0 = time.perf_counter()
         prompts = self.dist.shard(self.prompts_for(iteration))
         self.model.module.eval()
-        # each rank its own noises; one process keeps the seeds it always had
-        seed = (_seed_for(self.cfg.seed, 2, iteration) if not self.dist.active
-                else _seed_for(self.cfg.seed, 2, iteration, self.dist.rank))
-        result = rollout(self.model, prompts, self.plan, seed=seed, runner=self.runner)
+        result, rewards = self._rollout(prompts, iteration)
         t1 = time.perf_counter()
-        rewards = self._rewards(result, prompts)
         # every rank's rewards, so global std and logged reward statistics cover the whole batch
         result, rewards = self.dist.global_view(result, rewards, num_prompts=len(prompts))
         credit = self.algorithm.credit(result, rewards, global_std=cfg.global_std)
@@ -281,8 +319,9 @@ class Trainer:
             "zero_std_ratio": credit.stats.get("zero_std_ratio", float("nan")),
             "trained_states": sum(len(g) for g in groups),
             "trained_samples": sum(g.num_samples for g in groups),
-            "seconds_rollout": t1 - t0,
-            "seconds_reward": t2 - t1,
+            "seconds_rollout": self._phase_seconds[0],
+            "seconds_reward": self._phase_seconds[1],
+            "seconds_credit": t2 - t1,
             "seconds_update": t3 - t2,
             **{k: float(v) for k, v in result.stats.as_dict().items()},
             **upd,
@@ -503,6 +542,8 @@ class Trainer:
         if after is not None:
             self.logger.log(self.iteration, {"heldout_accuracy": after["overall"]["accuracy"]})
         self.logger.close()
+        if self.scorer is not None:
+            self.scorer.close()
         if self.ema is not None:
             self.ema.swap()
         self.export(self.out / "final")
