@@ -17,12 +17,12 @@ fp32, so the SDE step and log-prob math downstream stay fp32.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Union
 
 import torch
 
 from .base import Cond
-from .text_cache import PromptCache
+from .text_cache import CachedTextPipelineMixin, PromptCache
 
 # LoRA targets of Flow-GRPO's FLUX recipe (scripts/train_flux.py): the attention projections of
 # both streams and the feed-forward layers of the double blocks (peft matches by suffix, so the
@@ -62,8 +62,10 @@ def latent_image_ids(h: int, w: int) -> torch.Tensor:
     return ids.reshape(-1, 3)
 
 
-class FluxAdapter:
+class FluxAdapter(CachedTextPipelineMixin):
     """`FlowModelAdapter` for a diffusers FLUX pipeline; `module` is its `FluxTransformer2DModel`."""
+
+    TEXT_ENCODERS = ('text_encoder', 'text_encoder_2')
 
     def __init__(self, pipeline, *, resolution: int = 1024, guidance_scale: float = 3.5,
                  max_sequence_length: int = 512, cache_device: Union[str, torch.device] = "cpu"):
@@ -106,41 +108,6 @@ class FluxAdapter:
         embeds, pooled, _ = self.pipeline.encode_prompt(prompts, prompt_2=prompts, device=te_device,
                                                         max_sequence_length=self.max_sequence_length)
         return {"prompt_embeds": embeds, "pooled_projections": pooled}
-
-    def cache_prompts(self, prompts: Sequence[str]) -> None:
-        """Encode and keep `prompts` now (e.g. the whole training set before releasing the encoders)."""
-        self.cache.add(prompts)
-
-    def release_text_encoders(self) -> None:
-        """Drop the CLIP and T5 encoders (GPU memory back); only cached prompts can be encoded after."""
-        self.cache.release()
-        self.pipeline.text_encoder = None
-        self.pipeline.text_encoder_2 = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def offload_text_encoders(self, device: Union[str, torch.device] = "cpu") -> None:
-        """Move the text encoders to `device` (GPU memory back; they still encode, and export keeps them)."""
-        for name in ('text_encoder', 'text_encoder_2'):
-            enc = getattr(self.pipeline, name)
-            if enc is not None:
-                enc.to(device)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def save_pretrained(self, directory) -> None:
-        """A pipeline folder `load_adapter` reads back: `self.module` (e.g. a LoRA-merged copy) as the
-        transformer, the other components as loaded. Needs the text encoders (offloaded is fine)."""
-        if self.cache.released:
-            raise ValueError("cannot save a complete pipeline: the text encoders were released; use "
-                             "offload_text_encoders() instead of release_text_encoders() to keep them for export")
-        components = dict(self.pipeline.components, transformer=self.module)
-        type(self.pipeline)(**components).save_pretrained(str(directory))
-
-    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
-        if isinstance(prompts, str):
-            raise ValueError("prompts must be a sequence of str, got a single str")
-        return self.cache.get(list(prompts), self.device)
 
     # --- transformer --------------------------------------------------------------------------
 

@@ -16,12 +16,12 @@ Follows diffusers' `StableDiffusion3Pipeline` where it matters for the numbers:
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Union
 
 import torch
 
 from .base import Cond
-from .text_cache import PromptCache
+from .text_cache import CachedTextPipelineMixin, PromptCache
 
 # LoRA targets of Flow-GRPO's SD3.5 recipe (scripts/train_sd3.py): the attention projections of
 # both streams; rank 32, α 64.
@@ -33,8 +33,10 @@ SD3_LORA_RANK = 32
 SD3_LORA_ALPHA = 64
 
 
-class SD3Adapter:
+class SD3Adapter(CachedTextPipelineMixin):
     """`FlowModelAdapter` for a diffusers SD3 pipeline; `module` is its `SD3Transformer2DModel`."""
+
+    TEXT_ENCODERS = ('text_encoder', 'text_encoder_2', 'text_encoder_3')
 
     def __init__(self, pipeline, *, resolution: int = 512, guidance_scale: float = 4.5,
                  max_sequence_length: int = 256, negative_prompt: str = "",
@@ -82,42 +84,8 @@ class SD3Adapter:
             max_sequence_length=self.max_sequence_length)
         return {"prompt_embeds": embeds, "pooled_projections": pooled}
 
-    def cache_prompts(self, prompts: Sequence[str]) -> None:
-        """Encode and keep `prompts` (and the negative prompt) now, e.g. before releasing the encoders."""
-        self.cache.add([self.negative_prompt, *prompts])
-
-    def release_text_encoders(self) -> None:
-        """Drop the three text encoders; only cached prompts (and the negative) can be encoded after."""
-        self.cache.add([self.negative_prompt])
-        self.cache.release()
-        self.pipeline.text_encoder = None
-        self.pipeline.text_encoder_2 = None
-        self.pipeline.text_encoder_3 = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def offload_text_encoders(self, device: Union[str, torch.device] = "cpu") -> None:
-        """Move the text encoders to `device` (GPU memory back; they still encode, and export keeps them)."""
-        for name in ('text_encoder', 'text_encoder_2', 'text_encoder_3'):
-            enc = getattr(self.pipeline, name)
-            if enc is not None:
-                enc.to(device)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def save_pretrained(self, directory) -> None:
-        """A pipeline folder `load_adapter` reads back: `self.module` (e.g. a LoRA-merged copy) as the
-        transformer, the other components as loaded. Needs the text encoders (offloaded is fine)."""
-        if self.cache.released:
-            raise ValueError("cannot save a complete pipeline: the text encoders were released; use "
-                             "offload_text_encoders() instead of release_text_encoders() to keep them for export")
-        components = dict(self.pipeline.components, transformer=self.module)
-        type(self.pipeline)(**components).save_pretrained(str(directory))
-
-    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
-        if isinstance(prompts, str):
-            raise ValueError("prompts must be a sequence of str, got a single str")
-        return self.cache.get(list(prompts), self.device)
+    def _prompts_to_keep(self) -> List[str]:
+        return [self.negative_prompt]
 
     def _negative(self, batch: int, device: torch.device) -> Cond:
         # One device-resident copy of the negative prompt's embeddings: no host-to-device copy per

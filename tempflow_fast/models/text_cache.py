@@ -67,3 +67,53 @@ class PromptCache:
     def release(self) -> None:
         """Forget the encoder function (the adapter frees the encoders themselves)."""
         self._encode = None
+
+
+class CachedTextPipelineMixin:
+    """Text handling shared by the diffusers pipeline adapters (FLUX, SD3): prompts encoded once through
+    `self.cache` (a PromptCache), text encoders offloaded or released, export of the pipeline folder.
+
+    The adapter sets `TEXT_ENCODERS` (the pipeline attributes holding its encoders) and `self.pipeline`,
+    `self.module`, `self.cache`, `self.device`; `_prompts_to_keep()` names extra prompts (SD3's negative
+    prompt) that must be cached before the encoders go."""
+
+    TEXT_ENCODERS: tuple = ()
+
+    def _prompts_to_keep(self) -> List[str]:
+        return []
+
+    def cache_prompts(self, prompts: Sequence[str]) -> None:
+        """Encode and keep `prompts` now (e.g. the whole training set before releasing the encoders)."""
+        self.cache.add([*self._prompts_to_keep(), *prompts])
+
+    def release_text_encoders(self) -> None:
+        """Drop the text encoders (GPU memory back); only cached prompts can be encoded after."""
+        self.cache.add(self._prompts_to_keep())
+        self.cache.release()
+        for name in self.TEXT_ENCODERS:
+            setattr(self.pipeline, name, None)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def offload_text_encoders(self, device: Union[str, torch.device] = "cpu") -> None:
+        """Move the text encoders to `device` (GPU memory back; they still encode, and export keeps them)."""
+        for name in self.TEXT_ENCODERS:
+            enc = getattr(self.pipeline, name)
+            if enc is not None:
+                enc.to(device)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def save_pretrained(self, directory) -> None:
+        """A pipeline folder `load_adapter` reads back: `self.module` (e.g. a LoRA-merged copy) as the
+        transformer, the other components as loaded. Needs the text encoders (offloaded is fine)."""
+        if self.cache.released:
+            raise ValueError("cannot save a complete pipeline: the text encoders were released; use "
+                             "offload_text_encoders() instead of release_text_encoders() to keep them for export")
+        components = dict(self.pipeline.components, transformer=self.module)
+        type(self.pipeline)(**components).save_pretrained(str(directory))
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Cond:
+        if isinstance(prompts, str):
+            raise ValueError("prompts must be a sequence of str, got a single str")
+        return self.cache.get(list(prompts), self.device)

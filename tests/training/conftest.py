@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from tempflow_fast.models.tiny_flux import TinyFluxAdapter
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .grammar import CATEGORIES, COLORS, PromptSpec, parse
-from .render import IMAGE_SIZE, PALETTE, SIDE
+from .render import PALETTE, SIDE
 
 BRIGHT = 0.5
 MIN_BLOB_PIXELS = SIDE * SIDE // 4
