@@ -19,11 +19,13 @@ class Rewards:
     final: {λ: (B,)} reward of each trajectory's final image at granularity λ (λ=1 is the full schedule).
     tweedie: (B, T) reward of x̂0 at every state (Stepwise-Flow-GRPO), else None.
     trunk: (P·N,) reward of each ODE trunk's own image, when the plan finished its trunks, else None.
+    components: a composite reward's raw per-component scores of the final images (λ = min Λ), for logging.
     """
 
     final: Dict[int, torch.Tensor]
     tweedie: Optional[torch.Tensor] = None
     trunk: Optional[torch.Tensor] = None
+    components: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

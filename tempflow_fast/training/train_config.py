@@ -39,6 +39,9 @@ class SamplingConfig:
     shift: float = 1.0  # schedule shift (diffusers' FlowMatchEulerDiscrete `shift`)
     noise_level: float = 0.7  # η of the SDE
     dynamic_shift: bool = False  # FLUX's resolution-dependent shift instead of `shift`
+    runner: Literal["eager", "compile", "cuda_graph"] = "eager"  # how rollout segments run (cuda_graph: CUDA only,
+    #   falls back to eager elsewhere with a warning)
+    buckets: Optional[list[int]] = None  # fixed batch sizes for compile / cuda_graph runners; None = their default
     guidance_scale: Optional[float] = None  # FLUX distilled guidance / SD3 CFG scale; None = the model's default
 
     def validate(self):

@@ -23,7 +23,7 @@ from tempflow_fast import algorithms
 from tempflow_fast.algorithms.base import Rewards
 from tempflow_fast.config import config_to_dict
 from tempflow_fast.sampling.engine import concat_results, rollout
-from tempflow_fast.sampling.runners import EagerRunner
+from tempflow_fast.sampling.runners import EagerRunner, make_runner
 from tempflow_fast.training import checkpoint as ckpt
 from tempflow_fast.training import distributed
 from tempflow_fast.training.ema import EMA
@@ -124,7 +124,11 @@ class Trainer:
         self.eval_fn = eval_fn if eval_fn is not None else self._default_eval()
         self.algorithm = algorithms.from_config(cfg)
         self.plan = self.algorithm.plan()
-        self.runner = EagerRunner(self.model)
+        smp = cfg.sampling
+        if smp.runner == "eager" and smp.buckets is None:
+            self.runner = EagerRunner(self.model)
+        else:
+            self.runner = make_runner(smp.runner, self.model, **({} if smp.buckets is None else {"buckets": smp.buckets}))
         self.scorer = None
         if cfg.train.async_reward:
             from tempflow_fast.rewards.async_scorer import AsyncScorer
@@ -249,9 +253,10 @@ class Trainer:
         def score(images: torch.Tensor, texts: List[str]):
             if self.scorer is not None:
                 future = self.scorer.submit(images, texts)
-                return lambda: future.result().float().to(images.device)
+                return lambda: (future.result().float().to(images.device), future.components)
             scores = self.reward(images, texts).float().to(images.device)
-            return lambda: scores
+            components = dict(getattr(self.reward, "last_components", {}))  # a composite's raw scores of this call
+            return lambda: (scores, components)
 
         traj_prompts = [prompts[i] for i in result.trajectories.prompt.tolist()]
         final = {lam: score(img, traj_prompts) for lam, img in result.images.items()}
@@ -264,9 +269,11 @@ class Trainer:
             trunk = score(result.trunk_images, [prompts[i] for i in result.trunk_prompt.tolist()])
 
         def collect() -> Rewards:
-            return Rewards({lam: f() for lam, f in final.items()},
-                           None if tweedie is None else tweedie[0]().view(tweedie[1], tweedie[2]),
-                           None if trunk is None else trunk())
+            done = {lam: f() for lam, f in final.items()}
+            return Rewards({lam: r for lam, (r, _) in done.items()},
+                           None if tweedie is None else tweedie[0]()[0].view(tweedie[1], tweedie[2]),
+                           None if trunk is None else trunk()[0],
+                           components=done[min(done)][1])
 
         return collect
 
@@ -293,6 +300,7 @@ class Trainer:
             {lam: torch.cat([r.final[lam] for r in rewards]) for lam in rewards[0].final},
             None if rewards[0].tweedie is None else torch.cat([r.tweedie for r in rewards]),
             None if rewards[0].trunk is None else torch.cat([r.trunk for r in rewards]),
+            components={k: torch.cat([r.components[k].float().cpu() for r in rewards]) for k in rewards[0].components},
         )
         return concat_results(results), merged
 
@@ -331,6 +339,8 @@ class Trainer:
                 m[f"reward_mean_lambda{lam}"] = float(r.mean())
         if rewards.trunk is not None:
             m["reward_ode_trunk"] = float(rewards.trunk.mean())
+        for name, raw in rewards.components.items():  # composite rewards: every component's raw mean
+            m[f"reward_component/{name}"] = float(raw.mean())
         if rewards.tweedie is not None:
             m["reward_tweedie_first_state"] = float(rewards.tweedie[:, 0].mean())
         steps = result.states.step

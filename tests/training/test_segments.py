@@ -54,3 +54,33 @@ def test_async_segments_match_inline(tmp_path, make_trainer):
         assert inline[key] == asynch[key], key
     assert runs["inline"][1] == {threading.get_ident()}
     assert threading.get_ident() not in runs["async"][1]
+
+
+class TwoPartReward:
+    """Stands in for a composite: exposes each call's raw component scores as `last_components`."""
+
+    def __call__(self, images, prompts):
+        bright, red = images.mean(dim=(1, 2, 3)), images[:, 0].mean(dim=(1, 2))
+        self.last_components = {"bright": bright, "red": red}
+        return (bright + red).float()
+
+
+def test_reward_components_are_logged(tmp_path, make_trainer):
+    for mode in ("false", "true"):
+        tr = make_trainer(tmp_path / mode, "flow_grpo", f"train.async_reward={mode}", "train.rollout_segments=2")
+        tr.reward = TwoPartReward()
+        if tr.scorer is not None:
+            tr.scorer.reward = tr.reward
+        m = tr.run_iteration(0)
+        assert abs(m["reward_component/bright"] + m["reward_component/red"] - m["reward_mean"]) < 1e-5
+
+
+def test_cuda_graph_runner_falls_back_on_cpu_with_same_numbers(tmp_path, make_trainer):
+    import pytest
+
+    eager = make_trainer(tmp_path / "eager", "tempflow").run_iteration(0)
+    with pytest.warns(UserWarning, match="cuda_graph runner needs CUDA"):
+        tr = make_trainer(tmp_path / "graph", "tempflow", "sampling.runner=cuda_graph", "sampling.buckets=[8,64]")
+    graph = tr.run_iteration(0)
+    assert graph["loss"] == pytest.approx(eager["loss"], abs=1e-6)
+    assert graph["nfe_total"] == eager["nfe_total"]
