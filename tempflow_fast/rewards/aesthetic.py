@@ -15,7 +15,7 @@ from typing import Dict, Sequence, Union
 import torch
 from torch import nn
 
-from .base import check_batch, resolve_device, resolve_dtype
+from .base import ModelRewardBase, check_batch
 from .clip_score import _features
 from .files import resolve_file
 from .preprocess import ImageTransform
@@ -57,19 +57,14 @@ def load_head_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-class AestheticReward:
+class AestheticReward(ModelRewardBase):
     """`reward(images, prompts)` → (B,) float32 aesthetic score (about 1..10 for the released head)."""
 
     def __init__(self, clip_path: str, head_path: str, *, device: Union[str, torch.device] = "auto",
                  dtype: Union[str, torch.dtype] = "float32", name: str = "aesthetic", batch_size: int = 32):
         from transformers import CLIPImageProcessor, CLIPModel
 
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.name = name
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
-        self.batch_size = batch_size
+        self._init_settings(name=name, device=device, dtype=dtype, batch_size=batch_size)
         processor = CLIPImageProcessor.from_pretrained(clip_path)
         self.transform = ImageTransform.from_hf_processor(processor)
         clip = CLIPModel.from_pretrained(clip_path)

@@ -61,3 +61,16 @@ def resolve_device(device: Union[str, torch.device]) -> torch.device:
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[0, 1] float → uint8 with rounding, as Flow-GRPO quantises before handing images to a scorer."""
     return (images.detach().float() * 255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+class ModelRewardBase:
+    """The settings every in-process reward model shares: name, device, dtype, score scale, batch size."""
+
+    def _init_settings(self, *, name: str, device, dtype, batch_size: int, scale: float = 1.0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.name = name
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.scale = float(scale)
+        self.batch_size = batch_size

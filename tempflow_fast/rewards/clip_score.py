@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .base import check_batch, resolve_device, resolve_dtype
+from .base import ModelRewardBase, check_batch
 from .preprocess import ImageTransform
 
 
@@ -31,7 +31,7 @@ def _features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-class ClipSimilarityReward:
+class ClipSimilarityReward(ModelRewardBase):
     """`reward(images, prompts)` → (B,) float32: scale · exp(logit_scale) · cosine(image, prompt)."""
 
     def __init__(self, path: str, *, processor_path: Optional[str] = None, device: Union[str, torch.device] = "auto",
@@ -39,14 +39,8 @@ class ClipSimilarityReward:
                  max_length: int = 77, batch_size: int = 32, text_cache_size: int = 4096):
         from transformers import CLIPModel, CLIPProcessor
 
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.name = name
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
-        self.scale = float(scale)
+        self._init_settings(name=name, device=device, dtype=dtype, batch_size=batch_size, scale=scale)
         self.max_length = max_length
-        self.batch_size = batch_size
         self.processor = CLIPProcessor.from_pretrained(processor_path or path)
         model = CLIPModel.from_pretrained(path).to(device=self.device, dtype=self.dtype)
         self.model = model.eval().requires_grad_(False)

@@ -17,7 +17,7 @@ from typing import Sequence, Union
 
 import torch
 
-from .base import check_batch, resolve_device, resolve_dtype
+from .base import ModelRewardBase, check_batch
 from .files import resolve_file
 from .preprocess import ImageTransform
 
@@ -31,20 +31,14 @@ def _import_open_clip():
     return open_clip
 
 
-class HPSReward:
+class HPSReward(ModelRewardBase):
     """`reward(images, prompts)` → (B,) float32 HPS score (cosine, about 0.2..0.35 for HPSv2.1)."""
 
     def __init__(self, path: str, *, arch: str = "ViT-H-14", device: Union[str, torch.device] = "auto",
                  dtype: Union[str, torch.dtype] = "float32", scale: float = 1.0, name: str = "hps",
                  batch_size: int = 32):
         open_clip = _import_open_clip()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.name = name
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
-        self.scale = float(scale)
-        self.batch_size = batch_size
+        self._init_settings(name=name, device=device, dtype=dtype, batch_size=batch_size, scale=scale)
         model = open_clip.create_model(arch, pretrained=None, device="cpu")
         ckpt = torch.load(resolve_file(path, "path"), map_location="cpu", weights_only=True)
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt

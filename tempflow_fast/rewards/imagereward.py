@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .base import check_batch, resolve_device, resolve_dtype
+from .base import ModelRewardBase, check_batch
 from .preprocess import ImageTransform
 
 _TEXT_MAX_LENGTH = 35
@@ -34,20 +34,14 @@ def _import_image_reward():
     return ImageReward
 
 
-class ImageRewardReward:
+class ImageRewardReward(ModelRewardBase):
     """`reward(images, prompts)` → (B,) float32 ImageReward score (standardised, about -2..2)."""
 
     def __init__(self, path: str = "ImageReward-v1.0", *, med_config: Optional[str] = None,
                  device: Union[str, torch.device] = "auto", dtype: Union[str, torch.dtype] = "float32",
                  scale: float = 1.0, name: str = "imagereward", batch_size: int = 32):
         ir = _import_image_reward()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.name = name
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
-        self.scale = float(scale)
-        self.batch_size = batch_size
+        self._init_settings(name=name, device=device, dtype=dtype, batch_size=batch_size, scale=scale)
         if med_config is None:
             model = ir.load(path, device=str(self.device))
         else:

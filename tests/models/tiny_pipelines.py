@@ -22,7 +22,7 @@ RESOLUTION = 32
 TEXT_LEN = 16  # CLIP context length (and T5 max_sequence_length in the tests)
 
 
-def _bytes_to_unicode():
+def bytes_to_unicode():
     """GPT-2 / CLIP byte → printable-character table (every byte gets one vocab symbol)."""
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
@@ -39,7 +39,7 @@ def clip_tokenizer():
     """A CLIP BPE tokenizer over single byte-symbols (plus their word-final forms) and a few merges."""
     from transformers import CLIPTokenizer
 
-    symbols = _bytes_to_unicode()
+    symbols = bytes_to_unicode()
     vocab = {}
     for s in symbols + [s + "</w>" for s in symbols]:
         vocab.setdefault(s, len(vocab))

@@ -8,27 +8,16 @@ from pathlib import Path
 
 import torch
 
+from tests.models.tiny_pipelines import bytes_to_unicode
+
 IMAGE_SIZE = 32
 PROJECTION_DIM = 16
-
-
-def _byte_symbols():
-    """GPT-2 / CLIP byte → printable-character table (every byte gets one vocabulary symbol)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
 
 
 def clip_processor():
     from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
 
-    symbols = _byte_symbols()
+    symbols = bytes_to_unicode()
     vocab = {}
     for s in symbols + [s + "</w>" for s in symbols]:
         vocab.setdefault(s, len(vocab))
