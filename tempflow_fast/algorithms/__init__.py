@@ -18,7 +18,8 @@ def from_config(cfg):
         t = cfg.tempflow
         return TempFlowGRPO(num_seeds=t.num_seeds, branches=t.branches, bifurcation_steps=t.bifurcation_steps,
                             bifurcation=t.bifurcation, noise_aware_weights=t.noise_aware_weights,
-                            seed_grouping=t.seed_grouping, **common)
+                            seed_grouping=t.seed_grouping, adaptive_bifurcation=t.adaptive_bifurcation,
+                            adaptive_floor=t.adaptive_floor, adaptive_budget=t.adaptive_budget, **common)
     if cfg.method == "g2rpo":
         g = cfg.g2rpo
         return G2RPO(branches=g.branches, branch_steps=g.branch_steps, granularities=tuple(g.granularities), **common)

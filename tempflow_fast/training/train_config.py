@@ -66,9 +66,16 @@ class TempFlowConfig:
     bifurcation: bool = True  # off: Flow-GRPO-style full-SDE rollouts (ablation)
     noise_aware_weights: bool = True  # w_k = Norm(s_k·sqrt(-dt_k))
     seed_grouping: bool = True  # group = (prompt, seed, k); off: (prompt, k)
+    # adaptive bifurcation: each iteration branches at adaptive_budget of bifurcation_steps (None = all), drawn
+    # in proportion to the running within-group reward spread per step, adaptive_floor of it spread uniformly
+    adaptive_bifurcation: bool = False
+    adaptive_floor: float = 0.2
+    adaptive_budget: int = 4
 
     def validate(self):
-        _positive("tempflow", num_seeds=self.num_seeds, branches=self.branches)
+        _positive("tempflow", num_seeds=self.num_seeds, branches=self.branches, adaptive_budget=self.adaptive_budget)
+        if not 0.0 <= self.adaptive_floor <= 1.0:
+            raise ValueError(f"config field 'tempflow.adaptive_floor': must be in [0, 1], got {self.adaptive_floor}")
 
 
 @dataclass

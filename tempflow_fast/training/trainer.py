@@ -21,6 +21,7 @@ import yaml
 
 from tempflow_fast import algorithms
 from tempflow_fast.algorithms.base import Rewards
+from tempflow_fast.algorithms.tempflow import step_reward_std
 from tempflow_fast.config import config_to_dict
 from tempflow_fast.sampling.engine import concat_results, rollout
 from tempflow_fast.sampling.runners import EagerRunner, make_runner
@@ -277,7 +278,15 @@ class Trainer:
 
         return collect
 
-    def _rollout(self, prompts: List[str], iteration: int):
+    def _plan_for(self, iteration: int):
+        """This iteration's rollout plan: the algorithm's per-iteration choice when it makes one (adaptive
+        bifurcation, from the checkpointed running state in counters.extra), else the fixed plan."""
+        plan_for = getattr(self.algorithm, "plan_for", None)
+        if plan_for is None:
+            return self.plan
+        return plan_for(iteration, self.counters.extra, seed=_seed_for(self.cfg.seed, 4, iteration))
+
+    def _rollout(self, prompts: List[str], iteration: int, plan=None):
         """Rollout in `train.rollout_segments` prompt segments; each segment's images are scored while the
         next segment samples (train.async_reward). Returns the merged (result, rewards)."""
         n_seg = min(self.cfg.train.rollout_segments, len(prompts))
@@ -290,7 +299,7 @@ class Trainer:
         for j in range(n_seg):
             seg = prompts[bounds[j]:bounds[j + 1]]
             seed = base if j == 0 else _seed_for(base, j)
-            r = rollout(self.model, seg, self.plan, seed=seed, runner=self.runner)
+            r = rollout(self.model, seg, self.plan if plan is None else plan, seed=seed, runner=self.runner)
             results.append(r)
             pending.append(self._submit_rewards(r, seg))
         t1 = time.perf_counter()
@@ -309,11 +318,15 @@ class Trainer:
         t0 = time.perf_counter()
         prompts = self.dist.shard(self.prompts_for(iteration))
         self.model.module.eval()
-        result, rewards = self._rollout(prompts, iteration)
+        plan = self._plan_for(iteration)
+        result, rewards = self._rollout(prompts, iteration, plan)
         t1 = time.perf_counter()
         # every rank's rewards, so global std and logged reward statistics cover the whole batch
         result, rewards = self.dist.global_view(result, rewards, num_prompts=len(prompts))
         credit = self.algorithm.credit(result, rewards, global_std=cfg.global_std)
+        observe = getattr(self.algorithm, "observe", None)
+        if observe is not None:  # running statistics for the next iterations' plans (saved with the counters)
+            observe(result, rewards, self.counters.extra)
         t2 = time.perf_counter()
         groups = build_update_batch(result, credit)
         self.model.module.train()
@@ -343,6 +356,12 @@ class Trainer:
             m[f"reward_component/{name}"] = float(raw.mean())
         if rewards.tweedie is not None:
             m["reward_tweedie_first_state"] = float(rewards.tweedie[:, 0].mean())
+        if hasattr(plan, "branches"):  # branching plans: the reward spread each branch step carried
+            for k, v in step_reward_std(r1, result).items():
+                m[f"reward_std/k{k}"] = v
+        for k, v in self.counters.extra.items():
+            if k.startswith("adaptive_spread/"):
+                m[k] = float(v)
         steps = result.states.step
         for k in sorted(set(steps.tolist())):
             m[f"step_weight/k{k}"] = float(credit.state_weights[steps == k][0])

@@ -1,0 +1,401 @@
+"""Issue 8: the methods compared on the shapes task, with the TempFlow ablations and adaptive bifurcation.
+
+Trains every method from the shipped base model at equal group size (24 images per prompt group where the
+method allows) and equal iterations, over several run seeds, with the trainer in-process; evaluates held-out
+accuracy (overall and by category) every E iterations and records, per eval point, the iteration, the
+cumulative rollout model calls (NFE) and the cumulative train-loop wall seconds. Then writes a report:
+markdown tables (mean ± std over seeds) against iterations, model calls and wall seconds, the model calls
+each method needs to reach a target accuracy and the ratio to Flow-GRPO, PNG curves, and the reward spread
+per bifurcation step of the TempFlow runs.
+
+Resumable per run: each (method, seed) trains in OUT/runs/<method>/seed<s>; a run with summary.json is
+skipped, a run with a checkpoint resumes from it (checkpoints every E iterations).
+
+    python bench/methods.py --out runs/methods                     # the full grid (hours on 2 CPU cores)
+    python bench/methods.py --quick --out /tmp/methods_quick       # CI: every method runs, report is written
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PRESETS = {
+    "flow_grpo": ROOT / "configs" / "shapes_flow_grpo.yaml",
+    "tempflow": ROOT / "configs" / "shapes_tempflow.yaml",
+    "g2rpo": ROOT / "configs" / "shapes_g2rpo.yaml",
+    "stepwise": ROOT / "configs" / "shapes_stepwise.yaml",
+}
+
+# name -> (label, preset method, overrides). Group size 24 per prompt group where the method has one.
+METHODS: Dict[str, tuple] = {
+    "flow_grpo": ("Flow-GRPO", "flow_grpo", ["flow_grpo.group_size=24"]),
+    "tempflow": ("TempFlow-GRPO", "tempflow", ["tempflow.num_seeds=4", "tempflow.branches=6"]),
+    "tempflow_no_weights": ("TempFlow w/o noise-aware weights", "tempflow",
+                            ["tempflow.num_seeds=4", "tempflow.branches=6", "tempflow.noise_aware_weights=false"]),
+    "tempflow_no_seed_grouping": ("TempFlow w/o seed grouping", "tempflow",
+                                  ["tempflow.num_seeds=4", "tempflow.branches=6", "tempflow.seed_grouping=false"]),
+    "tempflow_bifurcation_only": ("TempFlow bifurcation only", "tempflow",
+                                  ["tempflow.num_seeds=4", "tempflow.branches=6", "tempflow.noise_aware_weights=false",
+                                   "tempflow.seed_grouping=false"]),
+    "g2rpo_l1": ("G²RPO Λ={1}", "g2rpo", ["g2rpo.branches=24", "g2rpo.granularities=[1]"]),
+    "g2rpo_l123": ("G²RPO Λ={1,2,3}", "g2rpo", ["g2rpo.branches=24", "g2rpo.granularities=[1,2,3]"]),
+    "stepwise": ("Stepwise-Flow-GRPO", "stepwise", ["stepwise.group_size=24"]),
+    # candidates: every step; budget 4 = as many branch steps as the preset's fixed k in {0,1,2,3}
+    "tempflow_adaptive": ("TempFlow adaptive bifurcation", "tempflow",
+                          ["tempflow.num_seeds=4", "tempflow.branches=6", "tempflow.bifurcation_steps=null",
+                           "tempflow.adaptive_bifurcation=true", "tempflow.adaptive_budget=4",
+                           "tempflow.adaptive_floor=0.2"]),
+}
+
+# --quick: small groups, few steps, a tiny eval; only checks that every method runs and the report is made
+QUICK_OVERRIDES = [
+    "train.prompts_per_iteration=2", "sampling.num_steps=4", "eval.num_steps=4", "eval.images_per_prompt=1",
+    "flow_grpo.group_size=4", "tempflow.num_seeds=2", "tempflow.branches=2", "tempflow.bifurcation_steps=[0,1]",
+    "tempflow.adaptive_budget=1", "g2rpo.branches=2", "g2rpo.branch_steps=null", "stepwise.group_size=4",
+]
+
+
+# --- one run ------------------------------------------------------------------------------------------
+
+class EvalRecorder:
+    """Wraps the trainer's eval: records every eval point (iteration, NFE, wall seconds, accuracy table)."""
+
+    def __init__(self, inner, path: Path):
+        self.inner, self.path, self.trainer = inner, path, None
+
+    def __call__(self, model):
+        table = self.inner(model)
+        t = self.trainer
+        row = {"iteration": t.iteration, "nfe": t.counters.nfe, "wall_seconds": t.counters.wall_seconds,
+               "accuracy": table["overall"]["accuracy"],
+               "categories": {k: v["accuracy"] for k, v in table.items() if k != "overall"}}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        return table
+
+
+def method_overrides(name: str, *, seed: int, iterations: int, eval_every: int, out: Path,
+                     quick: bool = False, extra: Sequence[str] = ()) -> List[str]:
+    _, method, overrides = METHODS[name]
+    return [f"method={method}", f"output_dir={out}", f"seed={seed}", f"train.iterations={iterations}",
+            f"eval.every={eval_every}", f"checkpoint.every={eval_every}", "checkpoint.keep_last=1",
+            "log.tensorboard=false", "log.progress=false", "log.sample_every=0",
+            *overrides, *(QUICK_OVERRIDES if quick else []), *extra]
+
+
+def run_one(name: str, seed: int, out: Path, *, iterations: int, eval_every: int, quick: bool = False,
+            extra: Sequence[str] = (), model_factory: Optional[Callable] = None, reward=None,
+            eval_fn=None) -> str:
+    """Train (method, seed) into `out`, resuming when a checkpoint exists. Returns 'done', 'resumed' or 'skipped'."""
+    from tempflow_fast.config import load_config
+    from tempflow_fast.training import checkpoint as ckpt
+    from tempflow_fast.training.train_config import Config
+    from tempflow_fast.training.trainer import Trainer
+
+    if (out / "summary.json").exists():
+        return "skipped"
+    preset = PRESETS[METHODS[name][1]]
+    cfg = load_config(Config, preset, method_overrides(name, seed=seed, iterations=iterations, eval_every=eval_every,
+                                                       out=out, quick=quick, extra=extra))
+    resume = ckpt.latest_checkpoint(out / "checkpoints") is not None
+    evals = out / "evals.jsonl"
+    if not resume:  # a fresh start: no logs from an attempt that never reached a checkpoint
+        for stale in (evals, out / "metrics.jsonl"):
+            if stale.exists():
+                stale.unlink()
+    model = model_factory() if model_factory is not None else None
+    trainer = Trainer(cfg, model=model, reward=reward, eval_fn=eval_fn, resume=resume)
+    if resume:  # keep only the eval points up to the checkpoint (later ones are recomputed)
+        kept = [l for l in evals.read_text().splitlines() if l and json.loads(l)["iteration"] <= trainer.iteration] \
+            if evals.exists() else []
+        evals.write_text("".join(l + "\n" for l in kept))
+    if trainer.eval_fn is None:
+        raise ValueError(f"{name}: the trainer has no held-out eval for this config")
+    recorder = EvalRecorder(trainer.eval_fn, evals)
+    recorder.trainer = trainer
+    trainer.eval_fn = recorder
+    trainer.train()
+    return "resumed" if resume else "done"
+
+
+# --- report -------------------------------------------------------------------------------------------
+
+def _read_jsonl(path: Path) -> List[dict]:
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+
+
+def _mean_std(xs: Sequence[float]):
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return float("nan"), float("nan")
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+
+
+def _fmt(m: float, s: float, digits: int = 3) -> str:
+    return "—" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def collect(out: Path, methods: Sequence[str], seeds: Sequence[int]) -> Dict[str, dict]:
+    """{method: {"points": [{iteration, nfe, wall, acc (mean,std), categories {c: (mean,std)}, n}], "metrics": [...]}}"""
+    data = {}
+    for name in methods:
+        runs = {s: _read_jsonl(out / "runs" / name / f"seed{s}" / "evals.jsonl") for s in seeds}
+        runs = {s: r for s, r in runs.items() if r}
+        metrics = {s: _read_jsonl(out / "runs" / name / f"seed{s}" / "metrics.jsonl") for s in runs}
+        by_it: Dict[int, List[dict]] = {}
+        for rows in runs.values():
+            last = {}
+            for row in rows:  # the final eval repeats the last iteration when it is an eval point: keep the last
+                last[row["iteration"]] = row
+            for it, row in last.items():
+                by_it.setdefault(it, []).append(row)
+        points = []
+        for it in sorted(by_it):
+            rows = by_it[it]
+            cats = sorted({c for r in rows for c in r["categories"]})
+            points.append({
+                "iteration": it, "n": len(rows),
+                "nfe": _mean_std([r["nfe"] for r in rows])[0],
+                "wall": _mean_std([r["wall_seconds"] for r in rows])[0],
+                "acc": _mean_std([r["accuracy"] for r in rows]),
+                "categories": {c: _mean_std([r["categories"].get(c, float("nan")) for r in rows]) for c in cats},
+            })
+        data[name] = {"points": points, "metrics": [m for ms in metrics.values() for m in ms], "seeds": sorted(runs)}
+    return data
+
+
+def calls_to_target(points: List[dict], target: float) -> Optional[float]:
+    """Mean model calls at the first eval point whose seed-mean accuracy reaches `target` (None: not reached)."""
+    for p in points:
+        if not math.isnan(p["acc"][0]) and p["acc"][0] >= target - 1e-12:
+            return p["nfe"]
+    return None
+
+
+def _diagnostics(metrics: List[dict]) -> Dict[str, float]:
+    out = {}
+    for key in ("zero_std_ratio", "clip_frac", "reward_group_std", "reward_mean"):
+        vals = [m[key] for m in metrics if isinstance(m.get(key), (int, float)) and not math.isnan(m[key])]
+        out[key] = sum(vals) / len(vals) if vals else float("nan")
+    return out
+
+
+def step_spread(metrics: List[dict]) -> Dict[int, float]:
+    """{k: mean over logged iterations of reward_std/k{k}}."""
+    acc: Dict[int, List[float]] = {}
+    for m in metrics:
+        for key, v in m.items():
+            if key.startswith("reward_std/k"):
+                acc.setdefault(int(key[len("reward_std/k"):]), []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in sorted(acc.items())}
+
+
+def write_plots(out: Path, data: Dict[str, dict]) -> List[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    for name, d in data.items():
+        pts = d["points"]
+        if not pts:
+            continue
+        acc = [p["acc"][0] for p in pts]
+        std = [p["acc"][1] for p in pts]
+        for ax, key in zip(axes, ("iteration", "nfe", "wall")):
+            xs = [p[key] for p in pts]
+            ax.plot(xs, acc, marker="o", ms=3, label=METHODS[name][0])
+            ax.fill_between(xs, [a - s for a, s in zip(acc, std)], [a + s for a, s in zip(acc, std)], alpha=0.12)
+    for ax, label in zip(axes, ("iterations", "model calls (rollout NFE)", "train-loop wall seconds")):
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    p = out / "accuracy_curves.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, d in data.items():
+        spread = step_spread(d["metrics"])
+        if spread:
+            ax.plot(list(spread), list(spread.values()), marker="o", label=METHODS[name][0])
+    ax.set_xlabel("bifurcation step k")
+    ax.set_ylabel("within-group reward std (mean over iterations)")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = out / "reward_std_per_step.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def report(out: Path, methods: Sequence[str], seeds: Sequence[int], *, target: Optional[float] = None,
+           command: str = "") -> str:
+    """The markdown report (also written to OUT/report.md) and the PNGs next to it."""
+    data = collect(out, methods, seeds)
+    lines = ["# Methods on the shapes task", ""]
+    if command:
+        lines += ["Command:", "", "```", command, "```", ""]
+    lines += [f"Seeds: {', '.join(map(str, seeds))}. Cells: held-out accuracy, mean ± std over seeds "
+              "(std over seeds; 0 with one seed).", ""]
+
+    its = sorted({p["iteration"] for d in data.values() for p in d["points"]})
+    lines += ["## Held-out accuracy vs iterations", "",
+              "| method | " + " | ".join(str(i) for i in its) + " |", "|---|" + "---|" * len(its)]
+    for name, d in data.items():
+        by = {p["iteration"]: p for p in d["points"]}
+        lines.append(f"| {METHODS[name][0]} | " + " | ".join(_fmt(*by[i]["acc"]) if i in by else "—" for i in its) + " |")
+
+    lines += ["", "## Held-out accuracy vs model calls and wall seconds", "",
+              "Model calls: cumulative rollout NFE; wall: cumulative train-loop seconds (eval excluded); both "
+              "means over seeds.", "",
+              "| method | iteration | model calls | wall s | accuracy |", "|---|---|---|---|---|"]
+    for name, d in data.items():
+        for p in d["points"]:
+            lines.append(f"| {METHODS[name][0]} | {p['iteration']} | {p['nfe']:.0f} | {p['wall']:.1f} | {_fmt(*p['acc'])} |")
+
+    lines += ["", "## By category at the last eval point", ""]
+    cats = sorted({c for d in data.values() for p in d["points"][-1:] for c in p["categories"]})
+    lines += ["| method | iteration | " + " | ".join(cats) + " |", "|---|---|" + "---|" * len(cats)]
+    for name, d in data.items():
+        if d["points"]:
+            p = d["points"][-1]
+            lines.append(f"| {METHODS[name][0]} | {p['iteration']} | "
+                         + " | ".join(_fmt(*p["categories"].get(c, (float('nan'),) * 2)) for c in cats) + " |")
+
+    base = data.get("flow_grpo", {}).get("points", [])
+    start = [p["acc"][0] for d in data.values() for p in d["points"] if p["iteration"] == 0]
+    start_acc = sum(start) / len(start) if start else float("nan")
+    trained = [p for p in base if p["iteration"] > 0]
+    if target is None and trained:
+        target = max(p["acc"][0] for p in trained)
+        target_note = "the best seed-mean accuracy Flow-GRPO reached after iteration 0"
+    else:
+        target_note = "given with --target"
+    lines += ["", "## Headline: model calls to reach the target accuracy", ""]
+    if target is None or math.isnan(target):
+        lines.append("No target: Flow-GRPO has no trained eval points and no --target was given.")
+    else:
+        ref = calls_to_target(base, target) if base else None
+        lines += [f"Target: {target:.3f} held-out accuracy ({target_note}); the base model starts at "
+                  f"{start_acc:.3f}. Model calls: mean cumulative rollout NFE at the first eval point whose "
+                  "seed-mean accuracy reaches the target.", ""]
+        if not math.isnan(start_acc) and target <= start_acc:
+            lines += ["**The target is not above the base model's accuracy: Flow-GRPO did not improve held-out "
+                      "accuracy here, so calls-to-target compares nothing** (see the diagnostics below).", ""]
+        lines += ["| method | model calls | ratio to Flow-GRPO |", "|---|---|---|"]
+        for name, d in data.items():
+            c = calls_to_target(d["points"], target)
+            ratio = "—" if c is None or not ref else f"{c / ref:.2f}"
+            lines.append(f"| {METHODS[name][0]} | {'not reached' if c is None else f'{c:.0f}'} | {ratio} |")
+
+    lines += ["", "## Diagnostics (means over all logged iterations and seeds)", "",
+              "| method | reward mean | within-prompt reward std | zero-std groups | clip fraction |",
+              "|---|---|---|---|---|"]
+    for name, d in data.items():
+        g = _diagnostics(d["metrics"])
+        lines.append(f"| {METHODS[name][0]} | {g['reward_mean']:.3f} | {g['reward_group_std']:.3f} | "
+                     f"{g['zero_std_ratio']:.3f} | {g['clip_frac']:.4f} |")
+
+    spreads = {name: step_spread(d["metrics"]) for name, d in data.items()}
+    spreads = {k: v for k, v in spreads.items() if v}
+    if spreads:
+        ks = sorted({k for v in spreads.values() for k in v})
+        lines += ["", "## Within-group reward std per bifurcation step (mean over iterations)", "",
+                  "| method | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+        for name, v in spreads.items():
+            lines.append(f"| {METHODS[name][0]} | " + " | ".join(f"{v[k]:.3f}" if k in v else "—" for k in ks) + " |")
+
+    pngs = write_plots(out, data)
+    lines += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in pngs), ""]
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    return text
+
+
+# --- the grid -----------------------------------------------------------------------------------------
+
+def run_grid(out: Path, *, methods: Sequence[str], seeds: Sequence[int], iterations: int, eval_every: int,
+             quick: bool = False, extra: Sequence[str] = (), model_factory=None, reward=None, eval_fn=None,
+             target: Optional[float] = None, command: str = "", log=print) -> str:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        for name in methods:
+            t0 = time.perf_counter()
+            status = run_one(name, seed, out / "runs" / name / f"seed{seed}", iterations=iterations,
+                             eval_every=eval_every, quick=quick, extra=extra, model_factory=model_factory,
+                             reward=reward, eval_fn=eval_fn)
+            log(f"[methods] {name} seed {seed}: {status} ({time.perf_counter() - t0:.0f} s)")
+    return report(out, methods, seeds, target=target, command=command)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/methods", help="output folder (one sub-folder per method and seed)")
+    ap.add_argument("--quick", action="store_true", help="one seed, 2 iterations, small groups, tiny eval")
+    ap.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 (default 3; --quick: 1)")
+    ap.add_argument("--iterations", type=int, default=None, help="iterations per run (default 60; --quick: 2)")
+    ap.add_argument("--eval-every", type=int, default=None, help="eval/checkpoint interval (default 10; --quick: 1)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    ap.add_argument("--target", type=float, default=None, help="target accuracy (default: Flow-GRPO's final mean)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override (all runs)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--report-only", action="store_true", help="only rebuild the report from finished evals")
+    ap.add_argument("--no-results-md", action="store_true", help="do not write docs/results.md (full mode)")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
+    iterations = args.iterations if args.iterations is not None else (2 if args.quick else 60)
+    eval_every = args.eval_every if args.eval_every is not None else (1 if args.quick else 10)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    command = "OMP_NUM_THREADS=1 python bench/methods.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    out = Path(args.out)
+    if args.report_only:
+        text = report(out, methods, seeds, target=args.target, command=command)
+    else:
+        text = run_grid(out, methods=methods, seeds=seeds, iterations=iterations, eval_every=eval_every,
+                        quick=args.quick, extra=args.set, target=args.target, command=command)
+    print(text)
+    if not args.quick and not args.no_results_md:
+        figures = ROOT / "docs" / "results"
+        figures.mkdir(parents=True, exist_ok=True)
+        names = ("accuracy_curves.png", "reward_std_per_step.png")
+        for name in names:
+            shutil.copyfile(out / name, figures / name)
+        plots = "\n".join(f"![{n[:-4]}](results/{n})" for n in names)
+        body = "\n".join(plots if l.startswith("Plots: ") else l for l in text.splitlines())
+        (ROOT / "docs" / "results.md").write_text(body + "\n")
+        print(f"[methods] wrote {ROOT / 'docs' / 'results.md'} and {figures}")
+
+
+if __name__ == "__main__":
+    main()

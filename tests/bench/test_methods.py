@@ -1,0 +1,144 @@
+"""bench/methods.py (issue 8) on a tiny random model: every method runs in --quick settings and the report is
+written; adaptive bifurcation allocates in proportion to the running spread with a floor and resumes exactly."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tempflow_fast.algorithms.tempflow import TempFlowGRPO
+from tempflow_fast.config import load_config
+from tempflow_fast.models.tiny_flux import TinyFluxAdapter
+from tempflow_fast.training.train_config import Config
+from tempflow_fast.training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=32)
+
+
+def _load_methods():
+    spec = importlib.util.spec_from_file_location("bench_methods", ROOT / "bench" / "methods.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+methods = _load_methods()
+
+
+class BrightnessReward:
+    def __call__(self, images, prompts):
+        return images.mean(dim=(1, 2, 3)).float()
+
+
+def fake_eval(model):
+    """A deterministic stand-in for the shapes eval: depends on the weights, two categories."""
+    s = float(sum(p.detach().double().abs().sum() for p in model.module.parameters()))
+    a, b = (s * 1e3) % 1.0, (s * 1e4) % 1.0
+    return {"counting": {"accuracy": a}, "position": {"accuracy": b}, "overall": {"accuracy": (a + b) / 2}}
+
+
+def small_model():
+    return TinyFluxAdapter.create(seed=0, transformer_config=SMALL)
+
+
+TEST_OVERRIDES = ["train.learning_rate=1e-3", "train.inner_epochs=1", "stepwise.group_size=3"]
+
+
+def test_quick_runs_every_method_and_writes_the_report(tmp_path):
+    out = tmp_path / "grid"
+    kw = dict(methods=list(methods.METHODS), seeds=[0], iterations=2, eval_every=1, quick=True, extra=TEST_OVERRIDES,
+              model_factory=small_model, reward=BrightnessReward(), eval_fn=fake_eval, log=lambda *_: None)
+    text = methods.run_grid(out, command="python bench/methods.py --quick", **kw)
+    for name, (label, _, _) in methods.METHODS.items():
+        rows = [json.loads(l) for l in (out / "runs" / name / "seed0" / "evals.jsonl").read_text().splitlines()]
+        assert [r["iteration"] for r in rows] == [0, 1, 2], name
+        assert rows[0]["nfe"] == 0 and rows[2]["nfe"] > rows[1]["nfe"] > 0
+        assert set(rows[0]["categories"]) == {"counting", "position"}
+        assert (out / "runs" / name / "seed0" / "summary.json").exists()
+        assert label in text
+    assert "vs model calls" in text and "ratio to Flow-GRPO" in text and "| Flow-GRPO |" in text
+    assert (out / "report.md").read_text() == text
+    assert (out / "accuracy_curves.png").stat().st_size > 0 and (out / "reward_std_per_step.png").stat().st_size > 0
+    # TempFlow runs log the reward spread per branch step; the adaptive run its running spread
+    m = [json.loads(l) for l in (out / "runs" / "tempflow" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert {"reward_std/k0", "reward_std/k1"} <= set(m[1])
+    m = [json.loads(l) for l in (out / "runs" / "tempflow_adaptive" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert any(k.startswith("adaptive_spread/") for k in m[-2])
+    assert "per bifurcation step" in text
+    # a second call skips the finished runs and rebuilds the same report
+    before = (out / "runs" / "flow_grpo" / "seed0" / "evals.jsonl").read_text()
+    assert methods.run_grid(out, command="python bench/methods.py --quick", **kw) == text
+    assert (out / "runs" / "flow_grpo" / "seed0" / "evals.jsonl").read_text() == before
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
+    kw = dict(eval_every=1, quick=True, extra=TEST_OVERRIDES, model_factory=small_model, reward=BrightnessReward(),
+              eval_fn=fake_eval)
+    assert methods.run_one("tempflow_adaptive", 0, tmp_path / "a", iterations=2, **kw) == "done"
+    # "interrupted" after iteration 1: a finished 1-iteration run whose summary is removed
+    assert methods.run_one("tempflow_adaptive", 0, tmp_path / "b", iterations=1, **kw) == "done"
+    (tmp_path / "b" / "summary.json").unlink()
+    assert methods.run_one("tempflow_adaptive", 0, tmp_path / "b", iterations=2, **kw) == "resumed"
+    assert methods.run_one("tempflow_adaptive", 0, tmp_path / "b", iterations=2, **kw) == "skipped"
+    rows = lambda d: [(r["iteration"], r["nfe"], r["accuracy"], r["categories"])
+                      for r in map(json.loads, (tmp_path / d / "evals.jsonl").read_text().splitlines())]
+    assert rows("a") == rows("b")
+
+
+def test_adaptive_allocation_is_proportional_to_spread_with_a_floor():
+    alg = TempFlowGRPO(num_steps=5, adaptive_bifurcation=True, adaptive_floor=0.2, adaptive_budget=1)
+    state = {"adaptive_spread/k0": 3.0, "adaptive_spread/k1": 1.0, "adaptive_spread/k2": 0.0, "adaptive_spread/k3": 0.0}
+    p = alg.step_probabilities(state)
+    assert p == pytest.approx({0: 0.65, 1: 0.25, 2: 0.05, 3: 0.05})  # 0.8·s/Σs + 0.2/4
+    counts = {k: 0 for k in p}
+    for seed in range(4000):
+        (k,) = alg.choose_steps(state, seed)
+        counts[k] += 1
+    for k in p:
+        assert counts[k] / 4000 == pytest.approx(p[k], abs=0.03)
+    assert alg.choose_steps(state, 7) == alg.choose_steps(dict(state), 7)  # deterministic
+    # steps never observed get the largest spread seen; nothing observed: uniform
+    assert alg.step_probabilities({"adaptive_spread/k0": 2.0})[3] == pytest.approx(0.25)
+    assert alg.step_probabilities({}) == pytest.approx({k: 0.25 for k in range(4)})
+    # the budget picks distinct steps among the candidates
+    alg2 = TempFlowGRPO(num_steps=6, bifurcation_steps=[0, 2, 4], adaptive_bifurcation=True, adaptive_budget=2)
+    chosen = alg2.choose_steps({}, 0)
+    assert len(set(chosen)) == 2 and set(chosen) <= {0, 2, 4}
+    assert alg2.plan_for(0, {}, seed=0).bifurcation_steps == tuple(chosen)
+    # off: the fixed plan
+    assert TempFlowGRPO(num_steps=5).plan_for(0, state, seed=0) == TempFlowGRPO(num_steps=5).plan()
+
+
+def _adaptive_trainer(out, resume=False):
+    cfg = load_config(Config, None, [
+        "method=tempflow", f"output_dir={out}", "train.iterations=4", "train.prompts_per_iteration=2",
+        "log.progress=false", "log.tensorboard=false", "sampling.num_steps=5", "tempflow.num_seeds=2",
+        "tempflow.branches=3", "tempflow.adaptive_bifurcation=true", "tempflow.adaptive_budget=2",
+        "train.learning_rate=1e-3", "train.clip_range=0.2", "checkpoint.every=1"])
+    return Trainer(cfg, model=small_model(), reward=BrightnessReward(), eval_fn=fake_eval, resume=resume)
+
+
+def test_adaptive_bifurcation_resumes_exactly(tmp_path):
+    full = _adaptive_trainer(tmp_path / "a")
+    ms = [full.run_iteration(i) for i in range(4)]
+    steps = [sorted(int(k.split("/k")[1]) for k in m if k.startswith("reward_std/k")) for m in ms]
+    assert all(len(s) == 2 for s in steps)
+    assert any(k.startswith("adaptive_spread/") for k in full.counters.extra)
+    part = _adaptive_trainer(tmp_path / "b")
+    for i in range(2):
+        part.run_iteration(i)
+        part.iteration = i + 1
+        part.save()
+    resumed = _adaptive_trainer(tmp_path / "b", resume=True)
+    assert resumed.iteration == 2 and resumed.counters.extra == part.counters.extra
+    for i in (2, 3):
+        m = resumed.run_iteration(i)
+        assert m["loss"] == ms[i]["loss"]
+        assert {k: v for k, v in m.items() if k.startswith(("reward_std/", "adaptive_spread/"))} == \
+            {k: v for k, v in ms[i].items() if k.startswith(("reward_std/", "adaptive_spread/"))}
+    assert resumed.counters.extra == full.counters.extra
+    for (n, p), (_, q) in zip(full.named_params, resumed.named_params):
+        assert torch.equal(p, q), n
