@@ -258,7 +258,8 @@ def report(out: Path, methods: Sequence[str], seeds: Sequence[int], *, target: O
     if command:
         lines += ["Command:", "", "```", command, "```", ""]
     lines += [f"Seeds: {', '.join(map(str, seeds))}. Cells: held-out accuracy, mean ± std over seeds "
-              "(std over seeds; 0 with one seed).", ""]
+              "(sample std; 0 with one seed). Runs train one after another on the same machine; wall seconds "
+              "depend on its load at the time, model calls do not.", ""]
 
     its = sorted({p["iteration"] for d in data.values() for p in d["points"]})
     lines += ["## Held-out accuracy vs iterations", "",
@@ -353,6 +354,19 @@ def run_grid(out: Path, *, methods: Sequence[str], seeds: Sequence[int], iterati
     return report(out, methods, seeds, target=target, command=command)
 
 
+def write_results_md(text: str, out: Path, path: Path) -> Path:
+    """The report as `path` (docs/results.md), its PNGs copied next to it into `path` without suffix (docs/results/)."""
+    figures = path.with_suffix("")
+    figures.mkdir(parents=True, exist_ok=True)
+    names = ("accuracy_curves.png", "reward_std_per_step.png")
+    for name in names:
+        shutil.copyfile(out / name, figures / name)
+    plots = "\n".join(f"![{n[:-4]}]({figures.name}/{n})" for n in names)
+    body = "\n".join(plots if l.startswith("Plots: ") else l for l in text.splitlines())
+    path.write_text(body + "\n")
+    return path
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/methods", help="output folder (one sub-folder per method and seed)")
@@ -365,7 +379,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override (all runs)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the report from finished evals")
-    ap.add_argument("--no-results-md", action="store_true", help="do not write docs/results.md (full mode)")
+    ap.add_argument("--no-results-md", action="store_true", help="do not write the results markdown (full mode)")
+    ap.add_argument("--results-md", default=str(ROOT / "docs" / "results.md"),
+                    help="where full mode writes the report (figures go to the same path without .md)")
     args = ap.parse_args(argv)
 
     import torch
@@ -386,15 +402,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         quick=args.quick, extra=args.set, target=args.target, command=command)
     print(text)
     if not args.quick and not args.no_results_md:
-        figures = ROOT / "docs" / "results"
-        figures.mkdir(parents=True, exist_ok=True)
-        names = ("accuracy_curves.png", "reward_std_per_step.png")
-        for name in names:
-            shutil.copyfile(out / name, figures / name)
-        plots = "\n".join(f"![{n[:-4]}](results/{n})" for n in names)
-        body = "\n".join(plots if l.startswith("Plots: ") else l for l in text.splitlines())
-        (ROOT / "docs" / "results.md").write_text(body + "\n")
-        print(f"[methods] wrote {ROOT / 'docs' / 'results.md'} and {figures}")
+        path = write_results_md(text, out, Path(args.results_md))
+        print(f"[methods] wrote {path} and its figures in {path.with_suffix('')}")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,10 @@ def test_quick_runs_every_method_and_writes_the_report(tmp_path):
     m = [json.loads(l) for l in (out / "runs" / "tempflow_adaptive" / "seed0" / "metrics.jsonl").read_text().splitlines()]
     assert any(k.startswith("adaptive_spread/") for k in m[-2])
     assert "per bifurcation step" in text
+    # full mode's docs/results.md: the report with the figures copied beside it
+    md = methods.write_results_md(text, out, tmp_path / "docs" / "results.md")
+    assert "python bench/methods.py --quick" in md.read_text() and "](results/accuracy_curves.png)" in md.read_text()
+    assert (tmp_path / "docs" / "results" / "reward_std_per_step.png").exists()
     # a second call skips the finished runs and rebuilds the same report
     before = (out / "runs" / "flow_grpo" / "seed0" / "evals.jsonl").read_text()
     assert methods.run_grid(out, command="python bench/methods.py --quick", **kw) == text
