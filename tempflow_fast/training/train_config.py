@@ -166,6 +166,8 @@ class DataConfig:
     train_prompts: Optional[str] = None
     # held-out prompts scored by mean reward before/after training (non-shapes tasks); None = no such eval
     eval_prompts: Optional[str] = None
+    # shapes task: draw training prompts category by category (each GenEval category equally often)
+    balance_categories: bool = False
 
 
 @dataclass

@@ -237,14 +237,32 @@ class Trainer:
     # --- data ---------------------------------------------------------------------------------
 
     def prompts_for(self, iteration: int) -> List[str]:
-        """The prompt batch of `iteration` (0-based): consecutive slices of a seeded permutation per epoch."""
-        P, n = self.cfg.train.prompts_per_iteration, len(self.train_prompts)
+        """The prompt batch of `iteration` (0-based): consecutive slices of a seeded permutation per epoch.
+
+        With data.balance_categories the positions cycle through the categories and each category walks its
+        own seeded permutation, so every category is trained equally often whatever its share of the prompts.
+        """
+        P = self.cfg.train.prompts_per_iteration
+        pools = self._category_pools() if self.cfg.data.balance_categories else [self.train_prompts]
         out = []
         for pos in range(iteration * P, (iteration + 1) * P):
-            epoch, i = divmod(pos, n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed_for(self.cfg.seed, 1, epoch)))
-            out.append(self.train_prompts[int(perm[i])])
+            c, j = pos % len(pools), pos // len(pools)
+            pool = pools[c]
+            epoch, i = divmod(j, len(pool))
+            gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, 1, epoch, c))
+            out.append(pool[int(torch.randperm(len(pool), generator=gen)[i])])
         return out
+
+    def _category_pools(self) -> List[List[str]]:
+        if self.cfg.data.train_prompts is not None:
+            raise ValueError("config field 'data.balance_categories': needs the shapes task's prompts "
+                             "(data.train_prompts must be null)")
+        from tempflow_fast.tasks.shapes.grammar import CATEGORIES, parse
+
+        by = {c: [] for c in CATEGORIES}
+        for p in self.train_prompts:
+            by[parse(p).category].append(p)
+        return [by[c] for c in CATEGORIES if by[c]]
 
     # --- one iteration ------------------------------------------------------------------------
 

@@ -117,3 +117,17 @@ def test_lora_trains_only_adapters_and_exports_merged(tmp_path, make_trainer):
     with torch.no_grad():
         torch.testing.assert_close(merged.velocity(x, sigma, cond), tr.model.velocity(x, sigma, cond),
                                    atol=1e-5, rtol=1e-4)
+
+
+def test_balanced_categories_draw_each_category_equally(tmp_path, make_trainer):
+    from collections import Counter
+
+    from tempflow_fast.tasks.shapes.grammar import CATEGORIES, parse
+
+    tr = make_trainer(tmp_path, "flow_grpo", "data.balance_categories=true", "train.prompts_per_iteration=6")
+    drawn = [p for it in range(5) for p in tr.prompts_for(it)]
+    assert Counter(parse(p).category for p in drawn) == {c: 5 for c in CATEGORIES}
+    assert tr.prompts_for(3) == tr.prompts_for(3)  # deterministic (resume relies on it)
+    with pytest.raises(ValueError, match="data.balance_categories"):
+        tr.cfg.data.train_prompts = "prompts.txt"
+        tr.prompts_for(0)
