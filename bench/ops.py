@@ -45,15 +45,14 @@ import datetime
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
 
 import torch
 
-import tempflow_fast
 from tempflow_fast import ops
+from tempflow_fast.bench.results import device_name, version
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 SHAPES = {"flux-1024": (4, 6, 4096 * 64), "small": (4, 6, 4096)}  # (N shared means, K samples, D)
@@ -239,27 +238,6 @@ def max_grad_difference(t, name, baseline_grad, baseline_loss):
     loss = fwd_bwd(provider_fn(name), t).detach()
     return (abs(float(loss) - float(baseline_loss)),
             float((t["mean"].grad.float() - baseline_grad.float()).abs().max()))
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model} ({torch.get_num_threads()} threads)"
-
-
-def version():
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)), check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        rev = "nogit"
-    return f"{tempflow_fast.__version__}+{rev} torch {torch.__version__}"
 
 
 # main -------------------------------------------------------------------------------------------

@@ -33,6 +33,23 @@ def cond_batch_size(cond: Cond) -> int:
     return next(iter(cond.values())).shape[0]
 
 
+def check_velocity_inputs(x: torch.Tensor, sigma, cond: Cond, latent_shape: tuple) -> torch.Tensor:
+    """Validate an adapter's `velocity(x, sigma, cond)` arguments; returns sigma as a (B,) fp32 tensor
+    (a scalar sigma is broadcast to every row)."""
+    if tuple(x.shape[1:]) != tuple(latent_shape) or x.ndim != len(latent_shape) + 1:
+        raise ValueError(f"x must be (B, {', '.join(map(str, latent_shape))}); got {tuple(x.shape)}")
+    b = x.shape[0]
+    sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(b)
+    if sigma.shape != (b,):
+        raise ValueError(f"sigma must be (B,) = ({b},) or a scalar; got {tuple(sigma.shape)}")
+    for name, t in cond.items():
+        if t.shape[0] != b:
+            raise ValueError(f"cond batch {t.shape[0]} (cond[{name!r}]) does not match x batch {b}")
+    return sigma
+
+
 @runtime_checkable
 class FlowModelAdapter(Protocol):
     """What the rollout engine and the trainer need from a model.

@@ -21,7 +21,7 @@ from typing import List, Optional, Union
 
 import torch
 
-from .base import Cond
+from .base import Cond, check_velocity_inputs
 from .text_cache import CachedTextPipelineMixin, PromptCache
 
 # LoRA targets of Flow-GRPO's FLUX recipe (scripts/train_flux.py): the attention projections of
@@ -112,17 +112,9 @@ class FluxAdapter(CachedTextPipelineMixin):
     # --- transformer --------------------------------------------------------------------------
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
-        if x.ndim != 3 or tuple(x.shape[1:]) != self.latent_shape:
-            raise ValueError(f"x must be (B, {self.latent_shape[0]}, {self.latent_shape[1]}); got {tuple(x.shape)}")
+        sigma = check_velocity_inputs(x, sigma, cond, self.latent_shape)
         b = x.shape[0]
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(b)
-        if sigma.shape != (b,):
-            raise ValueError(f"sigma must be (B,) = ({b},) or a scalar; got {tuple(sigma.shape)}")
         embeds, pooled = cond["prompt_embeds"], cond["pooled_projections"]
-        if embeds.shape[0] != b or pooled.shape[0] != b:
-            raise ValueError(f"cond batch {embeds.shape[0]} does not match x batch {b}")
         dtype = self.dtype
         guidance = None
         if self.module.config.guidance_embeds:

@@ -20,7 +20,7 @@ from typing import List, Optional, Union
 
 import torch
 
-from .base import Cond
+from .base import Cond, check_velocity_inputs
 from .text_cache import CachedTextPipelineMixin, PromptCache
 
 # LoRA targets of Flow-GRPO's SD3.5 recipe (scripts/train_sd3.py): the attention projections of
@@ -97,17 +97,9 @@ class SD3Adapter(CachedTextPipelineMixin):
     # --- transformer --------------------------------------------------------------------------
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
-        if x.ndim != 4 or tuple(x.shape[1:]) != self.latent_shape:
-            raise ValueError(f"x must be (B, {', '.join(map(str, self.latent_shape))}); got {tuple(x.shape)}")
+        sigma = check_velocity_inputs(x, sigma, cond, self.latent_shape)
         b = x.shape[0]
-        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(b)
-        if sigma.shape != (b,):
-            raise ValueError(f"sigma must be (B,) = ({b},) or a scalar; got {tuple(sigma.shape)}")
         embeds, pooled = cond["prompt_embeds"], cond["pooled_projections"]
-        if embeds.shape[0] != b or pooled.shape[0] != b:
-            raise ValueError(f"cond batch {embeds.shape[0]} does not match x batch {b}")
         dtype = self.dtype
         t = sigma * 1000.0
         if self.do_cfg:

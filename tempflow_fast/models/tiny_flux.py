@@ -22,7 +22,7 @@ from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .base import Cond
+from .base import Cond, check_velocity_inputs
 
 IMAGE_SIZE = 16
 CHANNELS = 3
@@ -171,17 +171,8 @@ class TinyFluxAdapter:
         return {"token_ids": self.tokenize(prompts).to(self.device)}
 
     def velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: Cond) -> torch.Tensor:
-        if x.ndim != 3 or tuple(x.shape[1:]) != self.latent_shape:
-            raise ValueError(f"x must be (B, {self.latent_shape[0]}, {self.latent_shape[1]}); got {tuple(x.shape)}")
-        sigma = torch.as_tensor(sigma, device=x.device)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(x.shape[0])
-        if sigma.shape != (x.shape[0],):
-            raise ValueError(f"sigma must be (B,) = ({x.shape[0]},) or a scalar; got {tuple(sigma.shape)}")
-        token_ids = cond["token_ids"]
-        if token_ids.shape[0] != x.shape[0]:
-            raise ValueError(f"cond batch {token_ids.shape[0]} does not match x batch {x.shape[0]}")
-        return self.module(x, sigma, token_ids)
+        sigma = check_velocity_inputs(x, sigma, cond, self.latent_shape)
+        return self.module(x, sigma, cond["token_ids"])
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], (B, 3, 16, 16) → latents (B, 64, 12) in [-1, 1]."""

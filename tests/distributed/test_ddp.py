@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tempflow_fast.models.base import cat_cond
+from tempflow_fast.sampling.engine import concat_results
 from tempflow_fast.training import trainer as trainer_mod
 from tempflow_fast.training.distributed import DistContext
 
@@ -25,55 +25,6 @@ common = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(common)
 
 WORLD = 2
-
-
-def concat_rollouts(results):
-    """One RolloutResult from per-rank results, ids offset as if one process had sampled them all."""
-    from dataclasses import replace
-
-    from tempflow_fast.sampling.accounting import RolloutStats
-
-    p_off = s_off = t_off = 0
-    parts = []
-    for r in results:
-        n_prompts = int(r.trunk_prompt.max()) + 1
-        parts.append(dict(
-            states=replace(r.states, prompt=r.states.prompt + p_off),
-            samples=replace(r.samples, state=r.samples.state + s_off, trajectory=r.samples.trajectory + t_off),
-            trajectories=replace(r.trajectories, prompt=r.trajectories.prompt + p_off),
-            trunk_prompt=r.trunk_prompt + p_off,
-        ))
-        p_off, s_off, t_off = p_off + n_prompts, s_off + len(r.states), t_off + len(r.trajectories)
-
-    def cat_fields(objs):
-        first = objs[0]
-        return replace(first, **{f: torch.cat([getattr(o, f) for o in objs]) for f in first.__dataclass_fields__})
-
-    def cat_opt(xs):
-        return None if xs[0] is None else torch.cat(xs)
-
-    stats = RolloutStats()
-    for r in results:
-        for k, v in r.stats.nfe.items():
-            stats.nfe[k] += v
-        for k, v in r.stats.images.items():
-            stats.images[k] += v
-    first = results[0]
-    return replace(
-        first,
-        states=cat_fields([p["states"] for p in parts]),
-        samples=cat_fields([p["samples"] for p in parts]),
-        trajectories=cat_fields([p["trajectories"] for p in parts]),
-        final_latents={lam: torch.cat([r.final_latents[lam] for r in results]) for lam in first.final_latents},
-        images={lam: torch.cat([r.images[lam] for r in results]) for lam in first.images},
-        trunk_prompt=torch.cat([p["trunk_prompt"] for p in parts]),
-        trunk_seed=torch.cat([r.trunk_seed for r in results]),
-        trunk_latents=cat_opt([r.trunk_latents for r in results]),
-        trunk_images=cat_opt([r.trunk_images for r in results]),
-        tweedie_images=cat_opt([r.tweedie_images for r in results]),
-        cond=cat_cond([r.cond for r in results]),
-        stats=stats,
-    )
 
 
 def one_process_reference(run_dir, method, extra, monkeypatch):
@@ -87,7 +38,7 @@ def one_process_reference(run_dir, method, extra, monkeypatch):
     def per_rank_rollouts(model, prompts, plan, *, seed, runner):
         it = seed_to_iteration[seed]
         shards = [DistContext(r, WORLD).shard(prompts) for r in range(WORLD)]
-        return concat_rollouts([real_rollout(model, shard, plan, seed=trainer_mod._seed_for(0, 2, it, r),
+        return concat_results([real_rollout(model, shard, plan, seed=trainer_mod._seed_for(0, 2, it, r),
                                              runner=runner) for r, shard in enumerate(shards)])
 
     monkeypatch.setattr(trainer_mod, "rollout", per_rank_rollouts)
