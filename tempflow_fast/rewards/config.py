@@ -36,6 +36,10 @@ class RewardConfig:
     # weights: a folder or hub id (pickscore, clip: the CLIPModel; aesthetic: its CLIP model), or one file /
     # 'owner/repo/file' (hps: the HPS checkpoint; imagereward: the checkpoint or 'ImageReward-v1.0')
     path: Optional[str] = None
+    # shapes: "strict" = 1 for exactly the prompted scene else 0 (GenEval's accuracy); "partial" = the mean of
+    # per-requirement sub-scores (GenEval's lenient score, what Flow-GRPO's GenEval reward trains on); the
+    # eval is strict either way
+    shapes_score: Literal["strict", "partial"] = "strict"
     # pickscore: the CLIP processor folder/hub id it was trained with (default: path when that folder holds
     # a processor config, else laion/CLIP-ViT-H-14-laion2B-s32B-b79K); clip: the processor (default: path);
     # imagereward: its med_config.json (needed offline)
@@ -82,6 +86,9 @@ class RewardConfig:
             raise ValueError(f"components is only for name 'composite', got name {self.name!r}")
         if self.scale != 1.0 and self.name not in _SCALED:
             raise ValueError(f"scale applies to {list(_SCALED)} only, got scale {self.scale} for {self.name!r}")
+        if self.shapes_score != "strict" and self.name != "shapes":
+            raise ValueError(f"shapes_score applies to the 'shapes' reward only, got {self.shapes_score!r} for "
+                             f"{self.name!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.timeout_s > 0:
@@ -111,7 +118,7 @@ def _build_one(cfg: RewardConfig):
     if cfg.name == "shapes":
         from tempflow_fast.tasks.shapes.detector import ShapesReward
 
-        return ShapesReward()
+        return ShapesReward(mode=cfg.shapes_score)
     if cfg.name == "pickscore":
         from .clip_score import pickscore
 

@@ -140,6 +140,8 @@ def test_config_from_yaml_with_components(tmp_path):
     (["name=aesthetic", "path=/x"], "head_path"),
     (["name=server"], "url is required"),
     (["name=shapes", "scale=2.0"], "scale applies to"),
+    (["name=clip", "path=/x", "shapes_score=partial"], "shapes_score applies to the 'shapes' reward only"),
+    (["name=shapes", "shapes_score=lenient"], "shapes_score.*expected one of"),
     (["name=server", "url=http://x/", "timeout_s=0"], "timeout_s must be > 0"),
     (["name=hps", "path=/x", "device=tpu"], "device must be"),
     (["name=clip", "dtype=float64"], "expected one of"),
@@ -154,6 +156,11 @@ def test_config_errors_name_the_field(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match) as info:
         load_config(RewardConfig, path)
     assert "components[0]" in str(info.value)
+
+
+def test_shapes_score_reaches_the_reward():
+    assert build_reward(RewardConfig(name="shapes")).mode == "strict"
+    assert build_reward(RewardConfig(name="shapes", shapes_score="partial")).mode == "partial"
 
 
 def test_composite_config_needs_components_and_no_nesting():

@@ -102,3 +102,36 @@ def test_overall_is_mean_of_categories():
     assert table["single_object"]["accuracy"] == 1.0 and table["position"]["accuracy"] == pytest.approx(1 / 6)
     assert table["overall"]["accuracy"] == pytest.approx((1 + 1 / 6) / 2)
     assert table["overall"]["image_accuracy"] == pytest.approx(3 / 8)
+
+
+def test_partial_score_is_one_exactly_where_strict_is(ground_truth):
+    prompts, _, det = ground_truth
+    assert bool((detector.partial_score(det, prompts) == 1).all())
+    others = [grammar.ALL_PROMPTS[(7 * i + 3) % len(grammar.ALL_PROMPTS)] for i in range(len(prompts))]
+    score, ok = detector.partial_score(det, others), detector.judge(det, others)
+    assert bool(((score == 1) == ok).all()) and bool((score >= 0).all())
+    assert 0 < float(score[~ok].mean()) < 1  # wrong images still get partial credit, but never full
+
+
+@pytest.mark.parametrize("drawn, asked, expected", [
+    ("two blue squares", "three blue squares", 2 / 3),  # one square short of three
+    ("a red square", "a red square left of a blue square", 1 / 3),  # red right; blue and the relation missing
+    ("a red square and a green square", "red squares", 1 / 2),  # the red is there; an unasked green too
+    ("three yellow squares", "a yellow square", 0.0),  # |3 - 1| / 1 ≥ 1
+    ("a red square left of a blue square", "a red square right of a blue square", 2 / 3),  # relation wrong
+])
+def test_partial_score_values(drawn, asked, expected):
+    images = render.render([drawn] * 4, np.random.default_rng(2))
+    got = detector.partial_score(detector.detect(images), [asked] * 4)
+    assert torch.allclose(got, torch.full((4,), expected)), got
+
+
+def test_reward_modes():
+    prompts = ["two blue squares", "three blue squares"]
+    images = render.render(["two blue squares"] * 2, np.random.default_rng(3))
+    assert ShapesReward()(images, prompts).tolist() == [1.0, 0.0]
+    partial = ShapesReward(mode="partial")
+    assert torch.allclose(partial(images, prompts), torch.tensor([1.0, 2 / 3]))
+    assert partial.details["counting"]["accuracy"] == 0.5  # details stay strict
+    with pytest.raises(ValueError, match="mode"):
+        ShapesReward(mode="lenient")

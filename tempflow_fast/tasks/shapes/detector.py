@@ -117,6 +117,41 @@ def judge(det: Detections, prompts: Sequence[str]) -> torch.Tensor:
     return ok & (~t["has_rel"] | rel_ok) & (det.oversized == 0)
 
 
+def partial_score(det: Detections, prompts: Sequence[str]) -> torch.Tensor:
+    """Per-image lenient score (B,) in [0, 1], the shapes analogue of GenEval's non-strict score that
+    Flow-GRPO's GenEval reward trains on: the mean of one sub-score per requirement the image is judged on.
+
+    - every colour the prompt asks for: 1 − |found − asked| / asked, floored at 0 (``colors``: 1 when at
+      least one square of the colour is there, else 0);
+    - every colour the prompt does not ask for but the image has: 0;
+    - ``position``: the relation, 1 when it holds, else 0;
+    - any blob too big to be a square: one more 0.
+
+    The score is 1 exactly when `judge` says the image is correct, so its maximiser is the strict reward's;
+    below 1 it tells apart "one square short" from "nothing right".
+    """
+    if det.counts.shape[0] != len(prompts):
+        raise ValueError(f"detections have {det.counts.shape[0]} rows but prompts has {len(prompts)}")
+    specs = [parse(p) for p in prompts]
+    t = _spec_tensors(specs, det.counts.device)
+    found = det.counts.float()
+    k = found.shape[1]
+    is_colors = t["colour"] >= 0
+    asked = torch.where(is_colors[:, None],
+                        F.one_hot(t["colour"].clamp_min(0), k).float(),  # colors: "at least one" of the colour
+                        t["counts"].float().clamp_min(0))
+    wanted = asked > 0
+    sub_count = (1 - (found - asked).abs() / asked.clamp_min(1)).clamp_min(0)
+    sub_colors = (found >= 1).float()
+    subs = torch.where(is_colors[:, None], sub_colors, sub_count) * wanted
+    n_subs = wanted.sum(1) + ((~wanted) & (found > 0)).sum(1) + t["has_rel"].long() + (det.oversized > 0).long()
+    rows = torch.arange(len(specs), device=det.counts.device)
+    offset = (det.centroids[rows, t["second"]] - det.centroids[rows, t["first"]]).gather(1, t["axis"][:, None])
+    rel_ok = torch.nan_to_num(offset.squeeze(1) * t["sign"], nan=0.0) > SIDE / 2
+    total = subs.sum(1) + (t["has_rel"] & rel_ok).float()
+    return total / n_subs
+
+
 def accuracy_by_category(correctness: torch.Tensor, prompts: Sequence[str]) -> Dict[str, Dict[str, float]]:
     """{category: {"accuracy", "correct", "count"}} plus "overall".
 
@@ -139,19 +174,30 @@ def accuracy_by_category(correctness: torch.Tensor, prompts: Sequence[str]) -> D
 
 
 class ShapesReward:
-    """Binary reward: `reward(images, prompts)` → (B,) float32 in {0, 1}, 1 where the detector
-    finds exactly the scene the prompt describes. `details` holds the per-category breakdown of
-    the last call; `reward.breakdown(images, prompts)` computes it without a reward call."""
+    """The shapes task's reward: `reward(images, prompts)` → (B,) float32.
+
+    mode "strict" (GenEval's accuracy): 1 where the detector finds exactly the scene the prompt describes,
+    else 0. mode "partial": `partial_score`, the lenient per-requirement score (1 exactly where strict is 1).
+    Either way `details` holds the strict per-category breakdown of the last call, and
+    `reward.breakdown(images, prompts)` computes it without a reward call.
+    """
 
     name = "shapes_detector"
+    MODES = ("strict", "partial")
 
-    def __init__(self):
+    def __init__(self, mode: str = "strict"):
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        self.mode = mode
         self.details: Dict[str, Dict[str, float]] = {}
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        ok = correct(images, prompts)
+        if images.shape[0] != len(prompts):
+            raise ValueError(f"images has {images.shape[0]} rows but prompts has {len(prompts)}")
+        det = detect(images)
+        ok = judge(det, prompts)
         self.details = accuracy_by_category(ok, prompts)
-        return ok.float()
+        return partial_score(det, prompts).float() if self.mode == "partial" else ok.float()
 
     def breakdown(self, images: torch.Tensor, prompts: Sequence[str]) -> Dict[str, Dict[str, float]]:
         return accuracy_by_category(correct(images, prompts), prompts)
