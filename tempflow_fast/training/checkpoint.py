@@ -5,10 +5,13 @@ Layout: `<output_dir>/checkpoints/iter-000012/` holding
   ema.safetensors        EMA shadow weights (when EMA is on)
   state.pt               optimizer, RNG states (python, numpy, torch, cuda), data position, counters
   config.yaml            the resolved config of the run
+  deepspeed/             DeepSpeed's per-rank shards (distributed.backend: deepspeed; training/zero.py)
   COMPLETE               written last; a folder without it is not a checkpoint
 
 A checkpoint is written into `iter-000012.tmp-<pid>/`, flushed, then renamed into place (rename is atomic
 on POSIX), so a kill at any moment leaves either the previous checkpoint or the new one, never a torn one.
+Files written by several processes (DeepSpeed's shards) go first into `iter-000012.staging/`
+(`staging_dir`), which `save_checkpoint(staged=...)` then completes and renames the same way.
 Only the newest `keep_last` complete checkpoints are kept.
 """
 
@@ -58,6 +61,19 @@ def _contiguous(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
+def staging_dir(root: str | Path, iteration: int) -> Path:
+    """Where every process of a run writes its part of checkpoint `iteration` before it is completed (the same
+    name on every rank; never a checkpoint itself: `list_checkpoints` does not match it)."""
+    return Path(root) / f"iter-{iteration:06d}.staging"
+
+
+def clear_staging(path: Path) -> None:
+    """An empty staging folder (a previous, interrupted write's leftovers removed)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
 def save_checkpoint(
     root: str | Path,
     iteration: int,
@@ -67,17 +83,20 @@ def save_checkpoint(
     config_yaml: str,
     ema_state: Optional[Dict[str, torch.Tensor]] = None,
     keep_last: int = 2,
+    staged: Optional[Path] = None,
 ) -> Path:
-    """Write checkpoint `iteration` atomically under `root`; returns its final path."""
+    """Write checkpoint `iteration` atomically under `root`; returns its final path. `staged`: the
+    `staging_dir` already holding other processes' files, completed and renamed with the rest."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"iter-{iteration:06d}"
-    tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    if staged is not None:
+        tmp = Path(staged)
+    else:
+        tmp = root / f"{final.name}.tmp-{os.getpid()}"
+        clear_staging(tmp)
     save_file(_contiguous(model_state), str(tmp / "model.safetensors"))
     if ema_state is not None:
         save_file(_contiguous(ema_state), str(tmp / "ema.safetensors"))
@@ -87,9 +106,10 @@ def save_checkpoint(
         fh.write(f"{iteration}\n")
         fh.flush()
         os.fsync(fh.fileno())
-    for name in os.listdir(tmp):
-        with open(tmp / name, "rb") as fh:
-            os.fsync(fh.fileno())
+    for folder, _, names in os.walk(tmp):
+        for name in names:
+            with open(Path(folder) / name, "rb") as fh:
+                os.fsync(fh.fileno())
     if final.exists():  # re-saving the same iteration (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
