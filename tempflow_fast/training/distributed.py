@@ -29,6 +29,11 @@ noises depend on it). Logging, progress bars and exports happen on rank 0 only (
 rank 0 logs: rewards, reward statistics, zero-std ratio, loss, clip fraction and KL of the global
 batch; NFE, image and policy-pass counts (per iteration and the run's totals) of rank 0's own shard.
 
+DeepSpeed ZeRO-2/3 (`distributed.backend: deepspeed`, full fine-tuning) shares everything above but the
+update's gradient reduction, optimizer and clipping, which its engine owns (training/zero.py). Both paths
+give the trainer the same per-step interface: `backward(loss)` per micro-batch (`discard(loss)` for a
+non-finite one), then `finish(ok)`.
+
 Backend: nccl when CUDA is available (the model must then live on `cuda:<local_rank>`), gloo otherwise;
 TEMPFLOW_FAST_DIST_BACKEND=gloo|nccl overrides the choice (gloo for a CPU model on a GPU machine).
 
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -179,6 +185,39 @@ class DistContext:
         trunk = None if rewards.trunk is None else self.all_gather_rows(rewards.trunk)[0]
         return (dataclasses.replace(result, trajectories=trajectories, samples=samples),
                 dataclasses.replace(rewards, final=final, tweedie=tweedie, trunk=trunk))
+
+
+class DataParallelStep:
+    """The backward passes of one optimizer step on the explicit all-reduce path (also one process):
+    gradients accumulate locally, are summed over ranks once, clipped, and the optimizer steps."""
+
+    padding_passes = 0  # every rank runs only its own micro-batches
+
+    def __init__(self, ctx: DistContext, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                 grad_clip: float):
+        self.ctx, self.optimizer, self.params, self.grad_clip = ctx, optimizer, list(params), grad_clip
+        optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def discard(self, loss: torch.Tensor) -> None:
+        """A non-finite loss: nothing to run (finish(ok=False) skips the step)."""
+
+    def finish(self, ok: bool) -> Tuple[bool, float]:
+        """`ok`: this rank's losses were finite. Returns (step applied, gradient norm before clipping); a step
+        whose loss or gradient is not finite on any rank is skipped on every rank."""
+        ok = self.ctx.all_true(ok)  # every rank skips together, or the weights would diverge
+        grad_norm = math.nan
+        if ok:
+            self.ctx.all_reduce_gradients(self.params)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
+            ok = math.isfinite(grad_norm)
+        if not ok:
+            self.optimizer.zero_grad(set_to_none=True)
+            return False, math.nan
+        self.optimizer.step()
+        return True, grad_norm
 
 
 def _comm_device() -> torch.device:

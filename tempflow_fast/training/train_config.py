@@ -171,6 +171,25 @@ class DataConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How the ranks of a `torchrun` / `deepspeed` launch share the update (one process: ignored)."""
+
+    backend: Literal["ddp", "deepspeed"] = "ddp"  # ddp: explicit gradient all-reduce (full or LoRA, distributed.py);
+    #   deepspeed: ZeRO engine, full fine-tune only (zero.py)
+    zero_stage: Optional[int] = None  # deepspeed: 2 shards optimizer state + gradients, 3 also the parameters;
+    #   None = deepspeed_config's zero_optimization.stage, else 2
+    deepspeed_config: Optional[str] = None  # deepspeed: JSON of DeepSpeed settings (zero_optimization tuning, bf16,
+    #   ...), e.g. configs/deepspeed_zero3.json; optimizer, clipping and batch sizes come from `train`
+
+    def validate(self):
+        if self.zero_stage is not None and self.zero_stage not in (2, 3):
+            raise ValueError(f"config field 'distributed.zero_stage': must be 2 or 3, got {self.zero_stage}")
+        if self.backend == "ddp" and (self.zero_stage is not None or self.deepspeed_config is not None):
+            raise ValueError("config field 'distributed.backend': zero_stage and deepspeed_config need "
+                             "backend 'deepspeed', got 'ddp'")
+
+
+@dataclass
 class Config:
     method: Literal["flow_grpo", "tempflow", "g2rpo", "stepwise"] = "tempflow"
     output_dir: str = "runs/default"
@@ -187,3 +206,4 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)

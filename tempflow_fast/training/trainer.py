@@ -9,8 +9,10 @@ resumed run computes the same numbers as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ from tempflow_fast.training.metrics_log import MetricsLogger
 from tempflow_fast.training.train_config import Config
 from tempflow_fast.rewards.config import build_reward
 from tempflow_fast.training.update import build_update_batch, finite, policy_loss
+from tempflow_fast.models.base import select_cond
 
 
 def read_prompts(path: str, field_name: str) -> List[str]:
@@ -92,6 +95,7 @@ class Counters:
     samples_scored: int = 0  # samples the fused loss scored
     optimizer_steps: int = 0
     skipped_nonfinite: int = 0
+    padding_passes: int = 0  # ZeRO: forward+backward rows run with a zero loss so every rank runs as many passes
     wall_seconds: float = 0.0
     extra: Dict[str, float] = field(default_factory=dict)
 
@@ -135,8 +139,8 @@ class Trainer:
             from tempflow_fast.rewards.async_scorer import AsyncScorer
 
             self.scorer = AsyncScorer(self.reward)
+        self._checkpoint = self._checkpoint_to_resume() if resume else None  # refused before any engine is built
         self._setup_params()
-        self.dist.broadcast_parameters([p for _, p in self.named_params])
         self.counters = Counters()
         self.iteration = 0
         self.eval_before: Optional[Dict] = None
@@ -214,6 +218,7 @@ class Trainer:
         self.named_params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not self.named_params:
             raise ValueError("the model has no trainable parameters")
+        self.dist.broadcast_parameters([p for _, p in self.named_params])  # before any copy is taken
         self.reference = None
         if cfg.beta > 0:
             if self.lora:
@@ -230,9 +235,26 @@ class Trainer:
                 frozen.module = copy.deepcopy(module).requires_grad_(False)
                 reference = frozen.velocity
             self.reference = reference
-        self.optimizer = torch.optim.AdamW([p for _, p in self.named_params], lr=cfg.learning_rate,
-                                           betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
-        self.ema = EMA(self.named_params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.zero = None  # the DeepSpeed engine (distributed.backend: deepspeed), which then owns the optimizer
+        self.policy = self.model  # the adapter the policy forward of the update goes through
+        if self.cfg.distributed.backend == "deepspeed":
+            from tempflow_fast.training.zero import ZeroEngine
+
+            self.zero = ZeroEngine(self.model, self.named_params, self.cfg, self.dist)
+            self.policy, self.optimizer = self.zero.policy, None
+        else:
+            self.optimizer = torch.optim.AdamW([p for _, p in self.named_params], lr=cfg.learning_rate,
+                                               betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+        with self._full_parameters():
+            self.ema = EMA(self.named_params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+    def _full_parameters(self, modify: bool = False):
+        """Context in which the trainable parameters hold whole tensors (ZeRO-3 partitions them; collective)."""
+        return self.zero.full_parameters(modify) if self.zero is not None else contextlib.nullcontext()
+
+    def _swap_ema(self) -> None:
+        with self._full_parameters(modify=True):
+            self.ema.swap()
 
     # --- data ---------------------------------------------------------------------------------
 
@@ -400,46 +422,39 @@ class Trainer:
         cfg = self.cfg.train
         total = self.dist.all_sum(sum(g.num_samples for g in groups))  # the loss is a mean over the global batch
         stats = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "kl": 0.0, "grad_norm": 0.0, "policy_passes": 0,
-                 "skipped_nonfinite": 0}
+                 "padding_passes": 0, "skipped_nonfinite": 0}
         if total == 0:
             return stats
         gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, 3, iteration))
         sigma_max = float(result.sigmas[1])
         n_stats = 0
+        num_micro_batches = sum(math.ceil(len(g) / cfg.states_per_forward) for g in groups)
         for _epoch in range(cfg.inner_epochs):
-            self.optimizer.zero_grad(set_to_none=True)
+            step = self._begin_step(num_micro_batches, result)
             ok = True
-            for g in groups:
-                order = torch.randperm(len(g), generator=gen).to(g.sigma.device)
-                for start in range(0, len(g), cfg.states_per_forward):
-                    mb = g.take(order[start:start + cfg.states_per_forward])
-                    loss, out = policy_loss(
-                        self.model, mb, cond=result.cond, sde=result.sde, noise_level=result.noise_level,
-                        sigma_max=sigma_max, total_samples=total, clip_range=cfg.clip_range, adv_clip=cfg.adv_clip,
-                        beta=cfg.beta, kl_convention=cfg.kl_convention, reference=self.reference,
-                    )
-                    stats["policy_passes"] += len(mb)
-                    self.counters.policy_passes += len(mb)
-                    self.counters.samples_scored += mb.num_samples
-                    if not finite(loss):
-                        ok = False
-                        break
-                    loss.backward()
-                    share = mb.num_samples / total
-                    stats["loss"] += float(loss.detach())
-                    stats["clip_frac"] += float(out.clip_frac.detach()) * share
-                    stats["approx_kl"] += float(out.approx_kl.detach()) * share
-                    stats["kl"] += float(out.kl.detach()) * share
-                if not ok:
+            for mb in self._micro_batches(groups, gen):
+                loss, out = policy_loss(
+                    self.policy, mb, cond=result.cond, sde=result.sde, noise_level=result.noise_level,
+                    sigma_max=sigma_max, total_samples=total, clip_range=cfg.clip_range, adv_clip=cfg.adv_clip,
+                    beta=cfg.beta, kl_convention=cfg.kl_convention, reference=self.reference,
+                )
+                stats["policy_passes"] += len(mb)
+                self.counters.policy_passes += len(mb)
+                self.counters.samples_scored += mb.num_samples
+                if not finite(loss):
+                    ok = False
+                    step.discard(loss)
                     break
-            params = [p for _, p in self.named_params]
-            ok = self.dist.all_true(ok)  # every rank skips together, or the weights would diverge
-            if ok:
-                self.dist.all_reduce_gradients(params)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                ok = finite(grad_norm)
+                step.backward(loss)
+                share = mb.num_samples / total
+                stats["loss"] += float(loss.detach())
+                stats["clip_frac"] += float(out.clip_frac.detach()) * share
+                stats["approx_kl"] += float(out.approx_kl.detach()) * share
+                stats["kl"] += float(out.kl.detach()) * share
+            ok, grad_norm = step.finish(ok)  # agreed by every rank
+            stats["padding_passes"] += step.padding_passes
+            self.counters.padding_passes += step.padding_passes
             if not ok:
-                self.optimizer.zero_grad(set_to_none=True)
                 stats["skipped_nonfinite"] += 1
                 self.counters.skipped_nonfinite += 1
                 print(f"[tempflow-fast] iteration {iteration + 1}: non-finite loss or gradient, update skipped "
@@ -450,11 +465,11 @@ class Trainer:
                         f"(train.max_nonfinite_skips = {cfg.max_nonfinite_skips}); lower train.learning_rate "
                         f"or check the reward")
                 continue
-            self.optimizer.step()
             self.counters.optimizer_steps += 1
             if self.ema is not None:
-                self.ema.update()
-            stats["grad_norm"] += float(grad_norm)
+                with self._full_parameters():
+                    self.ema.update()
+            stats["grad_norm"] += grad_norm
             n_stats += 1
         self.dist.sum_into(stats, ("loss", "clip_frac", "approx_kl", "kl"))  # each rank held its share
         for k in ("loss", "clip_frac", "approx_kl", "kl"):
@@ -462,50 +477,90 @@ class Trainer:
         stats["grad_norm"] /= max(1, n_stats)
         return stats
 
+    def _micro_batches(self, groups, gen: torch.Generator):
+        """Each group's states in a random order (from `gen`), train.states_per_forward at a time."""
+        size = self.cfg.train.states_per_forward
+        for g in groups:
+            order = torch.randperm(len(g), generator=gen).to(g.sigma.device)
+            for start in range(0, len(g), size):
+                yield g.take(order[start:start + size])
+
+    def _begin_step(self, num_micro_batches: int, result):
+        """The backward passes of one optimizer step: through the DeepSpeed engine, or the explicit all-reduce."""
+        if self.zero is None:
+            return distributed.DataParallelStep(self.dist, self.optimizer, [p for _, p in self.named_params],
+                                                self.cfg.train.grad_clip)
+        st = result.states
+
+        def padding_loss():  # a real policy forward on one of this rank's states; the step scales it by 0
+            v = self.policy.velocity(st.latents[:1], st.sigma[:1], select_cond(result.cond, st.prompt[:1]))
+            return v.float().sum()
+
+        return self.zero.step(num_micro_batches, padding_loss)
+
     # --- checkpoints --------------------------------------------------------------------------
 
-    def _model_state(self) -> Dict[str, torch.Tensor]:
+    def _model_state(self) -> Optional[Dict[str, torch.Tensor]]:
+        if self.zero is not None:  # whole tensors on rank 0 (collective)
+            return self.zero.full_state_dict()
         return {n: p.detach() for n, p in self.named_params}
 
     def save(self) -> Path:
         state = {
             "iteration": self.iteration,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.zero is None else None,  # ZeRO: in the shards
             "rng": ckpt.rng_state(),
             "data_position": self.iteration * self.cfg.train.prompts_per_iteration,
             "counters": self.counters.__dict__,
             "eval_before": self.eval_before,
             "world_size": self.dist.world_size,
         }
-        path = self.out / "checkpoints" / f"iter-{self.iteration:06d}"
+        root = self.out / "checkpoints"
+        path = root / f"iter-{self.iteration:06d}"
+        # ZeRO: every rank writes its shard into the staging folder first, rank 0 completes it
+        staged = self.zero.save_shards(root, self.iteration) if self.zero is not None else None
+        model_state = self._model_state()
         if self.dist.is_main:  # weights are identical on every rank: one writer
             path = ckpt.save_checkpoint(
-                self.out / "checkpoints", self.iteration, model_state=self._model_state(), state=state,
+                root, self.iteration, model_state=model_state, state=state,
                 config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
                 ema_state=self.ema.state_dict() if self.ema is not None else None,
-                keep_last=self.cfg.checkpoint.keep_last,
+                keep_last=self.cfg.checkpoint.keep_last, staged=staged,
             )
         self.dist.barrier()
         return path
 
-    def _resume(self):
+    def _checkpoint_to_resume(self):
+        """(path, contents) of the latest checkpoint, refused when another world size wrote it."""
         path = ckpt.latest_checkpoint(self.out / "checkpoints")
         if path is None:
             raise ValueError(f"--resume: no complete checkpoint under {str(self.out / 'checkpoints')!r}")
         data = ckpt.load_checkpoint(path)
+        written_by = data["state"].get("world_size", 1)
+        if written_by != self.dist.world_size:
+            raise ValueError(f"--resume: checkpoint {str(path)!r} was written by {written_by} process(es), "
+                             f"this run has {self.dist.world_size}; resume on the same world size")
+        return path, data
+
+    def _resume(self):
+        path, data = self._checkpoint
+        self._checkpoint = None
         params = dict(self.named_params)
         missing = sorted(set(params) - set(data["model"]))
         if missing:
             raise ValueError(f"--resume: checkpoint {str(path)!r} lacks parameter {missing[0]!r} "
                              f"(was it written with another model or LoRA setting?)")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(data["model"][n])
         st = data["state"]
-        if st.get("world_size", 1) != self.dist.world_size:
-            raise ValueError(f"--resume: checkpoint {str(path)!r} was written by {st.get('world_size', 1)} process(es), "
-                             f"this run has {self.dist.world_size}; resume on the same world size")
-        self.optimizer.load_state_dict(st["optimizer"])
+        if self.zero is not None:  # weights and optimizer state from the ranks' shards
+            self.zero.load_shards(path)
+        else:
+            if st["optimizer"] is None:
+                raise ValueError(f"--resume: checkpoint {str(path)!r} was written with distributed.backend=deepspeed: "
+                                 f"resume with that backend")
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(data["model"][n])
+            self.optimizer.load_state_dict(st["optimizer"])
         if self.ema is not None:
             if data["ema"] is None:
                 raise ValueError(f"--resume: checkpoint {str(path)!r} has no EMA but train.ema_decay > 0")
@@ -527,8 +582,9 @@ class Trainer:
             target = getattr(model.module, "transformer", model.module)
             target.fuse_lora()
             target.unload_lora()
-        if self.dist.is_main:
-            model.save_pretrained(directory)
+        with self._full_parameters():  # ZeRO-3: whole tensors on every rank while rank 0 writes
+            if self.dist.is_main:
+                model.save_pretrained(directory)
         self.dist.barrier()
         return directory
 
@@ -539,12 +595,12 @@ class Trainer:
             return None
         was = self.model.module.training
         if self.ema is not None:
-            self.ema.swap()
+            self._swap_ema()
         try:
             return self.eval_fn(self.model)
         finally:
             if self.ema is not None:
-                self.ema.swap()
+                self._swap_ema()
             self.model.module.train(was)
 
     def _write_samples(self, iteration: int) -> None:
@@ -592,10 +648,10 @@ class Trainer:
         if self.scorer is not None:
             self.scorer.close()
         if self.ema is not None:
-            self.ema.swap()
+            self._swap_ema()
         self.export(self.out / "final")
         if self.ema is not None:
-            self.ema.swap()
+            self._swap_ema()
         summary = {"before": self.eval_before, "after": after, "counters": self.counters.__dict__,
                    "iterations": self.iteration, "method": cfg.method, "eval_metric": self.eval_metric}
         if self.dist.is_main:
