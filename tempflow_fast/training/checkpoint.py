@@ -5,7 +5,8 @@ Layout: `<output_dir>/checkpoints/iter-000012/` holding
   ema.safetensors        EMA shadow weights (when EMA is on)
   state.pt               optimizer, RNG states (python, numpy, torch, cuda), data position, counters
   config.yaml            the resolved config of the run
-  deepspeed/             DeepSpeed's per-rank shards (distributed.backend: deepspeed; training/zero.py)
+  deepspeed/             DeepSpeed's per-rank shards (distributed.backend: deepspeed; training/zero.py), with
+                         DeepSpeed's zero_to_fp32.py beside it
   COMPLETE               written last; a folder without it is not a checkpoint
 
 A checkpoint is written into `iter-000012.tmp-<pid>/`, flushed, then renamed into place (rename is atomic

@@ -123,3 +123,22 @@ def test_deepspeed_without_launcher_names_the_field(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match="distributed.backend.*launcher"):
         common.make_trainer(tmp_path, "tempflow", "brightness", ["distributed.backend=deepspeed"], DistContext())
+
+
+def test_interrupted_staged_write_leaves_previous_checkpoint(tmp_path):
+    from tempflow_fast.training import checkpoint as ckpt
+
+    root = tmp_path / "checkpoints"
+    ckpt.save_checkpoint(root, 1, model_state={"w": torch.ones(2)}, state={"iteration": 1}, config_yaml="")
+    # the ranks wrote their shards, then the run died before rank 0 completed the checkpoint
+    staging = ckpt.staging_dir(root, 2)
+    ckpt.clear_staging(staging)
+    (staging / "deepspeed").mkdir()
+    (staging / "deepspeed" / "shard.pt").write_bytes(b"partial")
+    assert ckpt.latest_checkpoint(root) == root / "iter-000001"
+    assert torch.equal(ckpt.load_checkpoint(root / "iter-000001")["model"]["w"], torch.ones(2))
+    # a completed staged write keeps the shards and becomes the latest checkpoint
+    path = ckpt.save_checkpoint(root, 2, model_state={"w": torch.zeros(2)}, state={"iteration": 2}, config_yaml="",
+                                staged=staging)
+    assert ckpt.latest_checkpoint(root) == path and (path / "deepspeed" / "shard.pt").is_file()
+    assert not staging.exists()
