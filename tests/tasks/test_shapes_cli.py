@@ -36,6 +36,19 @@ def test_eval_reproduces_recorded_accuracy(tmp_path, capsys):
         assert abs(got[category]["accuracy"] - row["accuracy"]) <= max(0.05, 1 / row["count"]) + 1e-9, category
 
 
+def test_eval_failure_table_accounts_for_every_image(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    args = ["eval", "--config", str(REPO / "configs" / "shapes_eval.yaml"), "--set", "eval.seeds_per_prompt=2",
+            "--set", "failures=true", "--json", str(out)]
+    assert cli.main(args) == 0
+    assert "images by failure mode" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    for category, row in result["failures"].items():
+        assert sum(row.values()) == result["accuracy"][category]["count"]
+        assert row["correct"] == result["accuracy"][category]["correct"]
+    assert sum(row["relation"] for c, row in result["failures"].items() if c != "position") == 0
+
+
 def test_eval_config_errors_name_the_field():
     with pytest.raises(ValueError, match="split"):
         cli.main(["eval", "--set", "eval.split=test"])

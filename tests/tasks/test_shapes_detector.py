@@ -135,3 +135,24 @@ def test_reward_modes():
     assert partial.details["counting"]["accuracy"] == 0.5  # details stay strict
     with pytest.raises(ValueError, match="mode"):
         ShapesReward(mode="lenient")
+
+
+@pytest.mark.parametrize("drawn, asked, mode", [
+    ("two blue squares", "two blue squares", "correct"),
+    ("two blue squares", "three blue squares", "too few"),
+    ("three yellow squares", "a yellow square", "too many"),
+    ("a red square and a green square", "a red square and a blue square", "wrong colours"),
+    ("a red square left of a blue square", "a red square right of a blue square", "relation"),
+    ("a red square and a green square", "red squares", "wrong colours"),
+])
+def test_failure_modes(drawn, asked, mode):
+    images = render.render([drawn] * 3, np.random.default_rng(4))
+    assert detector.failure_modes(detector.detect(images), [asked] * 3) == [mode] * 3
+
+
+def test_failure_mode_oversized_and_empty():
+    blob = torch.zeros(2, 3, 16, 16)
+    blob[:, 0, 2:9, 2:9] = 1.0  # a 49-px red patch: not a square
+    assert detector.failure_modes(detector.detect(blob), ["a red square", "red squares"]) == ["oversized"] * 2
+    blank = torch.zeros(2, 3, 16, 16)
+    assert detector.failure_modes(detector.detect(blank), ["red squares", "two red squares"]) == ["too few"] * 2

@@ -152,6 +152,34 @@ def partial_score(det: Detections, prompts: Sequence[str]) -> torch.Tensor:
     return total / n_subs
 
 
+FAILURE_MODES = ("correct", "oversized", "too few", "too many", "wrong colours", "relation")
+
+
+def failure_modes(det: Detections, prompts: Sequence[str]) -> List[str]:
+    """Why each image fails its prompt, the first that applies of `FAILURE_MODES`: "correct"; "oversized" (a
+    blob too big to be a square); "too few" / "too many" squares in all; "wrong colours" (the right number of
+    squares, not the asked colours); "relation" (the right squares, the relation does not hold)."""
+    ok = judge(det, prompts).tolist()
+    counts, oversized = det.counts.tolist(), det.oversized.tolist()
+    out = []
+    for i, prompt in enumerate(prompts):
+        spec = parse(prompt)
+        total = sum(counts[i])
+        if ok[i]:
+            out.append("correct")
+        elif oversized[i] > 0:
+            out.append("oversized")
+        elif spec.counts is None:  # colors: at least one square, all of the colour
+            out.append("too few" if total == 0 else "wrong colours")
+        elif total != sum(spec.counts):
+            out.append("too few" if total < sum(spec.counts) else "too many")
+        elif tuple(counts[i]) != spec.counts:
+            out.append("wrong colours")
+        else:
+            out.append("relation")
+    return out
+
+
 def accuracy_by_category(correctness: torch.Tensor, prompts: Sequence[str]) -> Dict[str, Dict[str, float]]:
     """{category: {"accuracy", "correct", "count"}} plus "overall".
 

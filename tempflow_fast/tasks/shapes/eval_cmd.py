@@ -24,8 +24,8 @@ from tempflow_fast.models import tiny_flux
 from tempflow_fast.sampling.schedules import flow_sigmas
 from tempflow_fast.sampling.simple import sample
 
-from .detector import accuracy_by_category, correct
-from .grammar import CATEGORIES, HELD_OUT_PROMPTS, TRAIN_PROMPTS
+from .detector import FAILURE_MODES, accuracy_by_category, correct, detect, failure_modes
+from .grammar import CATEGORIES, HELD_OUT_PROMPTS, TRAIN_PROMPTS, parse
 
 
 @dataclass
@@ -58,6 +58,7 @@ class ShapesEvalConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
     output_json: Optional[str] = None  # where to write the result JSON; None = print only
     threads: int = 0  # torch CPU threads, 0 = torch's default; 1 is far faster on a shared, busy CPU
+    failures: bool = False  # also print why images fail, per category (detector.failure_modes)
 
     def validate(self) -> None:
         if self.threads < 0:
@@ -68,14 +69,14 @@ def split_prompts(split: str):
     return list(HELD_OUT_PROMPTS if split == "held_out" else TRAIN_PROMPTS)
 
 
-def evaluate(model, prompts: Sequence[str], settings: EvalSettings) -> Dict[str, Dict[str, float]]:
-    """Accuracy table {category: {accuracy, correct, count}, "overall": ...} of `model` on `prompts`."""
+def generate(model, prompts: Sequence[str], settings: EvalSettings) -> torch.Tensor:
+    """The eval's images (len(prompts) · seeds_per_prompt, 3, H, W), prompt-major, from its fixed noises."""
     settings.validate()
-    per_image = [p for p in prompts for _ in range(settings.seeds_per_prompt)]
+    per_image = images_prompts(prompts, settings)
     generator = torch.Generator().manual_seed(settings.seed)
     noise = torch.randn((len(per_image), *model.latent_shape), generator=generator)
     sigmas = flow_sigmas(settings.num_steps, settings.shift)
-    hits = []
+    images = []
     was_training = model.module.training
     model.module.eval()
     try:
@@ -83,10 +84,37 @@ def evaluate(model, prompts: Sequence[str], settings: EvalSettings) -> Dict[str,
             chunk = per_image[start:start + settings.batch_size]
             cond = model.encode_prompts(chunk)
             x0 = sample(model, cond, noise[start:start + len(chunk)].to(model.device), sigmas.to(model.device))
-            hits.append(correct(model.decode(x0), chunk).cpu())
+            images.append(model.decode(x0).cpu())
     finally:
         model.module.train(was_training)
-    return accuracy_by_category(torch.cat(hits), per_image)
+    return torch.cat(images)
+
+
+def images_prompts(prompts: Sequence[str], settings: EvalSettings) -> list:
+    """The prompt of every eval image, in `generate`'s order."""
+    return [p for p in prompts for _ in range(settings.seeds_per_prompt)]
+
+
+def evaluate(model, prompts: Sequence[str], settings: EvalSettings) -> Dict[str, Dict[str, float]]:
+    """Accuracy table {category: {accuracy, correct, count}, "overall": ...} of `model` on `prompts`."""
+    per_image = images_prompts(prompts, settings)
+    return accuracy_by_category(correct(generate(model, prompts, settings), per_image), per_image)
+
+
+def failure_table(images: torch.Tensor, per_image: Sequence[str]) -> Dict[str, Dict[str, int]]:
+    """{category: {failure mode: images}} (modes of `detector.FAILURE_MODES`, every one present)."""
+    table: Dict[str, Dict[str, int]] = {}
+    for prompt, mode in zip(per_image, failure_modes(detect(images), per_image)):
+        row = table.setdefault(parse(prompt).category, dict.fromkeys(FAILURE_MODES, 0))
+        row[mode] += 1
+    return {c: table[c] for c in CATEGORIES if c in table}
+
+
+def format_failures(table: Dict[str, Dict[str, int]]) -> str:
+    lines = [f"{'category':<18}" + "".join(f"{m:>14}" for m in FAILURE_MODES), "-" * (18 + 14 * len(FAILURE_MODES))]
+    for name, row in table.items():
+        lines.append(f"{name:<18}" + "".join(f"{row[m]:>14d}" for m in FAILURE_MODES))
+    return "\n".join(lines)
 
 
 def format_table(table: Dict[str, Dict[str, float]]) -> str:
@@ -127,14 +155,22 @@ def _run(cfg: ShapesEvalConfig, out_path: Optional[str]) -> int:
     model = tiny_flux.load(cfg.model.path)
     prompts = split_prompts(cfg.eval.split)
     start = time.time()
-    table = evaluate(model, prompts, cfg.eval)
+    per_image = images_prompts(prompts, cfg.eval)
+    images = generate(model, prompts, cfg.eval)
+    table = accuracy_by_category(correct(images, per_image), per_image)
     seconds = time.time() - start
     print(f"shapes eval: model {cfg.model.path or 'shipped'}, split {cfg.eval.split} ({len(prompts)} prompts "
           f"× {cfg.eval.seeds_per_prompt} seeds), T={cfg.eval.num_steps} Euler ODE, shift {cfg.eval.shift}")
     print(format_table(table))
+    failures = failure_table(images, per_image) if cfg.failures else None
+    if failures is not None:
+        print("\nimages by failure mode (the first that applies):")
+        print(format_failures(failures))
     print(f"time: {seconds:.1f} s ({torch.get_num_threads()} threads)")
     if out_path:
         result = {"config": config_to_dict(cfg), "accuracy": table, "seconds": round(seconds, 2)}
+        if failures is not None:
+            result["failures"] = failures
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         Path(out_path).write_text(json.dumps(result, indent=1))
         print(f"wrote {out_path}")
