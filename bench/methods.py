@@ -263,10 +263,10 @@ def report(out: Path, methods: Sequence[str], seeds: Sequence[int], *, target: O
 
     its = sorted({p["iteration"] for d in data.values() for p in d["points"]})
     lines += ["## Held-out accuracy vs iterations", "",
-              "| method | " + " | ".join(str(i) for i in its) + " |", "|---|" + "---|" * len(its)]
+              "| method | seeds run | " + " | ".join(str(i) for i in its) + " |", "|---|---|" + "---|" * len(its)]
     for name, d in data.items():
         by = {p["iteration"]: p for p in d["points"]}
-        lines.append(f"| {METHODS[name][0]} | " + " | ".join(_fmt(*by[i]["acc"]) if i in by else "—" for i in its) + " |")
+        lines.append(f"| {METHODS[name][0]} | {len(d['seeds'])} | " + " | ".join(_fmt(*by[i]["acc"]) if i in by else "—" for i in its) + " |")
 
     lines += ["", "## Held-out accuracy vs model calls and wall seconds", "",
               "Model calls: cumulative rollout NFE; wall: cumulative train-loop seconds (eval excluded); both "
