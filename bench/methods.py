@@ -1,7 +1,9 @@
 """Issue 8: the methods compared on the shapes task, with the TempFlow ablations and adaptive bifurcation.
 
 Trains every method from the shipped base model at equal group size (24 images per prompt group where the
-method allows) and equal iterations, over several run seeds, with the trainer in-process; evaluates held-out
+method allows) and equal iterations, over several run seeds (Flow-GRPO and Stepwise, whose whole-trajectory
+groups cost about a third of TempFlow's model calls per iteration, run 3x the iterations so that both equal
+iterations and about equal model calls are on their curves), with the trainer in-process; evaluates held-out
 accuracy (overall and by category) every E iterations and records, per eval point, the iteration, the
 cumulative rollout model calls (NFE) and the cumulative train-loop wall seconds. Then writes a report:
 markdown tables (mean ± std over seeds) against iterations, model calls and wall seconds, the model calls
@@ -9,7 +11,8 @@ each method needs to reach a target accuracy and the ratio to Flow-GRPO, PNG cur
 per bifurcation step of the TempFlow runs.
 
 Resumable per run: each (method, seed) trains in OUT/runs/<method>/seed<s>; a run with summary.json is
-skipped, a run with a checkpoint resumes from it (checkpoints every E iterations).
+skipped, a run with a checkpoint resumes from it (checkpoints every E iterations), and a finished run
+shorter than asked (a grid rerun with more --iterations) continues from its last checkpoint.
 
     python bench/methods.py --out runs/methods                     # the full grid (hours on 2 CPU cores)
     python bench/methods.py --quick --out /tmp/methods_quick       # CI: every method runs, report is written
@@ -59,6 +62,11 @@ METHODS: Dict[str, tuple] = {
                            "tempflow.adaptive_floor=0.2"]),
 }
 
+# Iterations relative to --iterations. Model calls per iteration on the shapes presets (4 prompts, T = 10):
+# Flow-GRPO and Stepwise 24 x 10 x 4 = 960; TempFlow 4 x 6 branches at k in {0..3} = 3040; G2RPO 3400 (L={1})
+# and 5512 (L={1,2,3}). At 3x, Flow-GRPO and Stepwise spend 2880 per --iterations step, about TempFlow's budget.
+ITERATION_SCALE: Dict[str, int] = {"flow_grpo": 3, "stepwise": 3}
+
 # --quick: small groups, few steps, a tiny eval; only checks that every method runs and the report is made
 QUICK_OVERRIDES = [
     "train.prompts_per_iteration=2", "sampling.num_steps=4", "eval.num_steps=4", "eval.images_per_prompt=1",
@@ -104,8 +112,11 @@ def run_one(name: str, seed: int, out: Path, *, iterations: int, eval_every: int
     from tempflow_fast.training.train_config import Config
     from tempflow_fast.training.trainer import Trainer
 
-    if (out / "summary.json").exists():
-        return "skipped"
+    summary = out / "summary.json"
+    if summary.exists():
+        if json.loads(summary.read_text())["iterations"] >= iterations:
+            return "skipped"
+        summary.unlink()  # finished, but shorter than asked: continue from its last checkpoint
     preset = PRESETS[METHODS[name][1]]
     cfg = load_config(Config, preset, method_overrides(name, seed=seed, iterations=iterations, eval_every=eval_every,
                                                        out=out, quick=quick, extra=extra))
@@ -347,7 +358,8 @@ def run_grid(out: Path, *, methods: Sequence[str], seeds: Sequence[int], iterati
     for seed in seeds:
         for name in methods:
             t0 = time.perf_counter()
-            status = run_one(name, seed, out / "runs" / name / f"seed{seed}", iterations=iterations,
+            status = run_one(name, seed, out / "runs" / name / f"seed{seed}",
+                             iterations=iterations * ITERATION_SCALE.get(name, 1),
                              eval_every=eval_every, quick=quick, extra=extra, model_factory=model_factory,
                              reward=reward, eval_fn=eval_fn)
             log(f"[methods] {name} seed {seed}: {status} ({time.perf_counter() - t0:.0f} s)")

@@ -54,8 +54,9 @@ def test_quick_runs_every_method_and_writes_the_report(tmp_path):
     text = methods.run_grid(out, command="python bench/methods.py --quick", **kw)
     for name, (label, _, _) in methods.METHODS.items():
         rows = [json.loads(l) for l in (out / "runs" / name / "seed0" / "evals.jsonl").read_text().splitlines()]
-        assert [r["iteration"] for r in rows] == [0, 1, 2], name
-        assert rows[0]["nfe"] == 0 and rows[2]["nfe"] > rows[1]["nfe"] > 0
+        n = 2 * methods.ITERATION_SCALE.get(name, 1)  # Flow-GRPO and Stepwise: 3x, for equal model calls
+        assert [r["iteration"] for r in rows] == list(range(n + 1)), name
+        assert rows[0]["nfe"] == 0 and rows[n]["nfe"] > rows[1]["nfe"] > 0
         assert set(rows[0]["categories"]) == {"counting", "position"}
         assert (out / "runs" / name / "seed0" / "summary.json").exists()
         assert label in text
@@ -76,6 +77,14 @@ def test_quick_runs_every_method_and_writes_the_report(tmp_path):
     before = (out / "runs" / "flow_grpo" / "seed0" / "evals.jsonl").read_text()
     assert methods.run_grid(out, command="python bench/methods.py --quick", **kw) == text
     assert (out / "runs" / "flow_grpo" / "seed0" / "evals.jsonl").read_text() == before
+    # a longer grid continues a finished run from its last checkpoint; its earlier eval points stay
+    run = out / "runs" / "tempflow" / "seed0"
+    head = (run / "evals.jsonl").read_text()
+    assert methods.run_one("tempflow", 0, run, iterations=3, eval_every=1, quick=True, extra=TEST_OVERRIDES,
+                           model_factory=small_model, reward=BrightnessReward(), eval_fn=fake_eval) == "resumed"
+    text3 = (run / "evals.jsonl").read_text()
+    assert text3.startswith(head) and [json.loads(l)["iteration"] for l in text3.splitlines()] == [0, 1, 2, 3]
+    assert json.loads((run / "summary.json").read_text())["iterations"] == 3
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
