@@ -320,10 +320,11 @@ def report(out: Path, methods: Sequence[str], seeds: Sequence[int], *, target: O
                       "accuracy here, so calls-to-target compares nothing** (see the diagnostics below).", ""]
         lines += ["| method | " + " | ".join(f"calls to {t:.3f} | ratio to Flow-GRPO" for t in targets) + " |",
                   "|---|" + "---|---|" * len(targets)]
+        refs = [calls_to_target(base, t) for t in targets]
         for name, d in data.items():
             cells = []
-            for t in targets:
-                c, ref = calls_to_target(d["points"], t), calls_to_target(base, t) if base else None
+            for t, ref in zip(targets, refs):
+                c = calls_to_target(d["points"], t)
                 cells += ["not reached" if c is None else f"{c:.0f}", "—" if c is None or not ref else f"{c / ref:.2f}"]
             lines.append(f"| {METHODS[name][0]} | " + " | ".join(cells) + " |")
 
