@@ -113,6 +113,11 @@ class TrainConfig:
     prompts_per_iteration: int = 4  # prompt groups per iteration
     inner_epochs: int = 1  # update passes over one rollout
     learning_rate: float = 1e-4
+    # learning rate per iteration (schedule.py): constant | cosine | linear decay to lr_min_ratio × learning_rate
+    # at the last iteration, after lr_warmup_iterations of linear warm-up
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    lr_warmup_iterations: int = 0
+    lr_min_ratio: float = 0.0
     weight_decay: float = 1e-4
     adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0  # max grad norm
@@ -135,6 +140,14 @@ class TrainConfig:
                   rollout_segments=self.rollout_segments)
         if self.beta < 0:
             raise ValueError(f"config field 'train.beta': must be >= 0, got {self.beta}")
+        if self.lr_schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"config field 'train.lr_schedule': must be constant, cosine or linear, "
+                             f"got {self.lr_schedule!r}")
+        if not 0 <= self.lr_warmup_iterations < self.iterations:
+            raise ValueError(f"config field 'train.lr_warmup_iterations': must be in [0, train.iterations = "
+                             f"{self.iterations}), got {self.lr_warmup_iterations}")
+        if not 0.0 <= self.lr_min_ratio <= 1.0:
+            raise ValueError(f"config field 'train.lr_min_ratio': must be in [0, 1], got {self.lr_min_ratio}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"config field 'train.ema_decay': must be in [0, 1), got {self.ema_decay}")
 

@@ -31,6 +31,7 @@ from tempflow_fast.training import checkpoint as ckpt
 from tempflow_fast.training import distributed
 from tempflow_fast.training.ema import EMA
 from tempflow_fast.training.metrics_log import MetricsLogger
+from tempflow_fast.training.schedule import learning_rate_at, set_learning_rate
 from tempflow_fast.training.train_config import Config
 from tempflow_fast.rewards.config import build_reward
 from tempflow_fast.training.update import build_update_batch, finite, policy_loss
@@ -370,6 +371,8 @@ class Trainer:
         t2 = time.perf_counter()
         groups = build_update_batch(result, credit)
         self.model.module.train()
+        lr = learning_rate_at(cfg, iteration)
+        set_learning_rate(self.optimizer.param_groups if self.zero is None else self.zero.param_groups, lr)
         upd = self._update(result, groups, iteration)
         t3 = time.perf_counter()
 
@@ -378,6 +381,7 @@ class Trainer:
             "reward_mean": float(r1.mean()),
             "reward_group_std": float(self._group_std(r1, result)),
             "zero_std_ratio": credit.stats.get("zero_std_ratio", float("nan")),
+            "learning_rate": lr,
             "trained_states": sum(len(g) for g in groups),
             "trained_samples": sum(g.num_samples for g in groups),
             "seconds_rollout": self._phase_seconds[0],

@@ -156,6 +156,11 @@ class ZeroEngine:
 
     # --- one optimizer step -------------------------------------------------------------------------
 
+    @property
+    def param_groups(self):
+        """The engine's optimizer parameter groups (ZeRO's wrapper forwards them to the torch AdamW)."""
+        return self.engine.optimizer.param_groups
+
     def step(self, num_micro_batches: int, padding_loss: Callable[[], torch.Tensor]) -> "ZeroStep":
         return ZeroStep(self, num_micro_batches, padding_loss)
 

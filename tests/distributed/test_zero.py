@@ -33,8 +33,10 @@ def zero_overrides(tmp_path, stage):
 
 
 # global std (advantages need every rank's rewards), several micro-batches per rank, the KL to the frozen
-# reference and the EMA (both need whole weights under ZeRO-3)
-TRAIN = ("train.global_std=true", "train.states_per_forward=2", "train.beta=0.01", "train.ema_decay=0.5")
+# reference and the EMA (both need whole weights under ZeRO-3), a learning-rate schedule (set on the engine's
+# optimizer: 1e-3, then 5e-4)
+TRAIN = ("train.global_std=true", "train.states_per_forward=2", "train.beta=0.01", "train.ema_decay=0.5",
+         "train.lr_schedule=linear", "train.lr_min_ratio=0.5")
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -37,20 +37,23 @@ def test_one_policy_pass_per_shared_state(tmp_path, make_trainer):
     assert m["nfe/trunk"] == 40 and m["nfe/completion"] == 1080
 
 
+SCHEDULE = ("train.lr_schedule=cosine", "train.lr_warmup_iterations=1")  # the rate is part of what resumes
+
+
 def test_resume_continues_exactly(tmp_path, make_trainer):
     # uninterrupted: 3 iterations, checkpoint every iteration
     full = make_trainer(tmp_path / "a", "tempflow", "train.iterations=3", "checkpoint.every=1",
-                "train.ema_decay=0.9")
+                "train.ema_decay=0.9", *SCHEDULE)
     losses_full = [full.run_iteration(i)["loss"] for i in range(3)]
     # interrupted after 2 iterations, then resumed from its checkpoint in a fresh trainer
     part = make_trainer(tmp_path / "b", "tempflow", "train.iterations=3", "checkpoint.every=1",
-                "train.ema_decay=0.9")
+                "train.ema_decay=0.9", *SCHEDULE)
     for i in range(2):
         part.run_iteration(i)
         part.iteration = i + 1
         part.save()
     resumed = make_trainer(tmp_path / "b", "tempflow", "train.iterations=3", "checkpoint.every=1",
-                   "train.ema_decay=0.9", resume=True)
+                   "train.ema_decay=0.9", *SCHEDULE, resume=True)
     assert resumed.iteration == 2
     assert resumed.run_iteration(2)["loss"] == losses_full[2]
     for (n, p), (_, q) in zip(full.named_params, resumed.named_params):
