@@ -140,9 +140,6 @@ class TrainConfig:
                   rollout_segments=self.rollout_segments)
         if self.beta < 0:
             raise ValueError(f"config field 'train.beta': must be >= 0, got {self.beta}")
-        if self.lr_schedule not in ("constant", "cosine", "linear"):
-            raise ValueError(f"config field 'train.lr_schedule': must be constant, cosine or linear, "
-                             f"got {self.lr_schedule!r}")
         if not 0 <= self.lr_warmup_iterations < self.iterations:
             raise ValueError(f"config field 'train.lr_warmup_iterations': must be in [0, train.iterations = "
                              f"{self.iterations}), got {self.lr_warmup_iterations}")

@@ -87,6 +87,9 @@ def test_nan_loss_is_skipped_and_run_continues(tmp_path, make_trainer, monkeypat
     ("g2rpo.granularities=[0]", "g2rpo.granularities"),
     ("sampling.num_steps=1", "sampling.num_steps"),
     ("train.nonsense=3", "nonsense"),
+    ("train.lr_schedule=step", "train.lr_schedule"),
+    ("train.lr_warmup_iterations=100", "train.lr_warmup_iterations"),
+    ("train.lr_min_ratio=2", "train.lr_min_ratio"),
 ])
 def test_bad_config_names_the_field(override, field, capsys):
     assert train_main(["--set", override, "--print-config"]) == 2
