@@ -37,4 +37,3 @@ def test_trainer_sets_and_logs_the_rate(tmp_path, make_trainer):
         m = tr.run_iteration(i)
         assert m["learning_rate"] == pytest.approx(want, abs=1e-12)
         assert all(math.isclose(g["lr"], want, abs_tol=1e-12) for g in tr.optimizer.param_groups)
-
