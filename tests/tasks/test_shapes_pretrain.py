@@ -40,3 +40,30 @@ def test_batches_come_from_the_train_split_and_all_categories():
 def test_bad_arguments_raise(tmp_path):
     with pytest.raises(ValueError, match="--steps"):
         cli.main(["pretrain-shapes", "--out", str(tmp_path), "--steps", "0"])
+
+
+@pytest.mark.parametrize("source", ["folder", "shipped"])
+def test_init_continues_from_the_given_weights(tmp_path, source):
+    from tempflow_fast.models.tiny_flux import load
+
+    if source == "folder":
+        start = TinyFluxAdapter.create(seed=5)
+        start.save_pretrained(tmp_path / "start")
+        init = str(tmp_path / "start")
+    else:
+        start, init = load(None), "shipped"
+    argv = ["pretrain-shapes", "--out", str(tmp_path / "out"), "--init", init, "--steps", "1", "--lr", "1e-12",
+            "--batch-size", "4", "--warmup", "1", "--save-every", "1", "--log-every", "1", "--threads", "1"]
+    assert cli.main(argv) == 0
+    after = load_file(str(tmp_path / "out" / "step_00001" / WEIGHTS_NAME))
+    before = start.module.state_dict()
+    fresh = TinyFluxAdapter.create(seed=0).module.state_dict()  # what --seed 0 alone would start from
+    assert after.keys() == before.keys()
+    assert all(torch.allclose(after[k], before[k], rtol=0, atol=1e-8) for k in after)  # one step of lr 1e-12
+    assert any(not torch.allclose(after[k], fresh[k]) for k in after)
+
+
+def test_bad_init_names_the_argument(tmp_path):
+    with pytest.raises(ValueError, match="--init.*nowhere"):
+        cli.main(["pretrain-shapes", "--out", str(tmp_path / "out"), "--init", str(tmp_path / "nowhere")])
+    assert not (tmp_path / "out").exists()

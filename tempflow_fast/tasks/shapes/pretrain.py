@@ -5,6 +5,10 @@ error. Prompts come from the train split only, a category uniformly at random an
 of it uniformly, so small categories are not drowned by the 36 position prompts. Everything is
 seeded and the run length is a step count, so a run is reproducible (up to CPU thread-count
 dependent float reductions). Checkpoints go to `<out>/step_<n>/` in `TinyFluxAdapter` format.
+
+`--init shipped` (or a checkpoint folder) continues from those weights instead of a fresh init, with a fresh
+optimizer and warm-up: supervised fine-tuning on ground-truth renders, the reference an RL run on the same
+model and budget can be held against (docs/shapes-rl-tuning.md, fourth round).
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from .render import render
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tempflow-fast pretrain-shapes", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output folder for checkpoints and the loss log")
+    p.add_argument("--init", default=None,
+                   help="start from these weights: 'shipped' (the packaged model) or a checkpoint folder; "
+                        "default: a fresh init from --seed")
     p.add_argument("--steps", type=int, default=1200, help="optimizer steps")
     p.add_argument("--seed", type=int, default=0, help="seed of weights init, prompts, renders and noise")
     p.add_argument("--batch-size", type=int, default=64)
@@ -58,6 +65,19 @@ def rectified_flow_loss(model: TinyFluxAdapter, images: torch.Tensor, prompts: l
     return torch.nn.functional.mse_loss(v, noise - x0)
 
 
+def _initial_model(args: argparse.Namespace) -> TinyFluxAdapter:
+    if args.init is None:
+        return TinyFluxAdapter.create(seed=args.seed)
+    from tempflow_fast.models.tiny_flux import load
+
+    if args.init == "shipped":
+        return load(None)
+    try:
+        return TinyFluxAdapter.from_pretrained(args.init)
+    except ValueError as e:
+        raise ValueError(f"--init: {e} (give 'shipped' or a folder written by pretrain-shapes or train)") from None
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     for name in ("steps", "batch_size", "save_every", "log_every", "warmup", "lr"):
@@ -75,11 +95,11 @@ def main(argv=None) -> int:
 
 
 def _train(args: argparse.Namespace, argv) -> int:
+    model = _initial_model(args)  # first, so a bad --init leaves no output folder behind
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    model = TinyFluxAdapter.create(seed=args.seed)
     model.module.train()
     opt = torch.optim.AdamW(model.module.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / args.warmup))
