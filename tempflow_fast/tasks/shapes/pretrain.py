@@ -70,10 +70,8 @@ def _initial_model(args: argparse.Namespace) -> TinyFluxAdapter:
         return TinyFluxAdapter.create(seed=args.seed)
     from tempflow_fast.models.tiny_flux import load
 
-    if args.init == "shipped":
-        return load(None)
     try:
-        return TinyFluxAdapter.from_pretrained(args.init)
+        return load(None if args.init == "shipped" else args.init)
     except ValueError as e:
         raise ValueError(f"--init: {e} (give 'shipped' or a folder written by pretrain-shapes or train)") from None
 
