@@ -54,7 +54,7 @@ SHARDS_TAG = "deepspeed"  # sub-folder of a checkpoint holding DeepSpeed's per-r
 # DeepSpeed settings the trainer derives from its own config; a deepspeed_config file may not set them
 TRAINER_OWNED = {
     "optimizer": "train.learning_rate, train.adam_betas and train.weight_decay",
-    "scheduler": "train.learning_rate (constant)",
+    "scheduler": "train.lr_schedule, train.lr_warmup_iterations and train.lr_min_ratio (set before each update)",
     "gradient_clipping": "train.grad_clip",
     "train_batch_size": "train.prompts_per_iteration and train.states_per_forward",
     "train_micro_batch_size_per_gpu": "train.states_per_forward",
