@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from tempflow_fast import __version__
+
 # command -> (module, one-line help). Modules expose `main(argv: list[str]) -> int | None`.
 COMMANDS = {
     "train": ("tempflow_fast.training.cli", "train a model with a GRPO method from a YAML config"),
@@ -15,11 +17,48 @@ COMMANDS = {
     "demo-ops": ("tempflow_fast.ops.demo", "a short demo of the fused ops on random data"),
 }
 
+# importable name of an optional dependency -> the extra of pyproject.toml that installs it
+EXTRAS = {
+    "diffusers": "train", "transformers": "train", "peft": "train", "tensorboard": "train", "tqdm": "train",
+    "PIL": "train", "huggingface_hub": "train",
+    "triton": "triton",
+    "open_clip": "rewards", "ImageReward": "rewards", "clip": "rewards", "torchvision": "rewards",
+    "matplotlib": "bench", "pynvml": "bench",
+    "deepspeed": "deepspeed",
+}
+
 
 def _usage() -> str:
-    lines = ["usage: tempflow-fast <command> [options]", "", "commands:"]
+    lines = ["usage: tempflow-fast <command> [options]", "       tempflow-fast --version", "", "commands:"]
     lines += [f"  {name:<16} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`tempflow-fast <command> --help` lists a command's options."]
     return "\n".join(lines)
+
+
+def _install_command(extra: str, editable: bool) -> str:
+    spec = f'-e ".[{extra}]"' if editable else f'"tempflow_fast[{extra}]"'
+    if extra == "rewards":  # its torchvision must be the one built for the installed torch (docs/install.md)
+        from importlib.metadata import version
+
+        return f'pip install {spec} "torch=={version("torch")}"'
+    if extra == "deepspeed":  # its build imports the installed torch
+        return f"pip install --no-build-isolation {spec}"
+    return f"pip install {spec}"
+
+
+def missing_extra_message(command: str, err: ImportError):
+    """One line saying which extra installs the missing optional dependency behind `err` (the error
+    itself or what caused it), or None when `err` is about anything else."""
+    cause = err
+    while cause is not None and not (isinstance(cause, ModuleNotFoundError)
+                                     and (cause.name or "").split(".")[0] in EXTRAS):
+        cause = cause.__cause__
+    if cause is None:
+        return None
+    module = cause.name.split(".")[0]
+    extra = EXTRAS[module]
+    return (f"tempflow-fast {command}: needs {module}, which is not installed; install tempflow_fast[{extra}]: "
+            f"{_install_command(extra, False)} (from a checkout: {_install_command(extra, True)})")
 
 
 def main(argv=None) -> int:
@@ -27,12 +66,22 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"tempflow-fast {__version__}")
+        return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"tempflow-fast: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except ImportError as err:
+        message = missing_extra_message(name, err)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
