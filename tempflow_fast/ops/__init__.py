@@ -7,9 +7,14 @@ elements of -(x-μ)²/(2σ²), minus log σ + ½log 2π, computed in fp32 whatev
 Latent-shaped outputs keep the input dtype; log-probs, ratios and statistics are fp32.
 
 Every function validates its input and raises ValueError naming the argument and what it saw.
-Value checks (std > 0, finite, σ ranges) need the tensor's data, so they run in eager mode only
-(not under `torch.compile` tracing or CUDA-graph capture, where the shape, dtype and device checks
-still run).
+Shapes, dtypes and devices are host metadata and always checked. Python floats (σ, η, std,
+hyper-parameters) are range-checked on the host, always. Values held in tensors (std > 0, σ ranges,
+σ' < σ) are checked only when value checks are on (`TEMPFLOW_FAST_CHECK_VALUES=1` or
+`set_value_checks(True)`, a debugging aid): reading a CUDA tensor's data from Python synchronises
+the host with the device, which the training hot path must never do. Off (the default), bad values
+are not silent either: NaN or ±inf in any input gives a NaN (or infinite) loss and gradient on
+every backend, which the trainer counts and skips. Value checks never run under `torch.compile`
+tracing or CUDA-graph capture.
 
 Per-step scalars (`sigma`, `sigma_next`, `noise_level`, `std`, `kl_std`) may be Python floats,
 0-d tensors or (N,) tensors (one value per row, e.g. rows at different steps).
@@ -18,6 +23,7 @@ Per-step scalars (`sigma`, `sigma_next`, `noise_level`, `std`, `kl_std`) may be 
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -30,6 +36,7 @@ __all__ = [
     "SdeStep", "LossOutput", "ClipLossOutput", "flow_sde_step", "flow_sde_coefficients", "ddim_sde_step",
     "gaussian_log_prob",
     "grpo_clip_loss", "fused_flow_grpo_loss", "active_backend", "use_backend", "BackendUnavailable",
+    "set_value_checks", "value_checks_enabled", "CHECK_VALUES_ENV",
 ]
 
 Scalar = Union[float, Tensor]
@@ -66,14 +73,44 @@ class LossOutput(NamedTuple):
     kl: Tensor
 
 
-# validation helpers ----------------------------------------------------------------------------
+# value checks (a debug flag) -------------------------------------------------------------------
+
+CHECK_VALUES_ENV = "TEMPFLOW_FAST_CHECK_VALUES"
+_ON, _OFF = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+_value_checks: Optional[bool] = None  # set_value_checks' setting; None = the environment decides
+
+
+def set_value_checks(enabled: Optional[bool]) -> Optional[bool]:
+    """Check values held in tensors (std > 0, σ ranges, σ' < σ) in every op call of this process
+    (True), never (False), or as `TEMPFLOW_FAST_CHECK_VALUES` says (None, the default: off unless
+    it is 1). Each check reads tensor data on the host, a device synchronisation on CUDA: a
+    debugging aid, not for the training loop. Returns the previous setting."""
+    global _value_checks
+    if enabled is not None and not isinstance(enabled, bool):
+        raise ValueError(f"set_value_checks: enabled must be True, False or None, got {enabled!r}")
+    previous, _value_checks = _value_checks, enabled
+    return previous
+
+
+def value_checks_enabled() -> bool:
+    """Whether op calls check values held in tensors (see `set_value_checks`)."""
+    if _value_checks is not None:
+        return _value_checks
+    raw = os.environ.get(CHECK_VALUES_ENV, "").strip().lower()
+    if raw not in _ON + _OFF:
+        raise ValueError(f"{CHECK_VALUES_ENV} must be 1 or 0, got {raw!r}")
+    return raw in _ON
+
 
 def _eager() -> bool:
-    """Whether value checks may read tensor data: not while torch.compile traces, and not while a
-    CUDA graph is being captured (a host sync there is an error)."""
-    if torch.compiler.is_compiling():
+    """Whether value checks may read tensor data: only when they are on, not while torch.compile
+    traces, and not while a CUDA graph is being captured (a host sync there is an error)."""
+    if not value_checks_enabled() or torch.compiler.is_compiling():
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+# validation helpers ----------------------------------------------------------------------------
 
 
 def _desc(t: Tensor) -> str:
@@ -144,7 +181,7 @@ def _out_of_range(v: float, low: float, high: float, low_open: bool, high_open: 
 
 def _check_values(name: str, t: Tensor, low: float, high: float = math.inf, low_open: bool = True,
                   high_open: bool = False) -> None:
-    """Range check; it reads the data, so it runs in eager mode only (see `_eager`)."""
+    """Range check; it reads the data, so it runs only when value checks are on (see `_eager`)."""
     if not _eager():
         return
     bad = ~torch.isfinite(t) if high == math.inf else torch.isnan(t)
@@ -162,7 +199,8 @@ _POSITIVE = (0.0, math.inf, True, False)
 
 
 def _steps_forward_violated(sigma, sigma_next, sig: Tensor, sig_next: Tensor) -> bool:
-    """σ' < σ must hold (sampling runs from noise to data); floats are compared on the host."""
+    """σ' < σ must hold (sampling runs from noise to data); floats are compared on the host,
+    tensors only when value checks are on."""
     if not isinstance(sigma, Tensor) and not isinstance(sigma_next, Tensor):
         return float(sigma_next) >= float(sigma)
     return _eager() and bool((sig_next >= sig).any())
@@ -207,7 +245,8 @@ def flow_sde_step(sample: Tensor, velocity: Tensor, sigma: Scalar, sigma_next: S
 
     `sigma_max` is the σ==1 guard (s would be infinite at σ = 1): Flow-GRPO passes the scheduler's
     `sigmas[1]` there, and so should callers whose schedule starts at σ = 1; it is required when
-    any σ equals 1 and unused otherwise. Give `noise` (ξ, shape of sample) to fix the draw, or
+    any σ equals 1 (checked for a float σ, and for a tensor σ when value checks are on; without it
+    such a row's outputs are NaN) and unused otherwise. Give `noise` (ξ, shape of sample) to fix the draw, or
     `prev_sample` to score an existing x' (e.g. the training pass re-scoring a rollout), or
     neither to draw ξ ~ N(0, I) with `generator`. Returns SdeStep(prev_sample, log_prob, mean, std);
     gradients flow to sample and velocity (through mean, prev_sample when drawn, and log_prob).
