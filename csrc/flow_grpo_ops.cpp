@@ -282,6 +282,31 @@ at::Tensor scalar_out(double v, const at::Tensor& like) {
   return at::scalar_tensor(v, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
 }
 
+// ---- NaN-propagating min / max / clamp -------------------------------------------------------
+// std::min/max return their first argument when a comparison involves NaN, so a NaN advantage
+// would come out of a clamp as ±adv_clip and the loss would stay finite. These return NaN.
+
+template <typename T>
+inline T max_nan(T a, T b) {
+  return (std::isnan(a) || std::isnan(b)) ? a + b : std::max(a, b);
+}
+
+template <typename T>
+inline T min_nan(T a, T b) {
+  return (std::isnan(a) || std::isnan(b)) ? a + b : std::min(a, b);
+}
+
+template <typename T>
+inline T clamp_nan(T x, T lo, T hi) {
+  return min_nan(max_nan(x, lo), hi);
+}
+
+// 0 for finite x, NaN for NaN or ±inf (IEEE: 0·inf = NaN; no -ffast-math in this build).
+template <typename T>
+inline T nonfinite_to_nan(T x) {
+  return x * T(0);
+}
+
 // ---- the PPO clipped surrogate of one sample -------------------------------------------------
 
 template <typename acc_t>
@@ -295,14 +320,18 @@ struct PpoTerm {
 template <typename acc_t>
 inline PpoTerm<acc_t> ppo_term(acc_t logp, acc_t old, acc_t adv, acc_t w, double clip_range, double adv_clip) {
   const acc_t r = std::exp(logp - old);
-  const acc_t A = std::min(std::max(adv, static_cast<acc_t>(-adv_clip)), static_cast<acc_t>(adv_clip));
+  const acc_t A = clamp_nan(adv, static_cast<acc_t>(-adv_clip), static_cast<acc_t>(adv_clip));
   const acc_t lo = static_cast<acc_t>(1.0 - clip_range), hi = static_cast<acc_t>(1.0 + clip_range);
   const acc_t unclipped = -A * r;
-  const acc_t clipped = -A * std::min(std::max(r, lo), hi);
+  const acc_t clipped = -A * clamp_nan(r, lo, hi);
+  // Non-finite inputs poison the sample's loss and gradient (reference.py's contract): an infinitely
+  // far sample has logp = -inf and r = 0, which alone would leave both finite. A NaN gradient
+  // coefficient also keeps weighted_residual_sum from skipping the sample as "clipped".
+  const acc_t poison = nonfinite_to_nan(logp) + nonfinite_to_nan(old) + nonfinite_to_nan(adv) + nonfinite_to_nan(w);
   PpoTerm<acc_t> t;
   t.ratio = r;
-  t.per = w * std::max(unclipped, clipped);
-  t.dper = clipped > unclipped ? acc_t(0) : -w * A * r;
+  t.per = w * max_nan(unclipped, clipped) + poison;
+  t.dper = (clipped > unclipped ? acc_t(0) : -w * A * r) + poison;
   t.clipped = std::abs(r - acc_t(1)) > static_cast<acc_t>(clip_range);
   return t;
 }
@@ -457,9 +486,11 @@ at::Tensor gaussian_log_prob_bwd(const at::Tensor& grad_logp, const at::Tensor& 
     const auto sigma = host_values<acc_t>(std_, "std", N);
     const auto g = host_values<acc_t>(grad_logp, "grad_logp", N * K);
     std::vector<acc_t> coef(N * K), kl_coef(N, acc_t(0));
+    // A non-finite σ makes the row's gradient NaN (σ = inf alone would give 0), as in the reference:
+    // the NaN coefficient also keeps the sample from being skipped as zero-weight.
     for (int64_t n = 0; n < N; ++n)
       for (int64_t k = 0; k < K; ++k)
-        coef[n * K + k] = g[n * K + k] / (sigma[n] * sigma[n] * static_cast<acc_t>(D));
+        coef[n * K + k] = g[n * K + k] / (sigma[n] * sigma[n] * static_cast<acc_t>(D)) + nonfinite_to_nan(sigma[n]);
     dmean = weighted_residual_sum<scalar_t>(samples, mean, nullptr, coef, kl_coef);
   });
   return dmean;
@@ -764,7 +795,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
       if (ref_mean.has_value()) {
         const acc_t msq = static_cast<acc_t>(ref_ssq[n] / static_cast<double>(D));
-        sum_kl += msq / (acc_t(2) * ks[n] * ks[n]);
+        sum_kl += msq / (acc_t(2) * ks[n] * ks[n]) + nonfinite_to_nan(ks[n]);
       }
     }
     const double NK = static_cast<double>(N * K);
@@ -805,7 +836,8 @@ at::Tensor flow_grpo_loss_bwd(const at::Tensor& grad_loss, const at::Tensor& mea
         coef[j] = gl * g / (sigma[n] * sigma[n] * Df);
       }
       if (with_kl)
-        kl_coef[n] = gl * static_cast<acc_t>(beta) / (static_cast<acc_t>(N) * ks[n] * ks[n] * Df);
+        kl_coef[n] = gl * static_cast<acc_t>(beta) / (static_cast<acc_t>(N) * ks[n] * ks[n] * Df) +
+                     nonfinite_to_nan(ks[n]);
     }
     dmean = weighted_residual_sum<scalar_t>(samples, mean, with_kl ? &*ref_mean : nullptr, coef, kl_coef);
   });

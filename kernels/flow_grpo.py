@@ -13,6 +13,12 @@ Every value is loaded and immediately converted to ACC (fp32, or fp64 for fp64 g
 interpreter has no bf16 arithmetic and fp16/bf16 inputs must accumulate in fp32 anyway. Per-step
 values (std, a, b, weights) are tensors; only the hyper-parameters CLIP (ε), ADV_CLIP and BETA
 and the block sizes are constexpr, so a new σ never triggers a recompile. No libdevice calls.
+
+Non-finite inputs poison the loss (the contract of tempflow_fast.ops.reference): every min/max/clamp
+propagates NaN (`tl.minimum`/`tl.maximum` drop it by default, which turned a NaN advantage into
+-ADV_CLIP), and a per-sample term adds `_nonfinite_to_nan` of its log-prob, old log-prob, advantage
+and weight, so that ±inf there (an infinitely far sample gives logp = -inf, r = 0, a finite
+surrogate) also makes the loss and the gradient NaN and the trainer skips the update.
 """
 
 import triton
@@ -22,20 +28,51 @@ HALF_LOG_2PI = tl.constexpr(0.9189385332046727)  # ½·log(2π); kernels may rea
 
 
 @triton.jit
+def _max_nan(x, y):
+    """max that returns NaN when either side is NaN (tl.maximum's default drops it)."""
+    return tl.maximum(x, y, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _clamp_nan(x, lo, hi):
+    return tl.minimum(tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _nonfinite_to_nan(x):
+    """0 for finite x, NaN for NaN or ±inf."""
+    return x * 0.0
+
+
+@triton.jit
 def _ppo_terms(logp, old, adv, CLIP: tl.constexpr, ADV_CLIP: tl.constexpr):
     """r, -A·r (unclipped) and -A·clip(r, 1-ε, 1+ε) (clipped) of the GRPO surrogate."""
     r = tl.exp(logp - old)
-    a = tl.minimum(tl.maximum(adv, -ADV_CLIP), ADV_CLIP)
+    a = _clamp_nan(adv, -ADV_CLIP, ADV_CLIP)
     unclipped = -a * r
-    clipped = -a * tl.minimum(tl.maximum(r, 1.0 - CLIP), 1.0 + CLIP)
+    clipped = -a * _clamp_nan(r, 1.0 - CLIP, 1.0 + CLIP)
     return r, unclipped, clipped
 
 
 @triton.jit
-def _ppo_grad(logp, old, adv, w, CLIP: tl.constexpr, ADV_CLIP: tl.constexpr):
-    """∂(w·max(unclipped, clipped))/∂logp: -w·A·r, or 0 where the clipped term strictly wins."""
+def _ppo_poison(logp, old, adv, w):
+    """0, or NaN when any of the sample's scalars is NaN or ±inf."""
+    return _nonfinite_to_nan(logp) + _nonfinite_to_nan(old) + _nonfinite_to_nan(adv) + _nonfinite_to_nan(w)
+
+
+@triton.jit
+def _ppo_loss(logp, old, adv, w, CLIP: tl.constexpr, ADV_CLIP: tl.constexpr):
+    """r and the per-sample loss w·max(unclipped, clipped) (NaN for any non-finite input)."""
     r, unclipped, clipped = _ppo_terms(logp, old, adv, CLIP, ADV_CLIP)
-    return tl.where(clipped > unclipped, 0.0, w * unclipped)
+    return r, w * _max_nan(unclipped, clipped) + _ppo_poison(logp, old, adv, w)
+
+
+@triton.jit
+def _ppo_grad(logp, old, adv, w, CLIP: tl.constexpr, ADV_CLIP: tl.constexpr):
+    """∂(w·max(unclipped, clipped))/∂logp: -w·A·r, or 0 where the clipped term strictly wins
+    (NaN for any non-finite input, as the loss)."""
+    r, unclipped, clipped = _ppo_terms(logp, old, adv, CLIP, ADV_CLIP)
+    return tl.where(clipped > unclipped, 0.0, w * unclipped) + _ppo_poison(logp, old, adv, w)
 
 
 @triton.jit
@@ -91,7 +128,7 @@ def logp_finalize_kernel(part_ptr, std_ptr, logp_ptr, NK, K, S, D, ACC: tl.const
 @triton.jit
 def gaussian_log_prob_bwd_kernel(grad_ptr, samples_ptr, mean_ptr, std_ptr, dmean_ptr, K, D,
                                  ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dmean[n,d] = Σ_k grad_logp[n,k]·(x[n,k,d] - μ[n,d]) / (σ_n²·D)."""
+    """dmean[n,d] = Σ_k grad_logp[n,k]·(x[n,k,d] - μ[n,d]) / (σ_n²·D) (NaN for a non-finite σ_n)."""
     n = tl.program_id(0).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_k = tl.arange(0, BLOCK_K)
@@ -103,7 +140,7 @@ def gaussian_log_prob_bwd_kernel(grad_ptr, samples_ptr, mean_ptr, std_ptr, dmean
     mask = k_mask[:, None] & d_mask[None, :]
     x = tl.load(samples_ptr + (n * K + offs_k[:, None]) * D + offs_d[None, :], mask=mask, other=0.0).to(ACC)
     diff = tl.where(mask, x - mu[None, :], 0.0)
-    dmean = tl.sum(coef[:, None] * diff, axis=0) / (sigma * sigma * D)
+    dmean = tl.sum(coef[:, None] * diff, axis=0) / (sigma * sigma * D) + _nonfinite_to_nan(sigma)
     tl.store(dmean_ptr + n * D + offs_d, dmean.to(dmean_ptr.dtype.element_ty), mask=d_mask)
 
 
@@ -180,9 +217,9 @@ def grpo_clip_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, w_ptr, ratio_ptr, stat
         old = tl.load(old_ptr + offs, mask=mask, other=0.0).to(ACC)
         adv = tl.load(adv_ptr + offs, mask=mask, other=0.0).to(ACC)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(ACC)
-        r, unclipped, clipped = _ppo_terms(logp, old, adv, CLIP, ADV_CLIP)
+        r, per = _ppo_loss(logp, old, adv, w, CLIP, ADV_CLIP)
         tl.store(ratio_ptr + offs, r, mask=mask)
-        loss += tl.where(mask, w * tl.maximum(unclipped, clipped), 0.0)
+        loss += tl.where(mask, per, 0.0)
         clipped_count += tl.where(mask & (tl.abs(r - 1.0) > CLIP), 1.0, 0.0)
         akl += tl.where(mask, 0.5 * (logp - old) * (logp - old), 0.0)
     tl.store(stats_ptr + 0, tl.sum(loss, axis=0) / M)
@@ -222,10 +259,10 @@ def flow_grpo_loss_finalize_kernel(part_ptr, kl_part_ptr, std_ptr, old_ptr, adv_
         old = tl.load(old_ptr + offs, mask=mask, other=0.0).to(ACC)
         adv = tl.load(adv_ptr + offs, mask=mask, other=0.0).to(ACC)
         w = tl.load(w_ptr + offs // K, mask=mask, other=0.0).to(ACC)
-        r, unclipped, clipped = _ppo_terms(logp, old, adv, CLIP, ADV_CLIP)
+        r, per = _ppo_loss(logp, old, adv, w, CLIP, ADV_CLIP)
         tl.store(logp_ptr + offs, logp, mask=mask)
         tl.store(ratio_ptr + offs, r, mask=mask)
-        loss += tl.where(mask, w * tl.maximum(unclipped, clipped), 0.0)
+        loss += tl.where(mask, per, 0.0)
         clipped_count += tl.where(mask & (tl.abs(r - 1.0) > CLIP), 1.0, 0.0)
         akl += tl.where(mask, 0.5 * (logp - old) * (logp - old), 0.0)
     policy = tl.sum(loss, axis=0) / NK
@@ -239,7 +276,7 @@ def flow_grpo_loss_finalize_kernel(part_ptr, kl_part_ptr, std_ptr, old_ptr, adv_
             for s in range(0, S):
                 sq += tl.load(kl_part_ptr + offs_n * S + s, mask=mask_n, other=0.0)
             kl_sigma = tl.load(kl_std_ptr + offs_n, mask=mask_n, other=1.0).to(ACC)
-            kl_acc += tl.where(mask_n, sq / (D * 2.0 * kl_sigma * kl_sigma), 0.0)
+            kl_acc += tl.where(mask_n, sq / (D * 2.0 * kl_sigma * kl_sigma) + _nonfinite_to_nan(kl_sigma), 0.0)
         kl = tl.sum(kl_acc, axis=0) / N
     tl.store(stats_ptr + 0, policy + BETA * kl)
     tl.store(stats_ptr + 1, tl.sum(clipped_count, axis=0) / NK)
@@ -275,5 +312,5 @@ def flow_grpo_loss_bwd_kernel(grad_loss_ptr, samples_ptr, mean_ptr, ref_ptr, std
     if HAS_REF:
         ref = tl.load(ref_ptr + n * D + offs_d, mask=d_mask, other=0.0).to(ACC)
         kl_sigma = tl.load(kl_std_ptr + n).to(ACC)
-        dmean += BETA * (mu - ref) / (N * kl_sigma * kl_sigma * D)
+        dmean += BETA * (mu - ref) / (N * kl_sigma * kl_sigma * D) + _nonfinite_to_nan(kl_sigma)
     tl.store(dmean_ptr + n * D + offs_d, (grad_loss * dmean).to(dmean_ptr.dtype.element_ty), mask=d_mask)

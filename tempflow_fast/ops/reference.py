@@ -13,6 +13,14 @@ Outputs: log-probs, ratios, losses and statistics are fp32 (fp64 for fp64 inputs
 only for gradcheck); latent-shaped outputs (prev_sample,
 mean, gradients) are in the input dtype.
 
+Non-finite inputs poison the result: NaN or ±inf in any input of the two losses (log-probs, old
+log-probs, advantages, weights, latents, std, ref_mean, kl_std) makes the loss and the gradient
+NaN (or ±inf), on every backend. IEEE arithmetic alone does not give that here: a sample infinitely
+far from the mean has logp = -inf, r = 0 and a finite surrogate, and clamping an infinite advantage
+gives ±adv_clip. So each per-sample term adds `_nonfinite_to_nan` of its scalars (0 when finite),
+and every min/max/clamp propagates NaN (torch's do; C++'s std::min/max and Triton's
+tl.minimum/maximum by default do not, and their backends say so where they differ).
+
 One choice the contract leaves open and that every backend must share: `sde_step_fwd` scores the
 prev_sample it *returns*, i.e. after rounding to the input dtype (identical for fp32). The
 trainer later re-scores the stored low-precision sample, so this keeps the first-iteration ratio
@@ -33,6 +41,11 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _nonfinite_to_nan(t: torch.Tensor) -> torch.Tensor:
+    """0 where t is finite, NaN where it is NaN or ±inf."""
+    return t * 0.0
+
+
 # 1. Gaussian log-prob (mean over D) ------------------------------------------------------------
 
 def gaussian_log_prob_fwd(samples: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -42,10 +55,11 @@ def gaussian_log_prob_fwd(samples: torch.Tensor, mean: torch.Tensor, std: torch.
 
 
 def gaussian_log_prob_bwd(grad_logp, samples, mean, std) -> torch.Tensor:
-    """dmean[n,d] = Σ_k grad_logp[n,k]·(x[n,k,d]-μ[n,d]) / (σ_n²·D).  Gradient reaches the mean only."""
-    x, mu, s = _f32(samples), _f32(mean)[:, None, :], _f32(std)
+    """dmean[n,d] = Σ_k grad_logp[n,k]·(x[n,k,d]-μ[n,d]) / (σ_n²·D).  Gradient reaches the mean only.
+    NaN for a non-finite σ_n (σ = inf alone would give 0)."""
+    x, mu, s = _f32(samples), _f32(mean)[:, None, :], _f32(std)[:, None]
     D = samples.shape[-1]
-    dmean = (_f32(grad_logp)[:, :, None] * (x - mu)).sum(1) / (s[:, None] ** 2 * D)
+    dmean = (_f32(grad_logp)[:, :, None] * (x - mu)).sum(1) / (s**2 * D) + _nonfinite_to_nan(s)
     return dmean.to(mean.dtype)
 
 
@@ -85,9 +99,14 @@ def sde_step_bwd(grad_prev, grad_mean, grad_logp, sample, velocity, prev_sample,
 
 # 3. GRPO clipped surrogate -------------------------------------------------------------------
 
+def _ppo_poison(logp, old_logp, adv, weights):
+    """0 per sample, or NaN where any of its scalars is non-finite (see the module docstring)."""
+    return sum(_nonfinite_to_nan(_f32(t)) for t in (logp, old_logp, adv, weights))
+
+
 def _ppo_terms(logp, old_logp, adv, clip_range: float, adv_clip: float):
     r = torch.exp(_f32(logp) - _f32(old_logp))
-    A = _f32(adv).clamp(-adv_clip, adv_clip)
+    A = _f32(adv).clamp(-adv_clip, adv_clip)  # torch.clamp keeps NaN
     unclipped = -A * r
     clipped = -A * r.clamp(1.0 - clip_range, 1.0 + clip_range)
     return r, A, unclipped, clipped
@@ -97,7 +116,8 @@ def grpo_clip_loss_fwd(logp, old_logp, adv, weights, clip_range: float, adv_clip
     """(loss[], ratio[M], clip_frac[], approx_kl[]). per = w·max(-A·r, -A·clip(r, 1-ε, 1+ε)),
     loss = mean(per), clip_frac = mean(|r-1| > ε), approx_kl = mean(½(logp-old)²)."""
     r, _, unclipped, clipped = _ppo_terms(logp, old_logp, adv, clip_range, adv_clip)
-    loss = (_f32(weights) * torch.maximum(unclipped, clipped)).mean()
+    per = _f32(weights) * torch.maximum(unclipped, clipped)  # torch.maximum keeps NaN
+    loss = (per + _ppo_poison(logp, old_logp, adv, weights)).mean()
     clip_frac = ((r - 1.0).abs() > clip_range).float().mean()
     approx_kl = (0.5 * (_f32(logp) - _f32(old_logp)) ** 2).mean()
     return loss, r, clip_frac, approx_kl
@@ -107,7 +127,8 @@ def _dloss_dlogp(logp, old_logp, adv, weights, clip_range, adv_clip):
     """g = ∂loss/∂logp before the 1/M of the mean: -w·A·r where the unclipped term is active,
     0 where the clipped (constant) term strictly wins (the PPO rule; ties take the unclipped side)."""
     r, A, unclipped, clipped = _ppo_terms(logp, old_logp, adv, clip_range, adv_clip)
-    return torch.where(clipped > unclipped, torch.zeros_like(r), -_f32(weights) * A * r)
+    g = torch.where(clipped > unclipped, torch.zeros_like(r), -_f32(weights) * A * r)
+    return g + _ppo_poison(logp, old_logp, adv, weights)
 
 
 def grpo_clip_loss_bwd(grad_loss, logp, old_logp, adv, weights, clip_range: float, adv_clip: float):
@@ -132,7 +153,7 @@ def flow_grpo_loss_fwd(mean, samples, std, old_logp, adv, weights, ref_mean, kl_
         kl = _f32(mean).new_zeros(())
     else:
         sq = ((_f32(mean) - _f32(ref_mean)) ** 2).mean(-1)
-        kl = (sq / (2 * _f32(kl_std) ** 2)).mean()
+        kl = (sq / (2 * _f32(kl_std) ** 2) + _nonfinite_to_nan(_f32(kl_std))).mean()
     loss = policy + beta * kl
     return loss, logp, ratio.reshape(N, K), clip_frac, approx_kl, kl
 
@@ -147,5 +168,6 @@ def flow_grpo_loss_bwd(grad_loss, mean, samples, std, logp, old_logp, adv, weigh
     g = _dloss_dlogp(logp, old_logp, adv, w, clip_range, adv_clip) / (N * K)
     dmean = _f32(gaussian_log_prob_bwd(g, samples, _f32(mean), std))
     if ref_mean is not None and beta != 0.0:
-        dmean = dmean + beta * (_f32(mean) - _f32(ref_mean)) / (N * _f32(kl_std)[:, None] ** 2 * D)
+        ks = _f32(kl_std)[:, None]
+        dmean = dmean + beta * (_f32(mean) - _f32(ref_mean)) / (N * ks**2 * D) + _nonfinite_to_nan(ks)
     return (_f32(grad_loss) * dmean).to(mean.dtype)
