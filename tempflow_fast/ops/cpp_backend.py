@@ -4,12 +4,21 @@ The sources live in `csrc/` (shipped as the package `tempflow_fast.csrc`). `load
 compiled module, in this order of preference:
 
 1. `tempflow_fast._C`, when the package was installed with `TEMPFLOW_FAST_BUILD_EXT=1` (setup.py);
-2. a build on first use with `torch.utils.cpp_extension.load` into a cache directory:
-   `$TORCH_EXTENSIONS_DIR` when set (torch's own convention), else
-   `~/.cache/tempflow_fast/torch_extensions/<python>_<torch>`. The flags are `-O3 -fopenmp` and
-   nothing machine-specific (no `-march=native`): the cache may be shared between machines with
-   different CPUs. torch's loader re-builds when the sources change and locks the directory, so
-   several processes may call `load()` at once.
+2. a build on first use with `torch.utils.cpp_extension.load` into a cache directory keyed by a
+   hash of the sources, the torch and Python versions, the compiler and its flags
+   (`build_directory()`): under `$TORCH_EXTENSIONS_DIR` when set (torch's own convention), else
+   under `~/.cache/tempflow_fast/torch_extensions/`. Two installs of different versions therefore
+   build into different directories instead of rebuilding each other's extension. The flags are
+   `-O3 -fopenmp` and nothing machine-specific (no `-march=native`): the cache may be shared between
+   machines with different CPUs. A build prints one line to stderr before it starts (it takes about
+   a minute) and one when it is done.
+
+Concurrent and killed builds (`build_lock`): a builder holds an `flock` on a file in the build
+directory, which the OS releases when the process dies, however it dies. torch's loader has its
+own lock, a plain file that a `kill -9` leaves behind and that makes every later loader wait for
+it forever, without a word. Holding our flock, no live process is building there, so such a file
+is stale: it is removed with a message naming the killed builder (pid and host, recorded in our
+lock file). A process that finds the build in progress says which process it is waiting for.
 
 When neither works (no compiler, no ninja, a failed build) `load()` raises RuntimeError with the
 reason; the dispatcher in `tempflow_fast.ops` turns that into one warning and uses the torch
@@ -22,33 +31,126 @@ returns fp32), so that `torch.autograd.gradcheck` can run through it.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib
 import os
 import shutil
+import socket
 import sys
 import threading
+import time
 from importlib import resources
 from types import ModuleType
+from typing import Iterator, Sequence, TextIO
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: torch's own lock file only
+    fcntl = None
 
 _EXT_NAME = "tempflow_fast_flow_grpo_ops"
 _SOURCES = ("flow_grpo_ops.cpp",)
 _CFLAGS = ["-O3", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
+_LOCK_NAME = "tempflow_build.lock"  # ours (flock); torch's is "lock" in the same directory
+_TORCH_LOCK_NAME = "lock"
 
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _error: str | None = None
 
 
-def build_directory() -> str | None:
-    """Directory the on-demand build goes to; None lets torch apply $TORCH_EXTENSIONS_DIR."""
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        return None
+def _compiler() -> str:
+    return os.environ.get("CXX", "c++")
+
+
+def _python_tag() -> str:
+    return f"py{sys.version_info.major}{sys.version_info.minor}"
+
+
+def cache_key(sources: Sequence[str], cflags: Sequence[str] = tuple(_CFLAGS),
+              ldflags: Sequence[str] = tuple(_LDFLAGS), compiler: str | None = None) -> str:
+    """16 hex digits identifying a build: the sources' names and bytes, the torch and Python
+    versions, the compiler and its flags. Any change gives a new build directory."""
+    h = hashlib.sha256()
+    for path in sources:
+        h.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            h.update(f.read())
+        h.update(b"\0")
+    for part in (torch.__version__, _python_tag(), compiler or _compiler(), *cflags, "|", *ldflags):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _source_paths() -> Iterator[list[str]]:
+    csrc = resources.files("tempflow_fast.csrc")
+    with resources.as_file(csrc) as src_dir:
+        sources = [os.path.join(str(src_dir), name) for name in _SOURCES]
+        missing = [s for s in sources if not os.path.isfile(s)]
+        if missing:
+            raise RuntimeError(f"C++ sources missing from the installed package: {missing}")
+        yield sources
+
+
+def build_directory(sources: Sequence[str] | None = None) -> str:
+    """Directory the on-demand build of `sources` (default: the installed csrc/) goes to."""
+    if sources is None:
+        with _source_paths() as paths:
+            return build_directory(paths)
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "tempflow_fast", "torch_extensions")
     version = torch.__version__.replace("+", "_")
-    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{version}"
-    return os.path.join(os.path.expanduser("~"), ".cache", "tempflow_fast", "torch_extensions", tag, _EXT_NAME)
+    return os.path.join(root, f"{_EXT_NAME}_{_python_tag()}_torch{version}_{cache_key(sources)}")
+
+
+def _holder() -> str:
+    return f"pid {os.getpid()} on host {socket.gethostname()}"
+
+
+def _read_holder(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 256).decode(errors="replace").strip()
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: str, out: TextIO | None = None) -> Iterator[None]:
+    """Hold `build_dir`'s build lock for the block (see the module docstring): wait, with a
+    message, while another live process holds it; then remove torch's lock file if a killed build
+    left it. The holder's pid and host are written into the lock file and cleared on release, so
+    a non-empty file found on acquiring names a builder that died holding it."""
+    out = sys.stderr if out is None else out
+    os.makedirs(build_dir, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(os.path.join(build_dir, _LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"tempflow_fast: waiting for the C++ ops build of {_read_holder(fd) or 'another process'} "
+                  f"in {build_dir}", file=out, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        previous = _read_holder(fd)
+        torch_lock = os.path.join(build_dir, _TORCH_LOCK_NAME)
+        if os.path.exists(torch_lock):
+            who = f"by {previous}" if previous else "by an unknown process"
+            print(f"tempflow_fast: removing the stale lock {torch_lock} of a C++ ops build {who} that was killed "
+                  f"(no process holds the build lock any more)", file=out, flush=True)
+            os.remove(torch_lock)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, _holder().encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def _build() -> ModuleType:
@@ -56,28 +158,31 @@ def _build() -> ModuleType:
         return importlib.import_module("tempflow_fast._C")
     except ImportError:
         pass
-    compiler = os.environ.get("CXX", "c++")
+    compiler = _compiler()
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler found ({compiler!r} is not on PATH)")
     from torch.utils import cpp_extension
 
-    csrc = resources.files("tempflow_fast.csrc")
-    with resources.as_file(csrc) as src_dir:
-        sources = [os.path.join(str(src_dir), name) for name in _SOURCES]
-        missing = [s for s in sources if not os.path.isfile(s)]
-        if missing:
-            raise RuntimeError(f"C++ sources missing from the installed package: {missing}")
-        build_dir = build_directory()
-        if build_dir is not None:
-            os.makedirs(build_dir, exist_ok=True)
-        return cpp_extension.load(
-            name=_EXT_NAME,
-            sources=sources,
-            extra_cflags=_CFLAGS,
-            extra_ldflags=_LDFLAGS,
-            build_directory=build_dir,
-            verbose=os.environ.get("TEMPFLOW_FAST_VERBOSE_BUILD") == "1",
-        )
+    with _source_paths() as sources:
+        build_dir = build_directory(sources)
+        with build_lock(build_dir):
+            fresh = not os.path.exists(os.path.join(build_dir, f"{_EXT_NAME}.so"))
+            if fresh:
+                print(f"tempflow_fast: building the C++ ops (first use, ~1 min) in {build_dir} ...",
+                      file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            module = cpp_extension.load(
+                name=_EXT_NAME,
+                sources=sources,
+                extra_cflags=_CFLAGS,
+                extra_ldflags=_LDFLAGS,
+                build_directory=build_dir,
+                verbose=os.environ.get("TEMPFLOW_FAST_VERBOSE_BUILD") == "1",
+            )
+            if fresh:
+                print(f"tempflow_fast: built the C++ ops in {time.perf_counter() - start:.0f} s",
+                      file=sys.stderr, flush=True)
+            return module
 
 
 def load() -> ModuleType:

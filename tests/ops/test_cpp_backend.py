@@ -342,13 +342,6 @@ def test_load_without_compiler_raises_runtime_error(monkeypatch):
         cpp_backend.load()
 
 
-def test_build_directory_honours_torch_extensions_dir(monkeypatch):
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/tmp/somewhere")
-    assert cpp_backend.build_directory() is None  # torch's loader then builds under $TORCH_EXTENSIONS_DIR
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
-    assert cpp_backend.build_directory().startswith(os.path.expanduser("~/.cache/tempflow_fast/"))
-
-
 # 7. Low-precision conversions ------------------------------------------------------------------
 
 def test_fp16_round_trip_is_exact_for_every_value(cpp):
