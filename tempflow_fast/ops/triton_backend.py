@@ -55,7 +55,11 @@ def _target_programs(device: torch.device) -> int:
 def _splits(n: int, d: int, block_d: int, device: torch.device) -> tuple[int, int]:
     """(S, chunk): split each row's D into S chunks (multiples of block_d) so that N·S programs
     fill the device."""
-    target = _target_programs(device)
+    return split_sizes(n, d, block_d, _target_programs(device))
+
+
+def split_sizes(n: int, d: int, block_d: int, target: int) -> tuple[int, int]:
+    """(S, chunk) for `target` programs (kernels/aot.py reproduces the launches of a given GPU)."""
     blocks = triton.cdiv(d, block_d)
     s = max(1, min(blocks, triton.cdiv(target, n)))
     chunk = triton.cdiv(blocks, s) * block_d
