@@ -4,6 +4,7 @@ printing the backend that ran and the numbers a trainer would log."""
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -22,10 +23,22 @@ def main(argv=None) -> int:
     parser.add_argument("--channels", type=int, default=64, help="channels per token")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.backend is not None:
-        with ops.use_backend(args.backend):
-            return _demo(args)
-    return _demo(args)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return _fail(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+    try:
+        if args.backend is not None:
+            with ops.use_backend(args.backend):
+                ops.active_backend(device)  # a backend that cannot run here fails before any work
+                return _demo(args)
+        return _demo(args)
+    except ops.BackendUnavailable as exc:
+        return _fail(str(exc))
+
+
+def _fail(message: str) -> int:
+    print(f"tempflow-fast demo-ops: {message}", file=sys.stderr)
+    return 2
 
 
 def _demo(args) -> int:
