@@ -22,7 +22,7 @@ from typing import List, Literal, Optional
 from .base import resolve_device
 
 REWARD_NAMES = ("shapes", "pickscore", "clip", "hps", "imagereward", "aesthetic", "server", "unifiedreward",
-                "composite")
+                "jpeg_compressibility", "jpeg_incompressibility", "composite")
 _NEEDS_PATH = ("pickscore", "clip", "hps", "aesthetic")
 _SCALED = ("pickscore", "clip", "hps", "imagereward")
 
@@ -30,9 +30,10 @@ _SCALED = ("pickscore", "clip", "hps", "imagereward")
 @dataclass
 class RewardConfig:
     # which reward: the shapes detector, an in-process model, a reward server (Flow-GRPO format, or
-    # UnifiedReward behind an OpenAI-compatible chat API), or a weighted sum
+    # UnifiedReward behind an OpenAI-compatible chat API), Flow-GRPO's JPEG size rewards (no model), or a
+    # weighted sum
     name: Literal["shapes", "pickscore", "clip", "hps", "imagereward", "aesthetic", "server", "unifiedreward",
-                  "composite"] = "shapes"
+                  "jpeg_compressibility", "jpeg_incompressibility", "composite"] = "shapes"
     # weights: a folder or hub id (pickscore, clip: the CLIPModel; aesthetic: its CLIP model), or one file /
     # 'owner/repo/file' (hps: the HPS checkpoint; imagereward: the checkpoint or 'ImageReward-v1.0')
     path: Optional[str] = None
@@ -54,7 +55,7 @@ class RewardConfig:
     url: Optional[str] = None  # server: e.g. http://127.0.0.1:18085 (GenEval); unifiedreward: http://127.0.0.1:17140/v1
     protocol: Literal["json", "pickle"] = "json"  # server: wire format; pickle = Flow-GRPO's servers
     image_format: Literal["jpeg", "png"] = "jpeg"  # server: how images travel (Flow-GRPO sends JPEG)
-    timeout_s: float = 120.0  # server, unifiedreward: seconds to wait for each connect/read before a retry
+    timeout_s: float = 120.0  # server, unifiedreward: seconds one request may take in all, retries included
     retries: int = 3  # server, unifiedreward: further attempts after a timeout, refused connection or 5xx
     backoff_s: float = 1.0  # server, unifiedreward: sleep before retry i is backoff_s · 2^(i-1) seconds
     response_key: Optional[str] = None  # server: response field with the scores; None = "scores", else "outputs"
@@ -62,7 +63,10 @@ class RewardConfig:
     only_strict: bool = True  # server with metadata: ask GenEval for the strict score only (faster)
     send_prompts: bool = True  # server: include the prompts in requests (UnifiedReward needs them)
     served_model: str = "UnifiedReward-7b-v1.5"  # unifiedreward: the model name the chat server serves
-    api_key_env: Optional[str] = None  # unifiedreward: environment variable holding the API key; None = send none
+    # server, unifiedreward: environment variable holding the bearer token sent as 'Authorization: Bearer ...'
+    # (our server's --token / $TEMPFLOW_FAST_REWARD_TOKEN, or the chat server's API key); None = send none
+    api_key_env: Optional[str] = None
+    max_abs_score: float = 1e6  # server: a score that is NaN/Inf or beyond ±this is an error, not a reward
     image_size: int = 512  # unifiedreward: images are resized to this square before sending
     weight: float = 1.0  # inside a composite: this component's weight w_i
     label: Optional[str] = None  # name in logs and composites; None = the reward's own name
@@ -95,6 +99,8 @@ class RewardConfig:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
         if self.retries < 0 or self.backoff_s < 0:
             raise ValueError(f"retries and backoff_s must be >= 0, got {self.retries} and {self.backoff_s}")
+        if not 0 < self.max_abs_score < float("inf"):
+            raise ValueError(f"max_abs_score must be a finite number > 0, got {self.max_abs_score}")
         if self.image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {self.image_size}")
         if self.async_workers < 0:
@@ -141,19 +147,46 @@ def _build_one(cfg: RewardConfig):
 
         return AestheticReward(cfg.path, cfg.head_path, **common)
     if cfg.name == "server":
-        from .server_client import RewardServerClient, load_prompt_metadata
+        from .server_client import RewardServerClient, load_prompt_metadata, token_from_env
 
         metadata = load_prompt_metadata(cfg.metadata_path) if cfg.metadata_path else None
         return RewardServerClient(cfg.url, protocol=cfg.protocol, image_format=cfg.image_format,
                                   timeout_s=cfg.timeout_s, retries=cfg.retries, backoff_s=cfg.backoff_s,
                                   batch_size=cfg.batch_size, response_key=cfg.response_key, metadata=metadata,
-                                  only_strict=cfg.only_strict, send_prompts=cfg.send_prompts)
+                                  only_strict=cfg.only_strict, send_prompts=cfg.send_prompts,
+                                  token=token_from_env(cfg.api_key_env), max_abs_score=cfg.max_abs_score)
     if cfg.name == "unifiedreward":
         from .unified_reward import UnifiedRewardClient
 
         return UnifiedRewardClient(cfg.url, served_model=cfg.served_model, api_key_env=cfg.api_key_env,
                                    image_size=cfg.image_size, timeout_s=cfg.timeout_s, retries=cfg.retries,
                                    backoff_s=cfg.backoff_s, concurrency=cfg.batch_size)
+    if cfg.name in ("jpeg_compressibility", "jpeg_incompressibility"):
+        from . import jpeg
+
+        return getattr(jpeg, cfg.name)()
     from .composite import CompositeReward
 
     return CompositeReward([(build_reward(c), c.weight) for c in cfg.components], normalize=cfg.normalize)
+
+
+def check_reward_reachable(cfg: RewardConfig, field: str = "reward") -> None:
+    """Cheap start-up check, before any model loads: every reward server `cfg` names (itself or a
+    composite's components) answers a GET with the configured token. ValueError naming the field
+    (`reward.url`, `reward.components[1].url`, `reward.api_key_env`) otherwise; rewards that need no
+    server pass at once. One request per server, at most min(timeout_s, 10) seconds each."""
+    from .server_client import check_reachable, token_from_env
+
+    if cfg.name == "composite":
+        for i, component in enumerate(cfg.components):
+            check_reward_reachable(component, f"{field}.components[{i}]")
+        return
+    if cfg.name not in ("server", "unifiedreward"):
+        return
+    if not cfg.url:
+        raise ValueError(f"{field}.url is required for the {cfg.name!r} reward")
+    token = token_from_env(cfg.api_key_env, f"{field}.api_key_env")
+    try:
+        check_reachable(cfg.url, cfg.timeout_s, token)
+    except ValueError as err:
+        raise ValueError(f"{field}.url: {err}") from None

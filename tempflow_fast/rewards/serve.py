@@ -2,22 +2,28 @@
 
     python -m tempflow_fast.rewards.serve --config reward.yaml --port 18085
     python -m tempflow_fast.rewards.serve --set name=pickscore --set path=/models/PickScore_v1 --port 18086
+    TEMPFLOW_FAST_REWARD_TOKEN=<secret> python -m tempflow_fast.rewards.serve --host 0.0.0.0 --set name=shapes
 
 The `reward:` section format (RewardConfig) picks the reward; the trainer then uses
-`reward: {name: server, url: "http://<host>:<port>/"}`. JSON requests only, unless --allow-pickle
-(Flow-GRPO's clients; loopback hosts only). Prints one line `serving <name> on <url>` once listening.
+`reward: {name: server, url: "http://<host>:<port>/"}` (plus `api_key_env: TEMPFLOW_FAST_REWARD_TOKEN` when
+the server has a token). JSON requests only, unless --allow-pickle (Flow-GRPO's clients; loopback hosts
+only). The port is taken before the reward model loads, so a port in use fails at once (exit 2). Prints
+one line `serving <name> on <url>` once listening; errors and warnings go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from typing import List, Optional
 
 from tempflow_fast.config import load_config
 
 from .config import RewardConfig, build_reward
-from .reference_server import RewardHTTPServer
+from .reference_server import (DEFAULT_MAX_IMAGES, DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_BYTES,
+                               DEFAULT_REQUEST_TIMEOUT_S, TOKEN_ENV, RewardHTTPServer)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -29,11 +35,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--port", type=int, default=18085, help="port; 0 = any free port (default: 18085)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="also accept Flow-GRPO's pickled requests (loopback only)")
+    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                        help=f"require 'Authorization: Bearer TOKEN' on every request (default: ${TOKEN_ENV}; "
+                             "prefer the variable, a command line is visible to other users)")
+    parser.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST_BYTES / 2 ** 20,
+                        help="larger request bodies get 413 (MiB, default: %(default)g)")
+    parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
+                        help="more images in one request get 413 (default: %(default)d)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="an image with more pixels (width x height) gets 413 (default: %(default)d)")
+    parser.add_argument("--request-timeout-s", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
+                        help="seconds a client has to deliver a whole request (default: %(default)g)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(RewardConfig, args.config, args.set)
-        server = RewardHTTPServer(build_reward(cfg), host=args.host, port=args.port, allow_pickle=args.allow_pickle)
+        cfg.validate()
+        server = RewardHTTPServer(None, host=args.host, port=args.port, allow_pickle=args.allow_pickle,
+                                  token=args.token, max_request_bytes=int(args.max_request_mb * 2 ** 20),
+                                  max_images=args.max_images, max_pixels=args.max_pixels,
+                                  request_timeout_s=args.request_timeout_s)
     except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        server.reward = build_reward(cfg)
+    except ValueError as err:
+        server.close()
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"serving {getattr(server.reward, 'name', cfg.name)} on {server.url}", flush=True)
@@ -48,4 +75,5 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     sys.exit(main())

@@ -13,7 +13,8 @@ request:
                     "group_rewards": {tag: [...]}, "group_strict_rewards": {tag: [...]}}
                    Flow-GRPO trains on "scores".
     UnifiedReward, DeQA  {"outputs": [float] * B}
-  failure   500, body = the server's Python traceback as UTF-8 text
+  failure   500, body = the server's Python traceback as UTF-8 text (ours: the error's type and message;
+            the traceback stays in the server's log)
 
   (Flow-GRPO's newer UnifiedReward path talks to an OpenAI-compatible chat server instead: unified_reward.py.)
   The GenEval metadata of a prompt is its line of GenEval's metadata JSONL (`{"tag": ..., "include":
@@ -26,6 +27,11 @@ JSON variant (ours; same fields, nothing executable on either side):
   response  200, Content-Type: application/json, {"scores": [float] * B} (or "outputs")
   failure   any non-200 status, body = error text
 
+Our server (reference_server.py) also answers `GET <url>` with 200 {"status": "ok", "reward": name} (the
+client's health check), needs `Authorization: Bearer <token>` on every request when started with a
+token (401 otherwise), and refuses oversized requests with 413: more than a set number of bytes,
+images, or pixels in one image (checked from the image headers, before any pixel is decoded).
+
 Unpickling runs code chosen by whoever wrote the bytes, so pickle is used only when asked for
 (`protocol="pickle"`) and then through `safe_loads`, which rebuilds plain containers, numbers, strings,
 bytes and numpy scalars/arrays and refuses every other class.
@@ -36,6 +42,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import pickle
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -46,6 +53,11 @@ PROTOCOLS = ("json", "pickle")
 IMAGE_FORMATS = ("jpeg", "png")
 JSON_CONTENT_TYPE = "application/json"
 SCORE_KEYS = ("scores", "outputs")  # GenEval's, then UnifiedReward's / DeQA's
+
+
+class RequestTooLarge(ValueError):
+    """A request over one of the server's limits (answered 413, not 400)."""
+
 
 _SAFE_GLOBALS = {
     ("builtins", n)
@@ -86,15 +98,38 @@ def encode_images(images_uint8: torch.Tensor, image_format: str, jpeg_quality: i
     return out
 
 
-def decode_images(files: Sequence[bytes]) -> torch.Tensor:
-    """Encoded images (all one size) → (B, 3, H, W) float in [0, 1]."""
+def _check_count(count: int, max_images: Optional[int]) -> None:
+    if max_images is not None and count > max_images:
+        raise RequestTooLarge(f"{count} images in one request, the server's limit is {max_images}; "
+                              f"send smaller batches (reward.batch_size)")
+
+
+def decode_images(files: Sequence[bytes], max_images: Optional[int] = None,
+                  max_pixels: Optional[int] = None) -> torch.Tensor:
+    """Encoded images (all one size) → (B, 3, H, W) float in [0, 1]. The count and every image's size
+    (read from its header) are checked against `max_images` / `max_pixels` before anything is decoded:
+    a small, highly compressed file can otherwise claim gigabytes of pixels."""
     from PIL import Image
 
     if not files:
         raise ValueError("images must hold at least one image, got none")
-    arrays = [np.asarray(Image.open(io.BytesIO(f)).convert("RGB")) for f in files]
-    if len({a.shape for a in arrays}) > 1:
-        raise ValueError(f"images must all have one size, got {sorted({a.shape for a in arrays})}")
+    _check_count(len(files), max_images)
+    opened = []
+    for i, f in enumerate(files):
+        if not isinstance(f, bytes):
+            raise ValueError(f"image {i} must be the bytes of an encoded image, got {type(f).__name__}")
+        try:
+            image = Image.open(io.BytesIO(f))  # reads the header only
+        except Image.DecompressionBombError as err:  # PIL's own limit, far above any sane max_pixels
+            raise RequestTooLarge(f"image {i}: {err}") from None
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise RequestTooLarge(f"image {i} is {width}x{height} = {width * height} pixels, the server's limit "
+                                  f"is {max_pixels} pixels per image")
+        opened.append(image)
+    if len({im.size for im in opened}) > 1:
+        raise ValueError(f"images must all have one size, got {sorted({im.size for im in opened})} (width, height)")
+    arrays = [np.asarray(im.convert("RGB")) for im in opened]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
 
 
@@ -119,12 +154,15 @@ def encode_request(protocol: str, files: List[bytes], image_format: str, prompts
     return pickle.dumps(payload), {}
 
 
-def decode_request(body: bytes, content_type: str, allow_pickle: bool) -> Dict[str, Any]:
-    """Server side: the request dict with "images" decoded to (B, 3, H, W) floats in [0, 1]."""
+def decode_request(body: bytes, content_type: str, allow_pickle: bool, max_images: Optional[int] = None,
+                   max_pixels: Optional[int] = None) -> Dict[str, Any]:
+    """Server side: the request dict with "images" decoded to (B, 3, H, W) floats in [0, 1];
+    RequestTooLarge past `max_images` / `max_pixels` (decode_images), ValueError for anything malformed."""
     if content_type.split(";")[0].strip().lower() == JSON_CONTENT_TYPE:
         data = json.loads(body.decode("utf-8"))
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             raise ValueError("JSON request must be an object with an 'images' list")
+        _check_count(len(data["images"]), max_images)  # before base64-decoding any of them
         files = [base64.b64decode(s, validate=True) for s in data["images"]]
     elif allow_pickle:
         data = safe_loads(body)
@@ -135,7 +173,7 @@ def decode_request(body: bytes, content_type: str, allow_pickle: bool) -> Dict[s
         raise ValueError(f"this server accepts {JSON_CONTENT_TYPE} only (pickle is off), "
                          f"got content type {content_type!r}")
     data = dict(data)
-    data["images"] = decode_images(files)
+    data["images"] = decode_images(files, max_images, max_pixels)
     return data
 
 
@@ -146,8 +184,10 @@ def encode_response(protocol: str, scores: Sequence[float]) -> tuple[bytes, str]
     return pickle.dumps(payload), "application/octet-stream"
 
 
-def decode_scores(body: bytes, protocol: str, expected: int, response_key: Optional[str]) -> List[float]:
-    """Client side: the score list of one response; ValueError saying what is wrong with it."""
+def decode_scores(body: bytes, protocol: str, expected: int, response_key: Optional[str],
+                  max_abs_score: float = math.inf) -> List[float]:
+    """Client side: the score list of one response; ValueError saying what is wrong with it, including a
+    NaN/Inf score or one beyond ±max_abs_score (a broken reward model, not a signal to train on)."""
     try:
         data = json.loads(body.decode("utf-8")) if protocol == "json" else safe_loads(body)
     except (ValueError, UnicodeDecodeError, pickle.UnpicklingError, EOFError, TypeError) as err:
@@ -170,4 +210,7 @@ def decode_scores(body: bytes, protocol: str, expected: int, response_key: Optio
         if not isinstance(v, (bool, int, float, np.bool_, np.integer, np.floating)):
             raise ValueError(f"response {key!r} holds a non-number: {v!r}")
         out.append(float(v))
+        if not abs(out[-1]) <= max_abs_score:  # also catches NaN
+            raise ValueError(f"response {key!r}[{len(out) - 1}] is {out[-1]!r}; scores must be finite and within "
+                             f"±{max_abs_score:g}")
     return out

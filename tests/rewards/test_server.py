@@ -131,20 +131,38 @@ def _reply(handler, status, body: bytes, ctype="application/json"):
     handler.wfile.write(body)
 
 
-def test_server_past_the_timeout_fails_after_bounded_retries():
+def test_timeout_bounds_the_whole_call_retries_included():
     def sleepy(handler, stub):
         stub.release.wait(30)  # far past the client's timeout; released when the test ends
 
     with _Stub(sleepy) as stub:
-        client = RewardServerClient(stub.url, timeout_s=0.3, retries=2, backoff_s=0.05)
+        client = RewardServerClient(stub.url, timeout_s=0.5, retries=2, backoff_s=0.05)
         t0 = time.monotonic()
         with pytest.raises(RuntimeError) as info:
             client(torch.rand(2, 3, 8, 8), ["a", "b"])
         elapsed = time.monotonic() - t0
     msg = str(info.value)
-    assert stub.url in msg and "3 attempts" in msg and "timeout_s=0.3" in msg
-    assert stub.calls == 3
-    assert elapsed < 5.0  # 3 × 0.3 s + 0.05 s + 0.1 s of backoff, plus slack
+    assert stub.url in msg and "failed after 1 attempt " in msg and "timeout_s=0.5 for the whole call" in msg
+    assert stub.calls == 1  # the deadline passed during the first attempt: no time left for retries
+    assert 0.5 <= elapsed < 2.0
+
+
+def test_retries_run_inside_the_deadline():
+    def flaky(handler, stub):
+        if stub.calls < 3:
+            _reply(handler, 503, b"warming up", "text/plain")
+        else:
+            _reply(handler, 200, b'{"scores": [0.25]}')
+
+    with _Stub(flaky) as stub:
+        scores = RewardServerClient(stub.url, timeout_s=5, retries=3, backoff_s=0.05)(torch.rand(1, 3, 8, 8), ["a"])
+        assert scores.tolist() == [0.25] and stub.calls == 3
+    with _Stub(lambda h, s: _reply(h, 503, b"overloaded", "text/plain")) as stub:
+        client = RewardServerClient(stub.url, timeout_s=0.5, retries=10, backoff_s=0.2)
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"failed after 2 attempts.*HTTP 503: overloaded; no time left"):
+            client(torch.rand(1, 3, 8, 8), ["a"])
+        assert time.monotonic() - t0 < 0.5 and stub.calls == 2  # 0.2 s pause, then 0.4 s would pass the deadline
 
 
 def test_malformed_json_is_a_clear_error_without_retries():
