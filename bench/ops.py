@@ -1,9 +1,14 @@
 """Benchmark of the fused Flow-GRPO loss (forward + backward) against the unfused eager PyTorch a
 user would write. Not a test: it prints a markdown table and writes bench/results/ops.csv.
 
-    python bench/ops.py                      # CPU: cpp (fused) vs unfused eager; CUDA when present: triton too
+    python bench/ops.py                      # the GPU when there is one (triton), else the CPU (cpp)
+    python bench/ops.py --device all         # CPU and GPU
     python bench/ops.py --threads 1          # on a shared machine: OpenMP barriers wait out other processes
     python bench/ops.py --reps 30 --csv out.csv --shapes small
+
+Progress (shape, provider, what it is doing) goes to stderr as it happens; the table to stdout at
+the end. The C++ providers run on CPU tensors only, so the extension is loaded (and built on
+first use, about a minute, with a message) only when a CPU device is benchmarked.
 
 Providers
 - `fused-cpp` / `fused-triton`: `tempflow_fast.ops.fused_flow_grpo_loss` with the backend forced
@@ -137,9 +142,14 @@ def cpp_kernels(t):
 
 
 def providers(device):
+    """Providers for `device`: the C++ ones (a CPU backend) on CPU only, Triton on CUDA only."""
     names = ["fused-triton"] if device.type == "cuda" else ["fused-cpp", "cpp-kernels"]
     names += ["fused-torch", "unfused-eager"]
     return names
+
+
+def progress(message):
+    print(f"[bench/ops {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def provider_fn(name):
@@ -179,11 +189,17 @@ def time_interleaved(names, t, device, reps, warmup):
     dst = torch.empty_like(src)
     calls = {name: (lambda fn=provider_fn(name): fwd_bwd(fn, t)) for name in names}
     calls[COPY] = lambda: dst.copy_(src)
-    for _ in range(warmup):
-        for call in calls.values():
+    for name, call in calls.items():  # the first call compiles Triton kernels / loads the C++ ops
+        progress(f"  warm-up {name} ({warmup} calls)")
+        start = time.perf_counter()
+        for _ in range(warmup):
             call()
+        sync(device)
+        progress(f"  warm-up {name} done in {time.perf_counter() - start:.1f} s")
     times = {name: [] for name in calls}
-    for _ in range(reps):
+    for rep in range(reps):
+        if rep % max(1, reps // 3) == 0:
+            progress(f"  timing round {rep + 1}/{reps}")
         for name, call in calls.items():
             sync(device)
             start = time.perf_counter()
@@ -260,6 +276,7 @@ def bench_device(device, args, rows, stamp):
         shape_str, label, moved = "x".join(map(str, shape)), f"{shape_name} {shape}", bytes_moved(shape)
         t = make_inputs(shape, device)
         names = providers(device)
+        progress(f"{dev_name}: shape {label}, providers {', '.join(names)}")
         timing = time_interleaved(names, t, device, args.reps, args.warmup)
         copy_ms = timing.pop(COPY)
         copy_gbs = [2 * COPY_NUMEL * 4 / (ms * 1e-3) / 1e9 for ms in copy_ms]  # read + write bytes
@@ -270,6 +287,7 @@ def bench_device(device, args, rows, stamp):
         base_p50 = timing["unfused-eager"][0]
         for name in names:
             p50, p20, p80 = timing[name]
+            progress(f"  {name}: fwd+bwd p50 {p50:.2f} ms; measuring peak memory and agreement")
             mem = peak_extra_memory(name, shape_name, device, t)
             dloss, dgrad = max_grad_difference(t, name, base_grad, base_loss)
             gbs = moved / (p50 * 1e-3) / 1e9
@@ -299,6 +317,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "all"), default="auto",
+                   help="auto: the GPU when there is one, else the CPU; all: CPU then GPU")
     p.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ops.csv"))
     p.add_argument("--memory-child", nargs=2, metavar=("PROVIDER", "SHAPE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -310,9 +330,13 @@ def main(argv=None):
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     rows = []
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    for device in devices:
-        bench_device(device, args, rows, stamp)
+    has_cuda = torch.cuda.is_available()
+    if args.device == "cuda" and not has_cuda:
+        print("bench/ops.py: --device cuda: CUDA is not available on this machine", file=sys.stderr)
+        return 2
+    names = {"auto": ["cuda" if has_cuda else "cpu"], "all": ["cpu"] + (["cuda"] if has_cuda else [])}
+    for device in names.get(args.device, [args.device]):
+        bench_device(torch.device(device), args, rows, stamp)
     os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
