@@ -223,24 +223,36 @@ def test_a_port_in_use_is_one_line_and_exit_2_before_the_model_loads(capsys):
                   f"or 0 for any free one\n"
 
 
-def test_serve_takes_the_token_from_the_environment(tmp_path, monkeypatch):
+CUSTOM_REWARD = """
+import torch
+
+
+class Brightness:
+    name = "brightness"
+
+    def __call__(self, images, prompts):
+        return images.float().mean(dim=(1, 2, 3)) * 10
+"""
+
+
+def test_serve_runs_your_own_reward_with_the_token_from_the_environment(tmp_path, monkeypatch):
+    (tmp_path / "brightness.py").write_text(CUSTOM_REWARD)
     env = {**os.environ, "TEMPFLOW_FAST_REWARD_TOKEN": "env-s3cret"}
-    command = [sys.executable, "-m", "tempflow_fast.rewards.serve", "--set", "name=jpeg_incompressibility",
-               "--port", "0"]
+    command = [sys.executable, "-m", "tempflow_fast.rewards.serve", "--reward",
+               f"{tmp_path / 'brightness.py'}:Brightness", "--port", "0"]
     with open(tmp_path / "stderr.txt", "w") as errors:  # a file, not a pipe: nobody drains it while serving
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True, env=env)
     try:
         line = proc.stdout.readline()
-        assert line.startswith("serving jpeg_incompressibility on http://127.0.0.1:"), \
-            (tmp_path / "stderr.txt").read_text()
+        assert line.startswith("serving brightness on http://127.0.0.1:"), (tmp_path / "stderr.txt").read_text()
         url = line.split(" on ")[1].strip()
         with pytest.raises(RuntimeError, match="HTTP 401"):
             RewardServerClient(url, timeout_s=30, retries=0)(IMAGES, PROMPTS)
         monkeypatch.setenv("TEST_CLIENT_TOKEN", "env-s3cret")
         client = build_reward(RewardConfig(name="server", url=url, api_key_env="TEST_CLIENT_TOKEN", timeout_s=30,
                                            retries=0, image_format="png"))
-        local = build_reward(RewardConfig(name="jpeg_incompressibility"))(IMAGES, PROMPTS)
-        torch.testing.assert_close(client(IMAGES, PROMPTS), local)
+        expected = (IMAGES * 255).round().mean(dim=(1, 2, 3)) / 255 * 10  # what survives the uint8 PNG trip
+        torch.testing.assert_close(client(IMAGES, PROMPTS), expected)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -312,3 +312,24 @@ def test_serve_command_reports_config_errors(capsys):
 
     assert main(["--set", "name=server", "--port", "0"]) == 2
     assert "url is required for the 'server' reward" in capsys.readouterr().err
+
+
+def test_serve_reward_factory_errors_are_one_line(tmp_path, capsys):
+    from tempflow_fast.rewards.serve import load_reward_factory, main
+
+    (tmp_path / "needs_missing.py").write_text("import surely_not_an_installed_module\n")
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    cases = [
+        (["--reward", "brightness"], "--reward must be FILE.py:NAME or module:NAME"),
+        (["--reward", str(tmp_path / "nope.py") + ":R"], "no such file"),
+        (["--reward", str(tmp_path / "empty.py") + ":Reward"], "has no callable 'Reward'"),
+        (["--reward", str(tmp_path / "needs_missing.py") + ":R"],
+         "ModuleNotFoundError: No module named 'surely_not_an_installed_module'"),
+        (["--reward", "x.py:R", "--set", "name=shapes"], "leave out --config and --set"),
+    ]
+    for argv, message in cases:
+        assert main(argv + ["--port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    reward = load_reward_factory("tempflow_fast.rewards.jpeg:jpeg_compressibility")()
+    assert reward.name == "jpeg_compressibility"
