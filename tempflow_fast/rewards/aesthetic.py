@@ -15,7 +15,7 @@ from typing import Dict, Sequence, Union
 import torch
 from torch import nn
 
-from .base import ModelRewardBase, check_batch
+from .base import ModelRewardBase, check_batch, to_unit_float
 from .clip_score import _features
 from .files import resolve_file
 from .preprocess import ImageTransform
@@ -82,7 +82,7 @@ class AestheticReward(ModelRewardBase):
         check_batch(images, prompts)
         out = []
         for chunk in images.split(self.batch_size):
-            pixels = self.transform(chunk.to(self.device, non_blocking=True), self.dtype)
+            pixels = self.transform(to_unit_float(chunk, self.device), self.dtype)
             pooled = _features(self.vision(pixel_values=pixels))
             emb = self.projection(pooled).float()
             out.append(self.head(emb / emb.norm(dim=-1, keepdim=True)))

@@ -1,7 +1,9 @@
 """The reward interface every scorer here follows, and the argument checks they share.
 
 A reward is any callable `reward(images, prompts) -> scores` with a `name` attribute:
-  images  (B, 3, H, W) float tensor in [0, 1], on any device;
+  images  (B, 3, H, W) float tensor in [0, 1] or uint8 tensor in 0..255, on any device (real-model
+          rollouts hand rewards uint8 images on the host; a scorer converts one chunk at a time with
+          `to_unit_float`, tempflow_fast/images.py);
   prompts list of B strings, prompt i belongs to image i;
   scores  (B,) float32 tensor on the images' device (the trainer compares rewards within a group, so
           higher is better and no other scale is implied).
@@ -13,6 +15,8 @@ from __future__ import annotations
 from typing import List, Protocol, Sequence, Union, runtime_checkable
 
 import torch
+
+from tempflow_fast.images import to_uint8, to_unit_float  # noqa: F401  (re-exported for the scorers)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,8 +34,8 @@ def check_batch(images, prompts) -> List[str]:
         raise ValueError(f"images must be a torch.Tensor (B, 3, H, W) in [0, 1], got {type(images).__name__}")
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be a float tensor in [0, 1], got dtype {images.dtype}")
+    if not (images.is_floating_point() or images.dtype == torch.uint8):
+        raise ValueError(f"images must be a float tensor in [0, 1] or uint8 in 0..255, got dtype {images.dtype}")
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompts must be a list of strings, got {type(prompts).__name__}")
     prompts = list(prompts)
@@ -56,11 +60,6 @@ def resolve_device(device: Union[str, torch.device]) -> torch.device:
         return torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from err
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] float → uint8 with rounding, as Flow-GRPO quantises before handing images to a scorer."""
-    return (images.detach().float() * 255).round_().clamp_(0, 255).to(torch.uint8)
 
 
 class ModelRewardBase:

@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .base import ModelRewardBase, check_batch
+from .base import ModelRewardBase, check_batch, to_unit_float
 from .preprocess import ImageTransform
 
 
@@ -72,7 +72,7 @@ class ClipSimilarityReward(ModelRewardBase):
         """(B, D) unit-norm fp32 image embeddings of (B, 3, H, W) images in [0, 1]."""
         out = []
         for chunk in images.split(self.batch_size):
-            pixels = self.transform(chunk.to(self.device, non_blocking=True), self.dtype)
+            pixels = self.transform(to_unit_float(chunk, self.device), self.dtype)
             emb = _features(self.model.get_image_features(pixel_values=pixels)).float()
             out.append(emb / emb.norm(dim=-1, keepdim=True))
         return torch.cat(out)

@@ -17,7 +17,7 @@ from typing import Sequence, Union
 
 import torch
 
-from .base import ModelRewardBase, check_batch
+from .base import ModelRewardBase, check_batch, to_unit_float
 from .files import resolve_file
 from .preprocess import ImageTransform
 
@@ -67,7 +67,7 @@ class HPSReward(ModelRewardBase):
         prompts = check_batch(images, prompts)
         out = []
         for chunk, chunk_prompts in zip(images.split(self.batch_size), _chunks(prompts, self.batch_size)):
-            pixels = self.transform(chunk.to(self.device, non_blocking=True), self.dtype)
+            pixels = self.transform(to_unit_float(chunk, self.device), self.dtype)
             img = self.model.encode_image(pixels, normalize=True).float()
             txt = self.model.encode_text(self.tokenizer(chunk_prompts).to(self.device), normalize=True).float()
             out.append(self.scale * (img * txt).sum(-1))

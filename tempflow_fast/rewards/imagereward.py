@@ -19,7 +19,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .base import ModelRewardBase, check_batch
+from .base import ModelRewardBase, check_batch, to_unit_float
 from .preprocess import ImageTransform
 
 _TEXT_MAX_LENGTH = 35
@@ -57,7 +57,7 @@ class ImageRewardReward(ModelRewardBase):
         blip = self.model.blip
         out = []
         for start in range(0, len(prompts), self.batch_size):
-            chunk = images[start:start + self.batch_size].to(self.device, non_blocking=True)
+            chunk = to_unit_float(images[start:start + self.batch_size], self.device)
             text = blip.tokenizer(prompts[start:start + self.batch_size], padding="max_length", truncation=True,
                                   max_length=_TEXT_MAX_LENGTH, return_tensors="pt").to(self.device)
             image_embeds = blip.visual_encoder(self.transform(chunk, self.dtype))

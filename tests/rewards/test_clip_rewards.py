@@ -79,14 +79,23 @@ def test_clip_score_scale_and_builder(clip_dir):
     torch.testing.assert_close(pick(images, PROMPTS), raw(images, PROMPTS))  # same model, same formula
 
 
+def test_uint8_images_score_as_their_float_values(clip_dir):
+    """Real-model rollouts hand rewards uint8 images on the host: the same pixels as floats give the same score."""
+    from tempflow_fast.images import to_uint8
+
+    reward = pickscore(str(clip_dir), device="cpu")
+    u8 = to_uint8(_images())
+    torch.testing.assert_close(reward(u8, PROMPTS), reward(u8.float() / 255, PROMPTS))
+
+
 def test_bad_inputs_raise_value_error(clip_dir):
     reward = pickscore(str(clip_dir), device="cpu")
     with pytest.raises(ValueError, match="prompts has 2 entries but images has 3 rows"):
         reward(_images(), PROMPTS[:2])
     with pytest.raises(ValueError, match=r"images must be \(B, 3, H, W\)"):
         reward(torch.rand(3, 1, 8, 8), PROMPTS)
-    with pytest.raises(ValueError, match="float tensor"):
-        reward(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), PROMPTS)
+    with pytest.raises(ValueError, match="float tensor in \[0, 1\] or uint8"):
+        reward(torch.zeros(3, 3, 8, 8, dtype=torch.int32), PROMPTS)
     with pytest.raises(ValueError, match="dtype must be one of"):
         pickscore(str(clip_dir), device="cpu", dtype="float64")
 

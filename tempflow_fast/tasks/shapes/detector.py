@@ -19,6 +19,8 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
+from tempflow_fast.images import to_unit_float
+
 from .grammar import CATEGORIES, COLORS, PromptSpec, parse
 from .render import PALETTE, SIDE
 
@@ -222,13 +224,13 @@ class ShapesReward:
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         if images.shape[0] != len(prompts):
             raise ValueError(f"images has {images.shape[0]} rows but prompts has {len(prompts)}")
-        det = detect(images)
+        det = detect(to_unit_float(images))
         ok = judge(det, prompts)
         self.details = accuracy_by_category(ok, prompts)
         return partial_score(det, prompts).float() if self.mode == "partial" else ok.float()
 
     def breakdown(self, images: torch.Tensor, prompts: Sequence[str]) -> Dict[str, Dict[str, float]]:
-        return accuracy_by_category(correct(images, prompts), prompts)
+        return accuracy_by_category(correct(to_unit_float(images), prompts), prompts)
 
     def categories(self, prompts: Sequence[str]) -> List[str]:
         return [parse(p).category for p in prompts]
