@@ -43,11 +43,12 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from tempflow_fast.models.base import Cond, cond_batch_size, select_cond
+from tempflow_fast.images import to_uint8
+from tempflow_fast.models.base import Cond, cond_batch_size
 from tempflow_fast.sampling.accounting import RolloutStats
 from tempflow_fast.sampling.plans import RolloutLayout
 from tempflow_fast.sampling.runners import EagerRunner
-from tempflow_fast.sampling.schedules import flow_sigmas
+from tempflow_fast.sampling.schedules import flow_sigmas, interval_indices
 from tempflow_fast.sampling.simple import initial_noise
 from tempflow_fast.sampling.steppers import ode_step, sde_step
 
@@ -128,18 +129,42 @@ def _check_layout(layout: RolloutLayout) -> None:
         raise ValueError(f"SDE tails need granularities (1,), got {layout.granularities}")
 
 
-def _decode(model, latents: torch.Tensor, batch: int) -> torch.Tensor:
-    return torch.cat([model.decode(latents[i:i + batch]) for i in range(0, latents.shape[0], batch)])
+IMAGE_FORMATS = ("float", "uint8_cpu")
+
+
+def decode_images(model, latents: torch.Tensor, batch: int, image_format: str = "float") -> torch.Tensor:
+    """Decode `batch` latents at a time; with "uint8_cpu" each chunk leaves the device as uint8 at once, so
+    decoded images never pile up on the GPU (a 1024 px image is 12.6 MB in fp32, 3.1 MB as uint8)."""
+    out = []
+    for i in range(0, latents.shape[0], batch):
+        img = model.decode(latents[i:i + batch])
+        out.append(to_uint8(img).cpu() if image_format == "uint8_cpu" else img)
+    return torch.cat(out)
+
+
+def _ode_only(layout: RolloutLayout, sig, path) -> bool:
+    """True when every step along index `path` is a plain Euler step (no SDE draw, no Tweedie estimate)."""
+    if layout.tweedie:
+        return False
+    for a, b in zip(path[:-1], path[1:]):
+        if a < layout.tail_sde_until and not (layout.sde == "ddim" and sig[b] == 0.0):
+            return False
+    return True
 
 
 @torch.no_grad()
 def rollout(model, prompts: Sequence[str], plan, *, seed: Optional[int] = None,
             generator: Optional[torch.Generator] = None, runner=None, cond: Optional[Cond] = None,
-            sigmas: Optional[torch.Tensor] = None, decode_batch: int = 256) -> RolloutResult:
+            sigmas: Optional[torch.Tensor] = None, decode_batch: Optional[int] = None,
+            image_format: str = "float") -> RolloutResult:
     """Run `plan` (any object with `.layout()`, see plans.py) for `prompts`; see the module doc.
 
-    Pass exactly one of `seed` / `generator`. `runner` defaults to an unbucketed EagerRunner;
-    `cond` skips `model.encode_prompts`; `sigmas` overrides the plan's schedule (T+1 values).
+    Pass exactly one of `seed` / `generator`. `runner` defaults to an EagerRunner whose calls are capped at
+    the model's default rows per call (models/memory.py); `cond` skips `model.encode_prompts`; `sigmas`
+    overrides the plan's schedule (T+1 values). Images are decoded `decode_batch` at a time (default sized by
+    resolution, models/memory.py) and kept as the decoder returns them ("float") or as uint8 on the host
+    ("uint8_cpu"). With `runner.segments` on, every run of plain Euler steps to σ = 0 (ODE completions, the
+    trunks after their last branch step) goes through `runner.ode_segment` in one piece.
     """
     if isinstance(prompts, str) or len(prompts) == 0:
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
@@ -164,7 +189,16 @@ def rollout(model, prompts: Sequence[str], plan, *, seed: Optional[int] = None,
         raise ValueError(f"sigmas must have shape (T+1,) = ({T + 1},), got {tuple(sigmas.shape)}")
     sig = sigmas.tolist()
     sigma_max = sig[1]
-    runner = EagerRunner(model) if runner is None else runner
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    from tempflow_fast.models.memory import default_decode_batch, default_max_rows_per_call
+
+    if decode_batch is None:
+        decode_batch = default_decode_batch(model)
+    if not isinstance(decode_batch, int) or decode_batch < 1:
+        raise ValueError(f"decode_batch must be an int >= 1, got {decode_batch!r}")
+    runner = EagerRunner(model, max_rows=default_max_rows_per_call(model)) if runner is None else runner
+    segments = bool(getattr(runner, "segments", False))
     pad0, calls0 = runner.padded_rows, runner.batched_calls
     stats = RolloutStats()
 
@@ -198,7 +232,7 @@ def rollout(model, prompts: Sequence[str], plan, *, seed: Optional[int] = None,
         cohorts = [c for c in cohorts if c.index != i]
         x = torch.cat([c.x for c in active])
         rows = torch.cat([c.prompt for c in active])
-        v_all = runner(x, torch.full((x.shape[0],), sig[i], device=device), select_cond(cond, rows)).float()
+        v_all = runner(x, torch.full((x.shape[0],), sig[i], device=device), cond, rows).float()
         for c, v in zip(active, v_all.split([c.x.shape[0] for c in active])):
             n = c.x.shape[0]
             phase = "trunk" if c.traj is None else ("completion" if c.primary else "granularity")
@@ -224,9 +258,22 @@ def rollout(model, prompts: Sequence[str], plan, *, seed: Optional[int] = None,
                                         torch.arange(K, device=device).repeat(n)))
                     traj_trunk_row.append(torch.arange(n, device=device).repeat_interleave(K))
                     smp_chunks.append((sid.repeat_interleave(K), out.prev_sample.float(), out.log_prob.float(), tid))
-                    cohorts.append(_Cohort(out.prev_sample.float(), i + 1, c.prompt.repeat_interleave(K),
-                                           c.seed.repeat_interleave(K), tid, layout.granularities, True))
-                if i + 1 < layout.trunk_calls:
+                    child_prompt = c.prompt.repeat_interleave(K)
+                    lam = layout.granularities[0]
+                    path = interval_indices(T, i + 1, lam)
+                    if segments and len(layout.granularities) == 1 and _ode_only(layout, sig, path):
+                        final[lam][tid] = runner.ode_segment(out.prev_sample.float(), [sig[j] for j in path], cond,
+                                                             child_prompt)
+                        stats.nfe["completion"] += n * K * (len(path) - 1)
+                    else:
+                        cohorts.append(_Cohort(out.prev_sample.float(), i + 1, child_prompt,
+                                               c.seed.repeat_interleave(K), tid, layout.granularities, True))
+                if (segments and layout.trunk_images and not layout.tweedie and i + 1 < T
+                        and i + 1 > max(layout.branch_steps)):
+                    # past the last branch step the trunk only finishes its image: one segment to σ = 0
+                    trunk_final = runner.ode_segment(ode_step(c.x, v, sig[i], sig[i + 1]), sig[i + 1:], cond, c.prompt)
+                    stats.nfe["trunk"] += n * (T - i - 1)
+                elif i + 1 < layout.trunk_calls:
                     cohorts.append(_Cohort(ode_step(c.x, v, sig[i], sig[i + 1]), i + 1, c.prompt, c.seed, None,
                                            (), True))
                 elif layout.trunk_images and i + 1 == T:
@@ -246,8 +293,12 @@ def rollout(model, prompts: Sequence[str], plan, *, seed: Optional[int] = None,
                     x_next = out.prev_sample.float()
                 else:
                     x_next = ode_step(c.x, v, sig[i], sig[nxt])
+                path = interval_indices(T, nxt, lam) if nxt < T else [T]
                 if nxt == T:
                     final[lam][c.traj] = x_next
+                elif segments and _ode_only(layout, sig, path):
+                    final[lam][c.traj] = runner.ode_segment(x_next, [sig[j] for j in path], cond, c.prompt)
+                    stats.nfe["completion" if primary else "granularity"] += c.x.shape[0] * (len(path) - 1)
                 else:
                     cohorts.append(_Cohort(x_next, nxt, c.prompt, c.seed, c.traj, (lam,), primary))
 
@@ -268,11 +319,11 @@ def rollout(model, prompts: Sequence[str], plan, *, seed: Optional[int] = None,
 
     images = {}
     for j, lam in enumerate(layout.granularities):
-        images[lam] = _decode(model, final[lam], decode_batch)
+        images[lam] = decode_images(model, final[lam], decode_batch, image_format)
         stats.images["completion" if j == 0 else "granularity"] += B
     trunk_images = None
     if trunk_final is not None:
-        trunk_images = _decode(model, trunk_final, decode_batch)
+        trunk_images = decode_images(model, trunk_final, decode_batch, image_format)
         stats.images["trunk"] += R
     tweedie_images = None
     if layout.tweedie:
@@ -285,7 +336,7 @@ def rollout(model, prompts: Sequence[str], plan, *, seed: Optional[int] = None,
             tw[sel, i] = est[row[sel]]
         for traj, i, est in tw_branch:
             tw[traj, i] = est
-        tweedie_images = _decode(model, tw.reshape(B * T, *lat_tail), decode_batch)
+        tweedie_images = decode_images(model, tw.reshape(B * T, *lat_tail), decode_batch, image_format)
         tweedie_images = tweedie_images.reshape(B, T, *tweedie_images.shape[1:])
         stats.images["tweedie"] += B * T
 
