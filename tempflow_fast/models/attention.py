@@ -30,6 +30,10 @@ ATTENTION_BACKENDS: Dict[str, Tuple[str, Optional[str]]] = {
     "flex": ("flex", "torch>=2.5"),
 }
 
+# Backends with no backward pass: usable for no-grad rollouts (model.rollout_attention_backend), refused for the
+# update. diffusers registers `_flash_3` as a forward-only custom op (FA3's beta release has no autograd op).
+TRAINING_REFUSED: Dict[str, str] = {"flash3": "diffusers' _flash_3 backend is a forward-only custom op"}
+
 
 class DispatchJointAttnProcessor:
     """SD3's joint (image + text) attention, as `JointAttnProcessor2_0`, through the dispatcher.

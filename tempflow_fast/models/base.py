@@ -29,6 +29,13 @@ def cat_cond(conds: Sequence[Cond]) -> Cond:
     return {k: torch.cat([c[k] for c in conds], dim=0) for k in keys}
 
 
+def autocast(device: torch.device, dtype: torch.dtype):
+    """The forward's compute precision: bf16/fp16 autocast when the model computes in half precision, so
+    fp32 master weights (LoRA, full fine-tune) run their matmuls in `dtype` as the frozen bf16 weights do."""
+    half = dtype in (torch.bfloat16, torch.float16)
+    return torch.autocast(device.type, dtype=dtype if half else torch.bfloat16, enabled=half)
+
+
 def cond_batch_size(cond: Cond) -> int:
     return next(iter(cond.values())).shape[0]
 

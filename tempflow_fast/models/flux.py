@@ -11,8 +11,9 @@ Follows diffusers' `FluxPipeline` exactly where it matters for the numbers:
   hidden states (`max_sequence_length` tokens) → `encoder_hidden_states`;
 - decode: unpack, `latents / scaling_factor + shift_factor`, VAE decode, `x / 2 + 0.5` clamped.
 
-Weights run in `dtype` (bf16 by default); inputs are cast to it and the velocity comes back in
-fp32, so the SDE step and log-prob math downstream stay fp32.
+Weights load in `dtype` (bf16 by default) and the forward runs under autocast to it, so trainable fp32
+master weights (LoRA adapters, a full fine-tune) compute in bf16 like the frozen ones; inputs are cast to
+it and the velocity comes back in fp32, so the SDE step and log-prob math downstream stay fp32.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import List, Optional, Union
 
 import torch
 
-from .base import Cond, check_velocity_inputs
+from .base import Cond, autocast, check_velocity_inputs
 from .text_cache import CachedTextPipelineMixin, PromptCache
 
 # LoRA targets of Flow-GRPO's FLUX recipe (scripts/train_flux.py): the attention projections of
@@ -89,9 +90,12 @@ class FluxAdapter(CachedTextPipelineMixin):
         channels = self.module.config.in_channels // 4
         self.latent_shape = ((h // 2) * (w // 2), channels * 4)
         self.image_seq_len = self.latent_shape[0]
+        self.text_seq_len = self.max_sequence_length
+        self.cfg_batches = 1  # distilled guidance: one transformer row per latent row
+        self.compute_dtype = self.module.dtype
         self._img_ids = latent_image_ids(h, w)
         self._ids_on = {}
-        self.cache = PromptCache(self._encode, cache_device)
+        self.cache = PromptCache(self._encode_on_device, cache_device)
 
     @property
     def device(self) -> torch.device:
@@ -99,7 +103,8 @@ class FluxAdapter(CachedTextPipelineMixin):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.module.dtype
+        """The compute dtype (the weights' dtype at load; trainable weights may be fp32 master copies since)."""
+        return self.compute_dtype
 
     # --- text ---------------------------------------------------------------------------------
 
@@ -119,16 +124,17 @@ class FluxAdapter(CachedTextPipelineMixin):
         guidance = None
         if self.module.config.guidance_embeds:
             guidance = torch.full((b,), self.guidance_scale, device=x.device, dtype=torch.float32)
-        out = self.module(
-            hidden_states=x.to(dtype),
-            timestep=sigma,
-            guidance=guidance,
-            pooled_projections=pooled.to(dtype),
-            encoder_hidden_states=embeds.to(dtype),
-            txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device, dtype=dtype),
-            img_ids=self._image_ids(x.device, dtype),
-            return_dict=False,
-        )[0]
+        with autocast(x.device, dtype):
+            out = self.module(
+                hidden_states=x.to(dtype),
+                timestep=sigma,
+                guidance=guidance,
+                pooled_projections=pooled.to(dtype),
+                encoder_hidden_states=embeds.to(dtype),
+                txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device, dtype=dtype),
+                img_ids=self._image_ids(x.device, dtype),
+                return_dict=False,
+            )[0]
         return out.float()
 
     def _image_ids(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

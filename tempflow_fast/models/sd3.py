@@ -20,7 +20,7 @@ from typing import List, Optional, Union
 
 import torch
 
-from .base import Cond, check_velocity_inputs
+from .base import Cond, autocast, check_velocity_inputs
 from .text_cache import CachedTextPipelineMixin, PromptCache
 
 # LoRA targets of Flow-GRPO's SD3.5 recipe (scripts/train_sd3.py): the attention projections of
@@ -60,7 +60,10 @@ class SD3Adapter(CachedTextPipelineMixin):
         h = w = resolution // vae_scale
         self.latent_shape = (self.module.config.in_channels, h, w)
         self.image_seq_len = (h // patch) * (w // patch)
-        self.cache = PromptCache(self._encode, cache_device)
+        # CLIP's 77 tokens (both CLIPs, concatenated along the width) then the T5 tokens
+        self.text_seq_len = pipeline.tokenizer.model_max_length + self.max_sequence_length
+        self.compute_dtype = self.module.dtype
+        self.cache = PromptCache(self._encode_on_device, cache_device)
         self._negative_on = {}
 
     @property
@@ -69,11 +72,17 @@ class SD3Adapter(CachedTextPipelineMixin):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.module.dtype
+        """The compute dtype (the weights' dtype at load; trainable weights may be fp32 master copies since)."""
+        return self.compute_dtype
 
     @property
     def do_cfg(self) -> bool:
         return self.guidance_scale > 1.0
+
+    @property
+    def cfg_batches(self) -> int:
+        """Transformer rows per latent row: 2 under classifier-free guidance."""
+        return 2 if self.do_cfg else 1
 
     # --- text ---------------------------------------------------------------------------------
 
@@ -111,8 +120,9 @@ class SD3Adapter(CachedTextPipelineMixin):
             pooled = torch.cat([neg["pooled_projections"], pooled.to(x.device)])
         else:
             x_in = x
-        out = self.module(hidden_states=x_in.to(dtype), timestep=t, encoder_hidden_states=embeds.to(dtype),
-                          pooled_projections=pooled.to(dtype), return_dict=False)[0].float()
+        with autocast(x.device, dtype):
+            out = self.module(hidden_states=x_in.to(dtype), timestep=t, encoder_hidden_states=embeds.to(dtype),
+                              pooled_projections=pooled.to(dtype), return_dict=False)[0].float()
         if not self.do_cfg:
             return out
         uncond, cond_v = out.chunk(2)

@@ -132,6 +132,7 @@ class TinyFluxAdapter:
         self.module = module
         self.vocab = tuple(vocab)
         self.max_words = int(max_words)
+        self.text_seq_len = self.max_words
         self._index = {w: i for i, w in enumerate(self.vocab)}
 
     @classmethod
