@@ -145,9 +145,10 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
         raise ValueError(f"{str(path)!r} is not a complete checkpoint (no COMPLETE marker)")
     ema = path / "ema.safetensors"
     return {
-        "model": load_file(str(path / "model.safetensors")),
-        "ema": load_file(str(ema)) if ema.is_file() else None,
-        # our own file: optimizer state and RNG states need full unpickling
-        "state": torch.load(path / "state.pt", weights_only=False),
+        "model": load_file(str(path / "model.safetensors"), device="cpu"),
+        "ema": load_file(str(ema), device="cpu") if ema.is_file() else None,
+        # our own file: optimizer state and RNG states need full unpickling. map_location: every rank reads onto
+        # the host (no rank's tensors land on cuda:0); the optimizer's load_state_dict moves them to the params.
+        "state": torch.load(path / "state.pt", weights_only=False, map_location="cpu"),
         "config_yaml": (path / "config.yaml").read_text(),
     }

@@ -20,7 +20,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config, a memory estimate and the NFE per iteration, then exit")
+                   help="print the resolved config, the memory plan by phase (weights read from no file: a local "
+                        "pipeline folder's configs, or the shipped ones of FLUX.1-dev / SD3.5-Medium for their hub "
+                        "ids), the rows per transformer call and the NFE per iteration, then exit; exit 2 when the "
+                        "peak exceeds --gpu-memory")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
+                   help="GPU memory the --dry-run plans for, in GiB (default 80)")
     return p
 
 
@@ -31,10 +36,21 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"tempflow-fast train: {err}", file=sys.stderr)
         return 2
+    if args.dry_run and not args.gpu_memory > 0:
+        print(f"tempflow-fast train: --gpu-memory must be > 0 GiB, got {args.gpu_memory}", file=sys.stderr)
+        return 2
     if args.print_config or args.dry_run:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
         if args.dry_run:
-            print("\n".join(dry_run(cfg)))
+            try:
+                lines, problem = dry_run(cfg, args.gpu_memory)
+            except ValueError as err:
+                print(f"tempflow-fast train: {err}", file=sys.stderr)
+                return 2
+            print("\n".join(lines))
+            if problem:
+                print(f"tempflow-fast train: {problem}", file=sys.stderr)
+                return 2
         return 0
     from tempflow_fast.training.trainer import Trainer, format_summary
 
@@ -45,25 +61,54 @@ def main(argv=None) -> int:
     return 0
 
 
-def dry_run(cfg: Config) -> list:
-    """Memory estimate (weights, activations, optimizer, LoRA) and NFE per iteration, without loading weights
-    onto a device."""
+def _zero_plan(cfg: Config) -> dict:
+    """ZeRO sharding for the memory plan: stage and GPUs (distributed.world_size) of a DeepSpeed full fine-tune."""
+    d = cfg.distributed
+    if d.backend != "deepspeed":
+        return {}
+    from tempflow_fast.training.zero import deepspeed_config
+
+    return {"zero_stage": deepspeed_config(cfg)["zero_optimization"]["stage"], "world_size": d.world_size or 1}
+
+
+def dry_run(cfg: Config, gpu_memory_gib: float = 80.0):
+    """(report lines, problem or None): the memory plan by phase for a GPU of `gpu_memory_gib` (weights, trainable
+    fp32 copies, optimizer, EMA / reference copies, CUDA-graph pool; rollout forward, decode, update, optimizer
+    step), the rows per transformer call and the NFE per iteration, without loading any weights. `problem` names
+    the phase that does not fit and the fields that would fix it."""
     from tempflow_fast import algorithms
     from tempflow_fast.models.loading import resolve_dtype
-    from tempflow_fast.models.memory import dry_run_lines, estimate_for, nfe_per_iteration
+    from tempflow_fast.models.memory import GIB, dry_run_lines, estimate_for, fixes_for, nfe_per_iteration
 
-    m, t = cfg.model, cfg.train
+    m, t, smp = cfg.model, cfg.train, cfg.sampling
+    gpu = gpu_memory_gib * GIB
     estimate = estimate_for(
         m.kind, m.path, dtype=resolve_dtype(m.dtype, torch.float32 if m.kind == "tiny_flux" else torch.bfloat16),
-        resolution=m.resolution, max_sequence_length=m.max_sequence_length, guidance_scale=cfg.sampling.guidance_scale,
+        resolution=m.resolution, max_sequence_length=m.max_sequence_length, guidance_scale=smp.guidance_scale,
         lora_rank=t.lora.rank if t.lora.enabled else None, lora_targets=t.lora.target_modules if t.lora.enabled else (),
         states_per_forward=t.states_per_forward, gradient_checkpointing=m.gradient_checkpointing,
-        text_encoders_resident=m.text_encoders == "keep",
+        text_encoders_resident=m.text_encoders == "keep", ema=t.ema_decay > 0, reference_copy=t.beta > 0,
+        max_rows_per_call=smp.max_rows_per_call, decode_batch=smp.decode_batch,
+        cuda_graphs=smp.runner == "cuda_graph", gpu_memory=gpu, **_zero_plan(cfg),
     )
-    guidance = cfg.sampling.guidance_scale
+    guidance = smp.guidance_scale
     cfg_batches = 2 if m.kind == "sd3" and (4.5 if guidance is None else guidance) > 1.0 else 1
     nfe = nfe_per_iteration(algorithms.from_config(cfg).plan(), t.prompts_per_iteration, cfg_batches=cfg_batches)
-    return dry_run_lines(estimate, nfe)
+    lines = dry_run_lines(estimate, nfe)
+    problem = None
+    if estimate.max_rows_per_call < 1:
+        problem = (f"not one latent row per transformer call fits in {gpu_memory_gib:g} GiB next to the resident "
+                   f"{estimate.resident / GIB:.1f} GiB (phase: rollout forward); lower it with "
+                   f"{fixes_for('rollout forward')}")
+    elif smp.buckets is not None and max(smp.buckets) > estimate.max_rows_per_call:
+        problem = (f"config field 'sampling.buckets': bucket {max(smp.buckets)} is larger than the "
+                   f"{estimate.max_rows_per_call} rows per transformer call that fit (sampling.max_rows_per_call)")
+    else:
+        phase, peak = estimate.peak()
+        if peak > gpu:
+            problem = (f"peak memory {peak / GIB:.1f} GiB ({phase}) exceeds --gpu-memory {gpu_memory_gib:g} GiB; "
+                       f"fields that lower it: {fixes_for(phase)}")
+    return lines, problem
 
 
 if __name__ == "__main__":

@@ -27,10 +27,32 @@ class ModelConfig:
     dtype: Optional[str] = None  # weights dtype; None = bf16 for flux/sd3, fp32 for tiny_flux
     resolution: Optional[int] = None  # image side in px; None = 1024 FLUX, 512 SD3 (tiny_flux: fixed 16)
     max_sequence_length: Optional[int] = None  # T5 tokens; None = 512 FLUX, 256 SD3
-    attention_backend: Optional[str] = None  # diffusers dispatcher: native, flash, flash3, xformers, sage, ...
-    compile_blocks: bool = False  # torch.compile the repeated transformer blocks
+    # attention kernel through diffusers' dispatcher (models/attention.py): native, sdpa_flash, sdpa_cudnn,
+    #   sdpa_efficient, flash, flash3, xformers, sage, flex; None = the transformer's own default
+    attention_backend: Optional[str] = None
+    # a different kernel for the no-grad rollout forwards only (e.g. flash3, which has no backward); None = same
+    rollout_attention_backend: Optional[str] = None
+    compile_blocks: bool = False  # torch.compile the repeated transformer blocks (batch dimension dynamic)
     gradient_checkpointing: bool = False
-    text_encoders: Literal["keep", "offload", "release"] = "offload"  # after the prompts' embeddings are cached
+    # text encoders between encodings: keep (on the model's device) | offload (on the CPU, moved to the device
+    #   for each iteration's new prompts) | release (every prompt encoded at start, then the encoders dropped)
+    text_encoders: Literal["keep", "offload", "release"] = "offload"
+    prompt_cache_size: int = 1024  # prompts whose text embeddings stay cached (LRU; FLUX: 4 MiB each, host RAM)
+
+    def validate(self):
+        from tempflow_fast.models.attention import ATTENTION_BACKENDS, TRAINING_REFUSED
+
+        for name in ("attention_backend", "rollout_attention_backend"):
+            value = getattr(self, name)
+            if value is not None and value not in ATTENTION_BACKENDS:
+                raise ValueError(f"config field 'model.{name}': must be one of {sorted(ATTENTION_BACKENDS)}, "
+                                 f"got {value!r}")
+        if self.attention_backend in TRAINING_REFUSED:
+            raise ValueError(f"config field 'model.attention_backend': {self.attention_backend!r} has no backward "
+                             f"pass ({TRAINING_REFUSED[self.attention_backend]}), so the update cannot use it; set "
+                             f"model.rollout_attention_backend: {self.attention_backend} for the rollouts and a "
+                             f"trainable backend (native, sdpa_flash, flash) as model.attention_backend")
+        _positive("model", prompt_cache_size=self.prompt_cache_size)
 
 
 @dataclass
@@ -42,12 +64,27 @@ class SamplingConfig:
     runner: Literal["eager", "compile", "cuda_graph"] = "eager"  # how rollout segments run (cuda_graph: CUDA only,
     #   falls back to eager elsewhere with a warning)
     buckets: Optional[list[int]] = None  # fixed batch sizes for compile / cuda_graph runners; None = their default
+    #   (capped at max_rows_per_call)
+    # most latent rows in one transformer call; None = what the memory model says fits (models/memory.py; on
+    #   CUDA at most 32: throughput per row saturates well below)
+    max_rows_per_call: Optional[int] = None
+    decode_batch: Optional[int] = None  # images per VAE decode call; None = sized by resolution (1 at 1024 px)
     guidance_scale: Optional[float] = None  # FLUX distilled guidance / SD3 CFG scale; None = the model's default
 
     def validate(self):
         if self.num_steps < 2:
             raise ValueError(f"config field 'sampling.num_steps': must be >= 2, got {self.num_steps}")
         _positive("sampling", shift=self.shift, noise_level=self.noise_level)
+        if self.max_rows_per_call is not None:
+            _positive("sampling", max_rows_per_call=self.max_rows_per_call)
+        if self.decode_batch is not None:
+            _positive("sampling", decode_batch=self.decode_batch)
+        if self.buckets is not None:
+            if not self.buckets or min(self.buckets) < 1:
+                raise ValueError(f"config field 'sampling.buckets': every bucket must be >= 1, got {self.buckets}")
+            if self.max_rows_per_call is not None and max(self.buckets) > self.max_rows_per_call:
+                raise ValueError(f"config field 'sampling.buckets': bucket {max(self.buckets)} is larger than "
+                                 f"sampling.max_rows_per_call = {self.max_rows_per_call}")
 
 
 @dataclass
@@ -190,10 +227,14 @@ class DistributedConfig:
     #   None = deepspeed_config's zero_optimization.stage, else 2
     deepspeed_config: Optional[str] = None  # deepspeed: JSON of DeepSpeed settings (zero_optimization tuning, bf16,
     #   ...), e.g. configs/deepspeed_zero3.json; optimizer, clipping and batch sizes come from `train`
+    world_size: Optional[int] = None  # GPUs the config is planned for (--dry-run shards ZeRO state over them);
+    #   a launch takes its world size from torchrun / deepspeed
 
     def validate(self):
         if self.zero_stage is not None and self.zero_stage not in (2, 3):
             raise ValueError(f"config field 'distributed.zero_stage': must be 2 or 3, got {self.zero_stage}")
+        if self.world_size is not None and self.world_size < 1:
+            raise ValueError(f"config field 'distributed.world_size': must be >= 1, got {self.world_size}")
         if self.backend == "ddp" and (self.zero_stage is not None or self.deepspeed_config is not None):
             raise ValueError("config field 'distributed.backend': zero_stage and deepspeed_config need "
                              "backend 'deepspeed', got 'ddp'")

@@ -26,7 +26,7 @@ from tempflow_fast.algorithms.base import Rewards
 from tempflow_fast.algorithms.tempflow import step_reward_std
 from tempflow_fast.config import config_to_dict
 from tempflow_fast.sampling.engine import concat_results, rollout
-from tempflow_fast.sampling.runners import EagerRunner, make_runner
+from tempflow_fast.sampling.runners import DEFAULT_BUCKETS, EagerRunner, buckets_within, make_runner
 from tempflow_fast.training import checkpoint as ckpt
 from tempflow_fast.training import distributed
 from tempflow_fast.training.ema import EMA
@@ -58,24 +58,34 @@ def read_prompts(path: str, field_name: str) -> List[str]:
 
 
 @torch.no_grad()
-def mean_reward_eval(model, prompts: Sequence[str], reward, cfg: Config) -> Dict:
-    """{"overall": {"accuracy": mean reward}} of ODE samples (fixed seeds) for `prompts` (non-shapes tasks)."""
+def mean_reward_eval(model, prompts: Sequence[str], reward, cfg: Config, *, rows_per_call: Optional[int] = None,
+                     decode_batch: Optional[int] = None, image_format: str = "float") -> Dict:
+    """{"overall": {"accuracy": mean reward}} of ODE samples (fixed seeds) for `prompts` (non-shapes tasks).
+
+    Noise comes from a CPU generator (the same images on every device) and moves to the model's device with the
+    schedule; at most `rows_per_call` images sample together and `decode_batch` decode together."""
+    from tempflow_fast.models.memory import default_decode_batch
+    from tempflow_fast.sampling.engine import decode_images
     from tempflow_fast.sampling.schedules import flow_sigmas
     from tempflow_fast.sampling.simple import initial_noise, sample
 
     e, smp = cfg.eval, cfg.sampling
+    device = next(model.module.parameters()).device
     gen = torch.Generator().manual_seed(e.seed)
-    sigmas = flow_sigmas(e.num_steps, smp.shift, image_seq_len=model.image_seq_len, dynamic_shift=smp.dynamic_shift)
+    sigmas = flow_sigmas(e.num_steps, smp.shift, image_seq_len=model.image_seq_len,
+                         dynamic_shift=smp.dynamic_shift).to(device)
     per_image = [p for p in prompts for _ in range(e.images_per_prompt)]
+    step = min(16, rows_per_call or 16)
     scores = []
     was = model.module.training
     model.module.eval()
     try:
-        for i in range(0, len(per_image), 16):
-            chunk = per_image[i:i + 16]
-            noise = initial_noise(model, len(chunk), gen)
-            x = sample(model, model.encode_prompts(chunk), noise.to(sigmas.device), sigmas)
-            scores.append(reward(model.decode(x), chunk).float().cpu())
+        for i in range(0, len(per_image), step):
+            chunk = per_image[i:i + step]
+            noise = initial_noise(model, len(chunk), gen).to(device)
+            x = sample(model, model.encode_prompts(chunk), noise, sigmas)
+            images = decode_images(model, x, decode_batch or default_decode_batch(model), image_format)
+            scores.append(reward(images, chunk).float().cpu())
     finally:
         model.module.train(was)
     mean = float(torch.cat(scores).mean())
@@ -130,11 +140,8 @@ class Trainer:
         self.eval_fn = eval_fn if eval_fn is not None else self._default_eval()
         self.algorithm = algorithms.from_config(cfg)
         self.plan = self.algorithm.plan()
-        smp = cfg.sampling
-        if smp.runner == "eager" and smp.buckets is None:
-            self.runner = EagerRunner(self.model)
-        else:
-            self.runner = make_runner(smp.runner, self.model, **({} if smp.buckets is None else {"buckets": smp.buckets}))
+        # real pipelines hand rewards uint8 images on the host (images.py); the tiny model's 16 px ones stay as is
+        self._image_format = "uint8_cpu" if getattr(self.model, "vae", None) is not None else "float"
         self.scorer = None
         if cfg.train.async_reward:
             from tempflow_fast.rewards.async_scorer import AsyncScorer
@@ -142,6 +149,7 @@ class Trainer:
             self.scorer = AsyncScorer(self.reward)
         self._checkpoint = self._checkpoint_to_resume() if resume else None  # refused before any engine is built
         self._setup_params()
+        self.runner = self._build_runner()
         self.counters = Counters()
         self.iteration = 0
         self.eval_before: Optional[Dict] = None
@@ -166,6 +174,33 @@ class Trainer:
                             resolution=m.resolution, guidance_scale=smp.guidance_scale,
                             max_sequence_length=m.max_sequence_length)
 
+    def _build_runner(self):
+        """The rollout's segment runner: every transformer call at most sampling.max_rows_per_call rows (default
+        from the memory model: what the device holds after the weights, the fp32 trainable copies and AdamW's
+        moments, models/memory.py), compiled / captured runners on buckets capped at that."""
+        from tempflow_fast.models.memory import default_max_rows_per_call
+
+        smp = self.cfg.sampling
+        max_rows = smp.max_rows_per_call
+        if max_rows is None:
+            trainable = sum(p.numel() for _, p in self.named_params)
+            resident = None
+            if self.model.module is not None and next(self.model.module.parameters()).is_cuda:
+                # AdamW's two fp32 moments are allocated at the first step: count them now
+                resident = torch.cuda.memory_allocated(next(self.model.module.parameters()).device) + 8 * trainable
+            max_rows = default_max_rows_per_call(self.model, resident_bytes=resident)
+            if max_rows is not None and self.dist.is_main and next(self.model.module.parameters()).is_cuda:
+                print(f"[tempflow-fast] max rows per transformer call: {max_rows} (memory model; set "
+                      f"sampling.max_rows_per_call to override)", flush=True)
+        if smp.buckets is not None and max_rows is not None and max(smp.buckets) > max_rows:
+            raise ValueError(f"config field 'sampling.buckets': bucket {max(smp.buckets)} is larger than the "
+                             f"{max_rows} rows per transformer call the memory model allows here "
+                             f"(sampling.max_rows_per_call)")
+        if smp.runner == "eager":
+            return EagerRunner(self.model, smp.buckets, max_rows=max_rows)
+        buckets = smp.buckets if smp.buckets is not None else buckets_within(DEFAULT_BUCKETS, max_rows)
+        return make_runner(smp.runner, self.model, buckets, max_rows=max_rows)
+
     def _train_prompts(self) -> List[str]:
         if self.cfg.data.train_prompts is None:
             from tempflow_fast.tasks.shapes.grammar import TRAIN_PROMPTS
@@ -174,15 +209,22 @@ class Trainer:
         return read_prompts(self.cfg.data.train_prompts, "data.train_prompts")
 
     def _cache_text(self, prompts: Sequence[str]) -> None:
-        """Real pipelines: encode every prompt once, then move / drop the text encoders (model.text_encoders)."""
+        """Real pipelines (model.text_encoders): "keep" / "offload" encode each iteration's new prompts when they
+        are first used and keep at most model.prompt_cache_size of them (offloaded encoders visit the device for
+        that batch); "release" encodes every train and eval prompt now, then drops the encoders."""
         if not hasattr(self.model, "cache_prompts"):
             return
-        eval_file = self.cfg.data.eval_prompts
-        self.model.cache_prompts(list(prompts) + (read_prompts(eval_file, "data.eval_prompts") if eval_file else []))
-        if self.cfg.model.text_encoders == "offload":
-            self.model.offload_text_encoders("cpu")
-        elif self.cfg.model.text_encoders == "release":
+        m = self.cfg.model
+        if m.text_encoders == "release":
+            eval_file = self.cfg.data.eval_prompts
+            every = list(prompts) + (read_prompts(eval_file, "data.eval_prompts") if eval_file else [])
+            self.model.cache.max_entries = max(m.prompt_cache_size, len(set(every)) + 1)  # + SD3's negative prompt
+            self.model.cache_prompts(every)
             self.model.release_text_encoders()
+            return
+        self.model.cache.max_entries = m.prompt_cache_size
+        if m.text_encoders == "offload":
+            self.model.offload_text_encoders("cpu")
 
     def _default_eval(self):
         """Shapes task: held-out accuracy by category. Otherwise: mean reward on data.eval_prompts, or none."""
@@ -194,7 +236,9 @@ class Trainer:
             return None
         self.eval_metric = "held-out reward"
         prompts = read_prompts(self.cfg.data.eval_prompts, "data.eval_prompts")
-        return lambda model: mean_reward_eval(model, prompts, self.reward, self.cfg)
+        return lambda model: mean_reward_eval(
+            model, prompts, self.reward, self.cfg, rows_per_call=self.runner.max_rows,
+            decode_batch=self.cfg.sampling.decode_batch, image_format=self._image_format)
 
     def _shapes_eval(self, model) -> Dict:
         from tempflow_fast.tasks.shapes.eval_cmd import EvalSettings, evaluate, split_prompts
@@ -216,6 +260,14 @@ class Trainer:
             target = getattr(module, "transformer", module)
             target.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
                                           target_modules=list(cfg.lora.target_modules), init_lora_weights="gaussian"))
+        # Mixed precision as diffusers' training scripts do it: trainable parameters (LoRA adapters, or every weight
+        # of a full fine-tune) are fp32 master weights, the frozen ones stay in the model dtype, and the adapters
+        # run the forward under autocast to that dtype. AdamW on bf16 weights would round most updates away.
+        # (DeepSpeed keeps its own fp32 masters inside its sharded optimizer: zero.deepspeed_config enables bf16.)
+        if self.cfg.distributed.backend != "deepspeed":
+            from diffusers.training_utils import cast_training_params
+
+            cast_training_params(module, dtype=torch.float32)
         self.named_params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not self.named_params:
             raise ValueError("the model has no trainable parameters")
@@ -233,7 +285,8 @@ class Trainer:
                         target.enable_adapters()
             else:
                 frozen = copy.copy(self.model)
-                frozen.module = copy.deepcopy(module).requires_grad_(False)
+                # the initial policy in the compute dtype (the fp32 master copies were cast from it: exact)
+                frozen.module = copy.deepcopy(module).to(getattr(self.model, "dtype", torch.float32)).requires_grad_(False)
                 reference = frozen.velocity
             self.reference = reference
         self.zero = None  # the DeepSpeed engine (distributed.backend: deepspeed), which then owns the optimizer
@@ -319,6 +372,23 @@ class Trainer:
 
         return collect
 
+    @contextlib.contextmanager
+    def _rollout_attention(self):
+        """model.rollout_attention_backend for the no-grad rollout forwards, model.attention_backend again after."""
+        m = self.cfg.model
+        if m.rollout_attention_backend is None or m.rollout_attention_backend == m.attention_backend:
+            yield
+            return
+        from tempflow_fast.models.attention import set_attention_backend
+        from tempflow_fast.models.loading import transformer_of
+
+        transformer = transformer_of(self.model)
+        set_attention_backend(transformer, m.rollout_attention_backend)
+        try:
+            yield
+        finally:
+            set_attention_backend(transformer, m.attention_backend or "native")
+
     def _plan_for(self, iteration: int):
         """This iteration's rollout plan: the algorithm's per-iteration choice when it makes one (adaptive
         bifurcation, from the checkpointed running state in counters.extra), else the fixed plan."""
@@ -340,7 +410,8 @@ class Trainer:
         for j in range(n_seg):
             seg = prompts[bounds[j]:bounds[j + 1]]
             seed = base if j == 0 else _seed_for(base, j)
-            r = rollout(self.model, seg, self.plan if plan is None else plan, seed=seed, runner=self.runner)
+            r = rollout(self.model, seg, self.plan if plan is None else plan, seed=seed, runner=self.runner,
+                        decode_batch=self.cfg.sampling.decode_batch, image_format=self._image_format)
             results.append(r)
             pending.append(self._submit_rewards(r, seg))
         t1 = time.perf_counter()
@@ -360,7 +431,8 @@ class Trainer:
         prompts = self.dist.shard(self.prompts_for(iteration))
         self.model.module.eval()
         plan = self._plan_for(iteration)
-        result, rewards = self._rollout(prompts, iteration, plan)
+        with self._rollout_attention():
+            result, rewards = self._rollout(prompts, iteration, plan)
         t1 = time.perf_counter()
         # every rank's rewards, so global std and logged reward statistics cover the whole batch
         result, rewards = self.dist.global_view(result, rewards, num_prompts=len(prompts))
@@ -578,14 +650,20 @@ class Trainer:
     # --- export -------------------------------------------------------------------------------
 
     def export(self, directory: Path) -> Path:
-        """Save the trained model as a loadable model folder (LoRA merged into a copy)."""
+        """Save the trained model as a loadable model folder (LoRA merged into a copy), in the model's dtype (the
+        fp32 master weights of a full fine-tune are cast back to it)."""
         model = self.model
+        dtype = getattr(self.model, "dtype", torch.float32)
         if self.lora:
             model = copy.copy(self.model)
             model.module = copy.deepcopy(self.model.module)
             target = getattr(model.module, "transformer", model.module)
             target.fuse_lora()
             target.unload_lora()
+            model.module.to(dtype)
+        elif any(p.dtype != dtype for p in self.model.module.parameters()):
+            model = copy.copy(self.model)
+            model.module = copy.deepcopy(self.model.module).to(dtype)
         with self._full_parameters():  # ZeRO-3: whole tensors on every rank while rank 0 writes
             if self.dist.is_main:
                 model.save_pretrained(directory)
@@ -610,12 +688,17 @@ class Trainer:
     def _write_samples(self, iteration: int) -> None:
         from tempflow_fast.tasks.shapes.sample_cmd import grid_image
 
+        from tempflow_fast.images import to_unit_float
+
         result = self._last_result
         images = result.trunk_images if result.trunk_images is not None else result.images[1]
         n = min(16, images.shape[0])
+        images = to_unit_float(images[:n], "cpu")
+        if images.shape[-1] > 128:  # real models: 128 px cells, not a 16k-pixel-wide grid
+            images = torch.nn.functional.interpolate(images, size=(128, 128), mode="bilinear", antialias=True)
         path = self.out / "samples" / f"iter-{iteration:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        grid_image(images[:n], f"iteration {iteration}", columns=8).save(path)
+        grid_image(images, f"iteration {iteration}", columns=8, scale=max(1, 128 // images.shape[-1])).save(path)
 
     def train(self) -> Dict:
         cfg = self.cfg

@@ -96,8 +96,16 @@ def deepspeed_config(cfg) -> Dict:
     if stage not in (2, 3):
         raise ValueError(f"config field 'distributed.zero_stage': must be 2 or 3, got {stage!r}")
     zero["stage"] = stage
+    from tempflow_fast.models.loading import resolve_dtype
+
+    extra = {}
+    default = torch.float32 if cfg.model.kind == "tiny_flux" else torch.bfloat16
+    if resolve_dtype(cfg.model.dtype, default) == torch.bfloat16 and "bf16" not in user:
+        # bf16 weights: DeepSpeed's own mixed precision, fp32 master weights inside its (sharded) optimizer
+        extra["bf16"] = {"enabled": True}
     return {
         "steps_per_print": 2**31 - 1,  # the trainer logs its own metrics
+        **extra,
         **user,
         "zero_optimization": zero,
         "train_micro_batch_size_per_gpu": 1,
