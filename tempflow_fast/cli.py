@@ -22,9 +22,15 @@ EXTRAS = {
     "diffusers": "train", "transformers": "train", "peft": "train", "tensorboard": "train", "tqdm": "train",
     "PIL": "train", "huggingface_hub": "train",
     "triton": "triton",
-    "open_clip": "rewards", "ImageReward": "rewards", "clip": "rewards", "torchvision": "rewards",
+    "open_clip": "rewards", "torchvision": "rewards",
     "matplotlib": "bench", "pynvml": "bench",
     "deepspeed": "deepspeed",
+}
+# optional dependencies no extra can install beside the training stack
+SEPARATE = {
+    "ImageReward": "image-reward 1.5 needs transformers < 4.56, which cannot share an environment with diffusers >= "
+                   "0.42: serve it from its own environment with python -m tempflow_fast.rewards.serve "
+                   "(docs/install.md)",
 }
 
 
@@ -37,7 +43,7 @@ def _usage() -> str:
 
 def _install_command(extra: str, editable: bool) -> str:
     spec = f'-e ".[{extra}]"' if editable else f'"tempflow_fast[{extra}]"'
-    if extra == "rewards":  # its torchvision must be the one built for the installed torch (docs/install.md)
+    if extra == "rewards":  # pinned, or pip replaces torch with the one the newest torchvision wants
         from importlib.metadata import version
 
         return f'pip install {spec} "torch=={version("torch")}"'
@@ -51,14 +57,19 @@ def missing_extra_message(command: str, err: ImportError):
     itself or what caused it), or None when `err` is about anything else."""
     cause = err
     while cause is not None and not (isinstance(cause, ModuleNotFoundError)
-                                     and (cause.name or "").split(".")[0] in EXTRAS):
+                                     and (cause.name or "").split(".")[0] in {**EXTRAS, **SEPARATE}):
         cause = cause.__cause__
     if cause is None:
         return None
     module = cause.name.split(".")[0]
+    if module in SEPARATE:
+        return f"tempflow-fast {command}: needs {module}, which is not installed; {SEPARATE[module]}"
     extra = EXTRAS[module]
-    return (f"tempflow-fast {command}: needs {module}, which is not installed; install tempflow_fast[{extra}]: "
-            f"{_install_command(extra, False)} (from a checkout: {_install_command(extra, True)})")
+    message = (f"tempflow-fast {command}: needs {module}, which is not installed; install tempflow_fast[{extra}]: "
+               f"{_install_command(extra, False)} (from a checkout: {_install_command(extra, True)})")
+    if extra == "rewards":
+        message += "; a torch built for the CPU or from PyTorch's index needs its torchvision first (docs/install.md)"
+    return message
 
 
 def main(argv=None) -> int:
