@@ -6,6 +6,7 @@ input builders. Used by tests/ops; importable by anyone adding a backend (pytest
 import torch
 
 import tempflow_fast.ops as ops
+from tempflow_fast.ops import reference
 
 # Every compiled backend is compared against the reference; one that cannot run here is skipped
 # with the dispatcher's own reason (e.g. the C++ extension failed to build).
@@ -67,7 +68,8 @@ def loss_inputs(shape, dtype, seed=0, beta=0.05):
     std = 0.3 + torch.rand(n, generator=g)
     samples = mean[:, None] + std.view(n, 1, *[1] * len(d)) * torch.randn(n, k, *d, generator=g)
     mean = mean + 0.05 * torch.randn(n, *d, generator=g)
-    logp_now = ops.gaussian_log_prob(samples, mean, std).detach()
+    # the reference primitive, not the dispatcher: building inputs must not load (or build) a backend
+    logp_now = reference.gaussian_log_prob_fwd(samples.reshape(n, k, -1), mean.reshape(n, -1), std)
     old = logp_now + 0.3 * torch.randn(n, k, generator=g)
     adv = 3.0 * torch.randn(n, k, generator=g)
     weights = 0.5 + torch.rand(n, generator=g)
