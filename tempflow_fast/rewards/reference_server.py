@@ -58,6 +58,8 @@ class RewardHTTPServer:
         if allow_pickle and not _is_loopback(host):
             raise ValueError("allow_pickle serves only on a loopback host (unpickling runs sender-chosen code), "
                              f"got host {host!r}")
+        if not (isinstance(port, int) and 0 <= port <= 65535):
+            raise ValueError(f"port must be 0..65535 (0 = any free port), got {port!r}")
         if token is not None and not token.strip():
             raise ValueError("token must be a non-empty string (or None for no authentication)")
         if min(max_request_bytes, max_images, max_pixels) < 1 or not request_timeout_s > 0:

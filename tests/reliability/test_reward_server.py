@@ -216,6 +216,8 @@ def test_a_port_in_use_is_one_line_and_exit_2_before_the_model_loads(capsys):
         port = port_of(taken)
         with pytest.raises(ValueError, match=rf"^port {port} on 127\.0\.0\.1 is in use"):
             RewardHTTPServer(Count(), port=port)
+        with pytest.raises(ValueError, match=r"^port must be 0\.\.65535 \(0 = any free port\), got 70000"):
+            RewardHTTPServer(Count(), port=70000)
         # a pickscore path that does not exist would fail when loading: the port is checked first
         assert main(["--set", "name=pickscore", "--set", "path=/nonexistent/PickScore", "--port", str(port)]) == 2
     err = capsys.readouterr().err
