@@ -47,6 +47,8 @@ class JpegReward:
     """`reward(images, prompts)` → (B,) float32: kB of the quality-95 JPEG times `scale` (module docstring).
     Prompts are ignored (but their count is checked)."""
 
+    accepts_uint8 = True
+
     def __init__(self, name: str, scale: float, quality: int = JPEG_QUALITY):
         self.name, self.scale, self.quality = name, float(scale), quality
 

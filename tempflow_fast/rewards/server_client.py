@@ -74,6 +74,8 @@ class RewardServerClient:
     them; GenEval ignores them). token: sent as `Authorization: Bearer <token>` (the server's --token).
     max_abs_score: a score beyond ±this (or NaN/Inf) is an error naming the server, not a reward."""
 
+    accepts_uint8 = True  # images travel as uint8 files anyway
+
     def __init__(self, url: str, *, protocol: str = "json", image_format: str = "jpeg", timeout_s: float = 120.0,
                  retries: int = 3, backoff_s: float = 1.0, batch_size: int = 64, response_key: Optional[str] = None,
                  metadata: Optional[Mapping[str, dict]] = None, only_strict: bool = True, send_prompts: bool = True,

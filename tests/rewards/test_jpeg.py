@@ -50,6 +50,7 @@ def test_float_and_uint8_inputs_of_one_image_score_the_same():
     images = known_images()
     as_uint8 = (images * 255).round().to(torch.uint8)
     reward = build_reward(RewardConfig(name="jpeg_incompressibility"))
+    assert reward.accepts_uint8  # the trainer hands uint8 images only to rewards that say so
     torch.testing.assert_close(reward(as_uint8, ["p"] * 4), reward(images, ["p"] * 4), rtol=0, atol=0)
     # floats off the uint8 grid round as Flow-GRPO rounds them: x·255 → nearest integer
     nudged = images + 0.3 / 255 * torch.sign(torch.randn(images.shape, generator=torch.Generator().manual_seed(1)))

@@ -60,6 +60,16 @@ def test_continuous_scores_survive_the_trip_exactly():
     torch.testing.assert_close(remote, ContrastReward()(images, prompts), rtol=0, atol=1e-6)
 
 
+def test_uint8_images_score_as_their_float_twins():
+    images = (torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 255).round() / 255
+    with RewardHTTPServer(ContrastReward()) as server:
+        client = RewardServerClient(server.url, image_format="png", timeout_s=10, retries=0)
+        assert client.accepts_uint8
+        as_float = client(images, ["a", "bb", "ccc"])
+        as_uint8 = client((images * 255).round().to(torch.uint8), ["a", "bb", "ccc"])
+    assert torch.equal(as_float, as_uint8) and as_float.min() > 0
+
+
 def test_geneval_metadata_is_sent(tmp_path):
     seen = {}
 
