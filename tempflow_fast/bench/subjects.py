@@ -31,6 +31,7 @@ from tempflow_fast.bench.telemetry import GpuTelemetry, quantiles
 from tempflow_fast.sampling.accounting import min_nfe, recompute_prefix_nfe
 from tempflow_fast.sampling.engine import rollout
 from tempflow_fast.sampling.plans import Bifurcation, FullSDE, SingularSDE
+from tempflow_fast.images import to_unit_float
 from tempflow_fast.sampling.runners import EagerRunner
 
 SUBJECTS = ("ops", "rollout", "train_step", "iteration")
@@ -104,9 +105,10 @@ class BrightnessReward:
     sample — the full cost of an iteration, whatever the model has learnt."""
 
     name = "brightness"
+    accepts_uint8 = True
 
     def __call__(self, images, prompts):
-        return images.mean(dim=(1, 2, 3)).float()
+        return to_unit_float(images).mean(dim=(1, 2, 3))
 
 
 def _sync(device: torch.device) -> None:

@@ -7,7 +7,8 @@ A reward is any callable `reward(images, prompts) -> scores` with a `name` attri
   prompts list of B strings, prompt i belongs to image i;
   scores  (B,) float32 tensor on the images' device (the trainer compares rewards within a group, so
           higher is better and no other scale is implied).
-The shapes task's `ShapesReward` already fits; every class in this package does too.
+The shapes task's `ShapesReward` already fits; every class in this package does too, and says so with
+`accepts_uint8 = True`. A reward without that attribute (a user's plain callable) is handed float images.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def resolve_device(device: Union[str, torch.device]) -> torch.device:
 
 class ModelRewardBase:
     """The settings every in-process reward model shares: name, device, dtype, score scale, batch size."""
+
+    accepts_uint8 = True  # scores uint8 images as well as float ones (see the module doc)
 
     def _init_settings(self, *, name: str, device, dtype, batch_size: int, scale: float = 1.0) -> None:
         if batch_size < 1:

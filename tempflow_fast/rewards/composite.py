@@ -68,6 +68,10 @@ class CompositeReward:
         self.last_components: Dict[str, torch.Tensor] = {}
 
     @property
+    def accepts_uint8(self) -> bool:
+        return all(getattr(r, "accepts_uint8", False) for r, _ in self.components)
+
+    @property
     def last_means(self) -> Dict[str, float]:
         """{component name: mean raw score of the last call} (NaN-skipping)."""
         return {n: float(v[torch.isfinite(v)].mean()) if torch.isfinite(v).any() else float("nan")

@@ -50,6 +50,8 @@ class UnifiedRewardClient:
     """`reward(images, prompts)` → (B,) float32 in [0, 1]: UnifiedReward's final score / 5.
     `last_unparsed` counts the answers of the last call that had no final score (scored 0)."""
 
+    accepts_uint8 = True
+
     def __init__(self, url: str = "http://127.0.0.1:17140/v1", *, served_model: str = "UnifiedReward-7b-v1.5",
                  api_key_env: Optional[str] = None, question: str = DEFAULT_QUESTION, image_size: int = 512,
                  timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 1.0, concurrency: int = 8,

@@ -214,6 +214,7 @@ class ShapesReward:
 
     name = "shapes_detector"
     MODES = ("strict", "partial")
+    accepts_uint8 = True
 
     def __init__(self, mode: str = "strict"):
         if mode not in self.MODES:
