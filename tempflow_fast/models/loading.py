@@ -38,14 +38,22 @@ def transformer_of(adapter) -> torch.nn.Module:
     return getattr(adapter.module, "transformer", adapter.module)
 
 
+# Regional compilation with a symbolic batch dimension: rollout calls (bucket sizes, ragged last chunks) and
+# update micro-batches all share one graph per grad mode, instead of one per batch size until dynamo's
+# recompile limit silently leaves the blocks eager.
+COMPILE_DEFAULTS = {"dynamic": True}
+
+
 def compile_transformer_blocks(transformer: torch.nn.Module, options: Optional[dict] = None) -> int:
     """`torch.compile` each repeated block (regional compilation); returns how many were compiled.
 
     Uses diffusers' `compile_repeated_blocks` where the model declares its blocks (FLUX); SD3
     (diffusers 0.42) declares none, so its `transformer_blocks` are compiled one by one, which
-    is the same thing.
+    is the same thing. Options default to COMPILE_DEFAULTS; every recompile is logged (torch's
+    `recompiles` log: which guard failed), so a fallback to eager never goes unnoticed.
     """
-    options = dict(options or {})
+    options = {**COMPILE_DEFAULTS, **(options or {})}
+    torch._logging.set_logs(recompiles=True)
     if getattr(transformer, "_repeated_blocks", None):
         transformer.compile_repeated_blocks(**options)
         names = set(transformer._repeated_blocks)

@@ -243,21 +243,24 @@ def _adapter_spec(model) -> Optional[TransformerSpec]:
     return transformer_spec_from_module(transformer, model.image_seq_len, getattr(model, "text_seq_len", 0))
 
 
-def default_max_rows_per_call(model, *, resident_bytes: Optional[int] = None) -> Optional[int]:
-    """Rows per transformer call for a loaded adapter: what the memory left on its device holds (CUDA: the
-    device's memory × HEADROOM minus `resident_bytes`, default what is allocated now), capped at
-    ROWS_PER_CALL_CAP_CUDA on CUDA and ROWS_PER_CALL_CAP_CPU elsewhere. None for a model without a diffusers
-    transformer (a test stand-in)."""
+def default_max_rows_per_call(model, *, resident_bytes: Optional[int] = None,
+                              device_memory: Optional[int] = None) -> Optional[int]:
+    """Rows per transformer call for a loaded adapter: what the memory left on its GPU holds (the device's memory,
+    or `device_memory` bytes, × HEADROOM minus `resident_bytes`, default what is allocated now), capped at
+    ROWS_PER_CALL_CAP_CUDA; on a CPU ROWS_PER_CALL_CAP_CPU. None for a model without a diffusers transformer
+    (a test stand-in)."""
     spec = _adapter_spec(model)
     if spec is None:
         return None
     p = next(model.module.parameters())
     per_row = rollout_bytes_per_row(spec, getattr(model, "compute_dtype", p.dtype), getattr(model, "cfg_batches", 1))
-    if p.device.type != "cuda":
-        return ROWS_PER_CALL_CAP_CPU
-    total = torch.cuda.get_device_properties(p.device).total_memory
-    resident = torch.cuda.memory_allocated(p.device) if resident_bytes is None else resident_bytes
-    return max(1, rows_that_fit(total * HEADROOM - resident, per_row, ROWS_PER_CALL_CAP_CUDA))
+    if device_memory is None:
+        if p.device.type != "cuda":
+            return ROWS_PER_CALL_CAP_CPU
+        device_memory = torch.cuda.get_device_properties(p.device).total_memory
+    if resident_bytes is None:
+        resident_bytes = torch.cuda.memory_allocated(p.device) if p.device.type == "cuda" else 0
+    return max(1, rows_that_fit(device_memory * HEADROOM - resident_bytes, per_row, ROWS_PER_CALL_CAP_CUDA))
 
 
 # --- the plan of a whole set-up ---------------------------------------------------------------------------

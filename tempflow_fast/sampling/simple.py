@@ -45,14 +45,16 @@ def sample(model, cond: Cond, noise: torch.Tensor, sigmas: torch.Tensor, *, sde:
         raise ValueError(f"cond has batch {cond_batch_size(cond)} but noise has {noise.shape[0]} rows")
     x = noise.float()
     n = x.shape[0]
+    # the schedule's values on the host once (no device sync per step), its tensor on the latents' device
+    host = sigmas.detach().to("cpu", torch.float32).tolist()
     sig = sigmas.to(device=x.device, dtype=torch.float32)
-    sigma_max = float(sig[1])
+    sigma_max = host[1]
     for i in range(sig.numel() - 1):
         s, s_next = sig[i].expand(n), sig[i + 1].expand(n)
         v = model.velocity(x, s, cond).float()
         # The DDIM-style SDE has std = σ'·sin(ηπ/2) = 0 on the step to σ' = 0, where it is exactly
         # the Euler step to x̂0; take that step directly rather than ask ops for a zero-std Gaussian.
-        if sde is None or (sde == "ddim" and float(sig[i + 1]) == 0.0):
+        if sde is None or (sde == "ddim" and host[i + 1] == 0.0):
             x = ode_step(x, v, s, s_next)
         else:
             xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -25,6 +25,7 @@ from tempflow_fast import algorithms
 from tempflow_fast.algorithms.base import Rewards
 from tempflow_fast.algorithms.tempflow import step_reward_std
 from tempflow_fast.config import config_to_dict
+from tempflow_fast.images import to_unit_float
 from tempflow_fast.sampling.engine import concat_results, rollout
 from tempflow_fast.sampling.runners import DEFAULT_BUCKETS, EagerRunner, buckets_within, make_runner
 from tempflow_fast.training import checkpoint as ckpt
@@ -73,7 +74,7 @@ def mean_reward_eval(model, prompts: Sequence[str], reward, cfg: Config, *, rows
     device = next(model.module.parameters()).device
     gen = torch.Generator().manual_seed(e.seed)
     sigmas = flow_sigmas(e.num_steps, smp.shift, image_seq_len=model.image_seq_len,
-                         dynamic_shift=smp.dynamic_shift).to(device)
+                         dynamic_shift=smp.dynamic_shift)  # host values; `sample` puts the tensor on x's device
     per_image = [p for p in prompts for _ in range(e.images_per_prompt)]
     step = min(16, rows_per_call or 16)
     scores = []
@@ -344,12 +345,16 @@ class Trainer:
 
     def _submit_rewards(self, result, prompts: List[str]):
         """Hand a segment's images to the reward (on the scorer thread when train.async_reward) and return a
-        function that waits for the scores and assembles them into `Rewards`."""
+        function that waits for the scores and assembles them into `Rewards` (on the rollout's device)."""
+        device = result.sigmas.device
+
         def score(images: torch.Tensor, texts: List[str]):
+            if images.dtype == torch.uint8 and not getattr(self.reward, "accepts_uint8", False):
+                images = to_unit_float(images)  # a reward that only knows floats gets them (on the host)
             if self.scorer is not None:
                 future = self.scorer.submit(images, texts)
-                return lambda: (future.result().float().to(images.device), future.components)
-            scores = self.reward(images, texts).float().to(images.device)
+                return lambda: (future.result().float().to(device), future.components)
+            scores = self.reward(images, texts).float().to(device)
             components = dict(getattr(self.reward, "last_components", {}))  # a composite's raw scores of this call
             return lambda: (scores, components)
 
