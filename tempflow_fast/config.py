@@ -5,12 +5,13 @@ Every error names the dotted field and what was wrong, e.g.
 
 A dataclass may define `validate(self)` raising `ValueError(...)` for value checks (ranges, choices);
 `load_config` calls it on every nested section after the types are checked and prefixes the message with
-the section's dotted path.
+the section's dotted path. Float fields take finite numbers only (NaN and ±inf are refused by name).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -114,14 +115,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return int(value)
         raise ValueError(f"config field {where!r}: expected int, got {value!r} ({type(value).__name__})")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ValueError(f"config field {where!r}: expected float, got {value!r} ({type(value).__name__})")
+        if number is None:
+            raise ValueError(f"config field {where!r}: expected float, got {value!r} ({type(value).__name__})")
+        if not math.isfinite(number):  # .nan / .inf would turn every weight NaN without a single error
+            raise ValueError(f"config field {where!r}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
