@@ -19,6 +19,34 @@ def _positive(section: str, **values) -> None:
             raise ValueError(f"config field '{section}.{name}': must be > 0, got {v}")
 
 
+def _non_negative(section: str, **values) -> None:
+    for name, v in values.items():
+        if v < 0:
+            raise ValueError(f"config field '{section}.{name}': must be >= 0, got {v}")
+
+
+def _not_blank(section: str, **values) -> None:
+    """Optional paths: null means 'none' (or the default), so an empty string is a mistake, not a choice."""
+    for name, v in values.items():
+        if v is not None and not v.strip():
+            raise ValueError(f"config field '{section}.{name}': must name a file, folder or hub id, or be null; "
+                             f"got {v!r}")
+
+
+def _check_steps(field: str, steps: Optional[list[int]], num_steps: int) -> None:
+    """Branch steps k of a plan: distinct, in 0..T-2 (an SDE step needs a step after it)."""
+    if steps is None:
+        return
+    if not steps:
+        raise ValueError(f"config field {field!r}: must list at least one step k (or be null), got []")
+    bad = [k for k in steps if not 0 <= k <= num_steps - 2]
+    if bad:
+        raise ValueError(f"config field {field!r}: steps k must be in 0..T-2 = 0..{num_steps - 2} "
+                         f"(sampling.num_steps = {num_steps}), got {bad[0]} in {steps}")
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"config field {field!r}: repeated steps in {steps}")
+
+
 @dataclass
 class ModelConfig:
     kind: Literal["tiny_flux", "flux", "sd3"] = "tiny_flux"  # which adapter loads `path`
@@ -53,6 +81,13 @@ class ModelConfig:
                              f"model.rollout_attention_backend: {self.attention_backend} for the rollouts and a "
                              f"trainable backend (native, sdpa_flash, flash) as model.attention_backend")
         _positive("model", prompt_cache_size=self.prompt_cache_size)
+        _not_blank("model", path=self.path)
+        from tempflow_fast.rewards.base import resolve_device
+
+        try:
+            resolve_device(self.device)
+        except ValueError as err:
+            raise ValueError(f"config field 'model.device': {err}") from None
 
 
 @dataclass
@@ -125,6 +160,8 @@ class G2RPOConfig:
         _positive("g2rpo", branches=self.branches)
         if not self.granularities or min(self.granularities) < 1:
             raise ValueError(f"config field 'g2rpo.granularities': every λ must be >= 1, got {self.granularities}")
+        if len(set(self.granularities)) != len(self.granularities):
+            raise ValueError(f"config field 'g2rpo.granularities': repeated λ in {self.granularities}")
 
 
 @dataclass
@@ -142,6 +179,9 @@ class LoraConfig:
     rank: int = 32
     alpha: int = 64
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+    def validate(self):
+        _positive("train.lora", rank=self.rank, alpha=self.alpha)
 
 
 @dataclass
@@ -184,6 +224,9 @@ class TrainConfig:
             raise ValueError(f"config field 'train.lr_min_ratio': must be in [0, 1], got {self.lr_min_ratio}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"config field 'train.ema_decay': must be in [0, 1), got {self.ema_decay}")
+        _non_negative("train", weight_decay=self.weight_decay, max_nonfinite_skips=self.max_nonfinite_skips)
+        if not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"config field 'train.adam_betas': each β must be in [0, 1), got {list(self.adam_betas)}")
 
 
 @dataclass
@@ -193,6 +236,12 @@ class EvalConfig:
     images_per_prompt: int = 16  # same protocol as configs/shapes_eval.yaml
     seed: int = 0
 
+    def validate(self):
+        _non_negative("eval", every=self.every)
+        _positive("eval", images_per_prompt=self.images_per_prompt)
+        if self.num_steps < 2:
+            raise ValueError(f"config field 'eval.num_steps': must be >= 2, got {self.num_steps}")
+
 
 @dataclass
 class LogConfig:
@@ -200,11 +249,20 @@ class LogConfig:
     sample_every: int = 0  # write a PNG grid every N iterations (0 = never)
     progress: bool = True  # tqdm bar
 
+    def validate(self):
+        _non_negative("log", sample_every=self.sample_every)
+
 
 @dataclass
 class CheckpointConfig:
     every: int = 10  # iterations between checkpoints (0 = only at the end)
     keep_last: int = 2
+
+    def validate(self):
+        _non_negative("checkpoint", every=self.every)
+        if self.keep_last < 1:
+            raise ValueError(f"config field 'checkpoint.keep_last': must be >= 1 (the newest checkpoint is what "
+                             f"--resume reads), got {self.keep_last}")
 
 
 @dataclass
@@ -215,6 +273,12 @@ class DataConfig:
     eval_prompts: Optional[str] = None
     # shapes task: draw training prompts category by category (each GenEval category equally often)
     balance_categories: bool = False
+
+    def validate(self):
+        _not_blank("data", train_prompts=self.train_prompts, eval_prompts=self.eval_prompts)
+        if self.balance_categories and self.train_prompts is not None:
+            raise ValueError("config field 'data.balance_categories': needs the shapes task's prompts "
+                             "(data.train_prompts must be null)")
 
 
 @dataclass
@@ -258,3 +322,13 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def validate(self):
+        """What spans sections: the active method's branch steps against sampling.num_steps (T)."""
+        if not self.output_dir.strip():
+            raise ValueError("config field 'output_dir': must name a folder, got ''")
+        T = self.sampling.num_steps
+        if self.method == "tempflow" and self.tempflow.bifurcation:
+            _check_steps("tempflow.bifurcation_steps", self.tempflow.bifurcation_steps, T)
+        if self.method == "g2rpo":
+            _check_steps("g2rpo.branch_steps", self.g2rpo.branch_steps, T)
