@@ -21,14 +21,17 @@ class G2RPO:
     branch_steps: Optional[Sequence[int]] = None  # M; None = first half
     granularities: Sequence[int] = field(default_factory=lambda: (1, 2, 3))  # Λ
     noise_level: float = 0.7
-    shift: float = 1.0
-    dynamic_shift: bool = False  # FLUX's resolution-dependent shift
+    shift: Optional[float] = 1.0  # None = the model's scheduler config
+    dynamic_shift: Optional[bool] = False  # FLUX's resolution-dependent shift; None = the model's
+    completion_solver: str = "euler"  # ODE completions (sampling/solvers.py); not Euler only with Λ = (1,)
+    completion_steps: Optional[int] = None
     name: str = "g2rpo"
 
     def plan(self) -> SingularSDE:
         steps = None if self.branch_steps is None else tuple(self.branch_steps)
         return SingularSDE(self.num_steps, self.branches, steps, tuple(self.granularities), 1, "flow",
-                           self.noise_level, trunk_images=True, shift=self.shift, dynamic_shift=self.dynamic_shift)
+                           self.noise_level, trunk_images=True, shift=self.shift, dynamic_shift=self.dynamic_shift,
+                           completion_solver=self.completion_solver, completion_steps=self.completion_steps)
 
     def credit(self, result, rewards: Rewards, *, global_std: bool = False) -> Credit:
         traj = result.trajectories

@@ -35,8 +35,10 @@ class TempFlowGRPO:
     branches: int = 6  # K
     bifurcation_steps: Optional[Sequence[int]] = None  # None = every k in 0..T-2
     noise_level: float = 0.7  # η
-    shift: float = 1.0
-    dynamic_shift: bool = False  # FLUX's resolution-dependent shift
+    shift: Optional[float] = 1.0  # None = the model's scheduler config
+    dynamic_shift: Optional[bool] = False  # FLUX's resolution-dependent shift; None = the model's
+    completion_solver: str = "euler"  # how branches finish after their SDE step (sampling/solvers.py)
+    completion_steps: Optional[int] = None  # None = the schedule's remaining steps
     bifurcation: bool = True
     noise_aware_weights: bool = True
     seed_grouping: bool = True
@@ -77,7 +79,8 @@ class TempFlowGRPO:
         if not (self.adaptive_bifurcation and self.bifurcation):
             return self.plan()
         return Bifurcation(self.num_steps, self.num_seeds, self.branches, tuple(self.choose_steps(state, seed)), "flow",
-                           self.noise_level, trunk_images=True, shift=self.shift, dynamic_shift=self.dynamic_shift)
+                           self.noise_level, trunk_images=True, shift=self.shift, dynamic_shift=self.dynamic_shift,
+                           completion_solver=self.completion_solver, completion_steps=self.completion_steps)
 
     def observe(self, result, rewards: Rewards, state: Dict[str, float]) -> None:
         """Fold this iteration's within-group reward spread per branch step into the running spread in `state`."""
@@ -99,7 +102,8 @@ class TempFlowGRPO:
             return FullSDE(self.num_steps, self.num_seeds * self.branches, "flow", self.noise_level, shift=self.shift, dynamic_shift=self.dynamic_shift)
         steps = None if self.bifurcation_steps is None else tuple(self.bifurcation_steps)
         return Bifurcation(self.num_steps, self.num_seeds, self.branches, steps, "flow", self.noise_level,
-                           trunk_images=True, shift=self.shift, dynamic_shift=self.dynamic_shift)
+                           trunk_images=True, shift=self.shift, dynamic_shift=self.dynamic_shift,
+                           completion_solver=self.completion_solver, completion_steps=self.completion_steps)
 
     def credit(self, result, rewards: Rewards, *, global_std: bool = False) -> Credit:
         traj = result.trajectories

@@ -22,6 +22,8 @@ from typing import List, Optional, Union
 
 import torch
 
+from tempflow_fast.sampling.schedules import FlowSchedule
+
 from .base import Cond, autocast, check_velocity_inputs
 from .text_cache import CachedTextPipelineMixin, PromptCache
 
@@ -92,6 +94,8 @@ class FluxAdapter(CachedTextPipelineMixin):
         self.image_seq_len = self.latent_shape[0]
         self.text_seq_len = self.max_sequence_length
         self.cfg_batches = 1  # distilled guidance: one transformer row per latent row
+        # the pipeline's own sigma schedule (shift, dynamic shift and its constants), read by model_sigmas
+        self.schedule = FlowSchedule.from_scheduler_config(pipeline.scheduler.config)
         self.compute_dtype = self.module.dtype
         self._img_ids = latent_image_ids(h, w)
         self._ids_on = {}

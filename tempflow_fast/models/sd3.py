@@ -20,6 +20,8 @@ from typing import List, Optional, Union
 
 import torch
 
+from tempflow_fast.sampling.schedules import FlowSchedule
+
 from .base import Cond, autocast, check_velocity_inputs
 from .text_cache import CachedTextPipelineMixin, PromptCache
 
@@ -62,6 +64,8 @@ class SD3Adapter(CachedTextPipelineMixin):
         self.image_seq_len = (h // patch) * (w // patch)
         # CLIP's 77 tokens (both CLIPs, concatenated along the width) then the T5 tokens
         self.text_seq_len = pipeline.tokenizer.model_max_length + self.max_sequence_length
+        # the pipeline's own sigma schedule (shift, dynamic shift and its constants), read by model_sigmas
+        self.schedule = FlowSchedule.from_scheduler_config(pipeline.scheduler.config)
         self.compute_dtype = self.module.dtype
         self.cache = PromptCache(self._encode_on_device, cache_device)
         self._negative_on = {}

@@ -7,7 +7,8 @@ calls, so counts compare across batch sizes and machines. Phases:
 - branch:      calls made only to start a branch. Always 0 in the engine, since the SDE step at k
                reuses the trunk's v(x_k); non-zero in the "recompute prefixes" count below
 - completion:  calls advancing branches after their SDE step at the primary granularity Λ[0]
-               (includes the SDE tails of FullSDE / SlidingWindowSDE)
+               (includes the SDE tails of FullSDE / SlidingWindowSDE), with the plan's completion
+               solver (solvers.completion_calls)
 - granularity: extra calls for the other granularities λ in Λ[1:] (their first call, at k+1, is
                shared with Λ[0] and not counted again)
 
@@ -22,6 +23,7 @@ from typing import Dict
 
 from tempflow_fast.sampling.plans import RolloutLayout
 from tempflow_fast.sampling.schedules import interval_calls
+from tempflow_fast.sampling.solvers import completion_calls
 
 NFE_PHASES = ("trunk", "branch", "completion", "granularity")
 IMAGE_PHASES = ("trunk", "completion", "granularity", "tweedie")
@@ -54,6 +56,9 @@ def _branch_completion(layout: RolloutLayout, k: int) -> Dict[str, int]:
     """Calls one branch from step k needs after its SDE step, split into completion / granularity."""
     T = layout.num_steps
     lams = layout.granularities
+    if layout.custom_completion:  # a completion solver's calls (the engine allows it with Λ = (1,) only)
+        return {"completion": completion_calls(T, k + 1, layout.completion_solver, layout.completion_steps),
+                "granularity": 0}
     first = interval_calls(T, k + 1, lams[0])
     extra = sum(interval_calls(T, k + 1, lam) - 1 for lam in lams[1:])
     return {"completion": first, "granularity": extra}
@@ -81,6 +86,6 @@ def recompute_prefix_nfe(layout: RolloutLayout, num_prompts: int) -> Dict[str, i
     for k in layout.branch_steps:
         n = trunks * layout.branches
         out["branch"] += n * (k + 1)
-        out["completion"] += n * interval_calls(T, k + 1, layout.granularities[0])
+        out["completion"] += n * _branch_completion(layout, k)["completion"]
         out["granularity"] += n * sum(interval_calls(T, k + 1, lam) for lam in layout.granularities[1:])
     return out

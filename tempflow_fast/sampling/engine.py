@@ -11,7 +11,12 @@ segment runner). Then:
 - a trunk row takes its ODE step; if i is a branch step, its K children take the SDE step from
   (x_i, v(x_i)) with K independent noises — the trunk's velocity is reused, no extra call;
 - a branch row takes its tail step to index min(i+λ, T); a child's first call (at k+1) is shared
-  by all its granularities, after which it splits into one row per λ.
+  by all its granularities, after which it splits into one row per λ;
+- with a single granularity and an ODE from k+1 on (TempFlow's completions), a branch row is
+  stepped by its completion solver instead (`layout.completion_solver` / `completion_steps`,
+  solvers.py): every evaluation still falls on a schedule index, so it joins the same batched
+  calls; Heun evaluates twice at an index (its corrector, then its next predictor), so the walk
+  repeats an index while rows are due there.
 
 All randomness (initial noises, SDE noises) is drawn from one generator in a fixed order, outside
 the model call, so equal seeds give identical rollouts whatever the runner or bucket sizes.
@@ -48,8 +53,9 @@ from tempflow_fast.models.base import Cond, cond_batch_size
 from tempflow_fast.sampling.accounting import RolloutStats
 from tempflow_fast.sampling.plans import RolloutLayout
 from tempflow_fast.sampling.runners import EagerRunner
-from tempflow_fast.sampling.schedules import flow_sigmas, interval_indices
+from tempflow_fast.sampling.schedules import interval_indices, model_sigmas
 from tempflow_fast.sampling.simple import initial_noise
+from tempflow_fast.sampling.solvers import EULER_PATH_SOLVERS, Completion, completion_indices
 from tempflow_fast.sampling.steppers import ode_step, sde_step
 
 
@@ -120,6 +126,7 @@ class _Cohort:
     traj: Optional[torch.Tensor]       # None for the trunk cohort
     lams: tuple                        # granularities this cohort still stands for
     primary: bool                      # counts as "completion" (else "granularity")
+    completion: Optional[Completion] = None  # a solver-stepped ODE completion (x and index follow it)
 
 
 def _check_layout(layout: RolloutLayout) -> None:
@@ -127,6 +134,16 @@ def _check_layout(layout: RolloutLayout) -> None:
         raise ValueError(f"tweedie estimates need a single granularity (1,), got {layout.granularities}")
     if layout.tail_sde_until > min(layout.branch_steps) + 1 and layout.granularities != (1,):
         raise ValueError(f"SDE tails need granularities (1,), got {layout.granularities}")
+    if layout.custom_completion and not _solver_completions(layout):
+        raise ValueError(f"completion_solver={layout.completion_solver!r} / completion_steps="
+                         f"{layout.completion_steps!r} apply to ODE completions after a branch step (one granularity, "
+                         f"no SDE tail, no Tweedie estimates); this plan has none")
+
+
+def _solver_completions(layout: RolloutLayout) -> bool:
+    """True when every branch finishes by an ODE from k+1 that a completion solver may take."""
+    return (layout.granularities == (1,) and not layout.tweedie
+            and layout.tail_sde_until <= min(layout.branch_steps) + 1)
 
 
 IMAGE_FORMATS = ("float", "uint8_cpu")
@@ -183,7 +200,7 @@ def rollout(model, prompts: Sequence[str], plan, *, seed: Optional[int] = None,
     if generator is None:
         generator = torch.Generator(device=device).manual_seed(seed)
     if sigmas is None:
-        sigmas = flow_sigmas(T, layout.shift, image_seq_len=model.image_seq_len, dynamic_shift=layout.dynamic_shift)
+        sigmas = model_sigmas(model, T, layout.shift, layout.dynamic_shift)
     sigmas = sigmas.to(device=device, dtype=torch.float32)
     if sigmas.shape != (T + 1,):
         raise ValueError(f"sigmas must have shape (T+1,) = ({T + 1},), got {tuple(sigmas.shape)}")
@@ -225,9 +242,12 @@ def rollout(model, prompts: Sequence[str], plan, *, seed: Optional[int] = None,
         n_states += n
         return torch.arange(n_states - n, n_states, device=device)
 
-    for i in range(T):
+    solver_tails = _solver_completions(layout)
+    i = 0
+    while i < T:
         active = [c for c in cohorts if c.index == i]
         if not active:
+            i += 1
             continue
         cohorts = [c for c in cohorts if c.index != i]
         x = torch.cat([c.x for c in active])
@@ -260,11 +280,16 @@ def rollout(model, prompts: Sequence[str], plan, *, seed: Optional[int] = None,
                     smp_chunks.append((sid.repeat_interleave(K), out.prev_sample.float(), out.log_prob.float(), tid))
                     child_prompt = c.prompt.repeat_interleave(K)
                     lam = layout.granularities[0]
-                    path = interval_indices(T, i + 1, lam)
-                    if segments and len(layout.granularities) == 1 and _ode_only(layout, sig, path):
-                        final[lam][tid] = runner.ode_segment(out.prev_sample.float(), [sig[j] for j in path], cond,
-                                                             child_prompt)
-                        stats.nfe["completion"] += n * K * (len(path) - 1)
+                    if solver_tails:
+                        path = completion_indices(T, i + 1, layout.completion_solver, layout.completion_steps)
+                        x_child = out.prev_sample.float()
+                        if segments and layout.completion_solver in EULER_PATH_SOLVERS:
+                            final[lam][tid] = runner.ode_segment(x_child, [sig[j] for j in path], cond, child_prompt)
+                            stats.nfe["completion"] += n * K * (len(path) - 1)
+                        else:
+                            cohorts.append(_Cohort(x_child, i + 1, child_prompt, c.seed.repeat_interleave(K), tid,
+                                                   (lam,), True, Completion(layout.completion_solver, x_child, path,
+                                                                            sig)))
                     else:
                         cohorts.append(_Cohort(out.prev_sample.float(), i + 1, child_prompt,
                                                c.seed.repeat_interleave(K), tid, layout.granularities, True))
@@ -278,6 +303,14 @@ def rollout(model, prompts: Sequence[str], plan, *, seed: Optional[int] = None,
                                            (), True))
                 elif layout.trunk_images and i + 1 == T:
                     trunk_final = ode_step(c.x, v, sig[i], sig[i + 1])
+                continue
+            if c.completion is not None:
+                c.completion.advance(v)
+                if c.completion.done:
+                    final[c.lams[0]][c.traj] = c.completion.x
+                else:
+                    c.x, c.index = c.completion.x, c.completion.index
+                    cohorts.append(c)
                 continue
             for lam in c.lams:
                 nxt = min(i + lam, T)

@@ -16,6 +16,11 @@ engine. Every plan is the same tree, per prompt:
 - `SlidingWindowSDE` (MixGRPO): ODE before the window (shared by the K samples of a seed), SDE on
   steps window_start … window_start+window_size-1, ODE after.
 
+`Bifurcation` and `SingularSDE` (with Λ = (1,)) finish their branches by an ODE whose only use is the final
+image's reward; `completion_solver` / `completion_steps` choose how (solvers.py; default: the schedule's
+Euler steps). `shift` / `dynamic_shift` None mean the loaded model's own scheduler config
+(schedules.model_sigmas).
+
 Validation (ValueError naming the field): T < 2, k outside 0..T-2, λ < 1, K < 1, N < 1, bad SDE
 kind, η <= 0, window outside the schedule.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from tempflow_fast.sampling.solvers import check_completion
 from tempflow_fast.sampling.steppers import check_sde_kind
 
 
@@ -42,8 +48,14 @@ class RolloutLayout:
     tweedie: bool                   # decode x̂0 = x - σ·v at every state of every trajectory
     sde: str                        # "flow" or "ddim"
     noise_level: float              # η
-    shift: float
-    dynamic_shift: bool
+    shift: Optional[float]          # None = the model's scheduler config (schedules.model_sigmas)
+    dynamic_shift: Optional[bool]   # None = likewise
+    completion_solver: str = "euler"        # ODE completions after the branch step (solvers.py)
+    completion_steps: Optional[int] = None  # solver steps per completion; None = the schedule's remaining steps
+
+    @property
+    def custom_completion(self) -> bool:
+        return self.completion_solver != "euler" or self.completion_steps is not None
 
     @property
     def trunk_calls(self) -> int:
@@ -56,12 +68,14 @@ def _positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
-def _check_common(num_steps, sde, noise_level) -> None:
+def _check_common(num_steps, sde, noise_level, shift=None) -> None:
     if not isinstance(num_steps, int) or num_steps < 2:
         raise ValueError(f"num_steps (T) must be an int >= 2, got {num_steps!r}")
     check_sde_kind(sde, allow_none=False)
     if not noise_level > 0:
         raise ValueError(f"noise_level (η) must be > 0, got {noise_level!r}")
+    if shift is not None and not shift > 0:
+        raise ValueError(f"shift must be > 0 (or None: the model's), got {shift!r}")
 
 
 def _check_steps(name: str, steps, num_steps: int) -> Tuple[int, ...]:
@@ -102,11 +116,11 @@ class FullSDE:
     sde: str = "flow"
     noise_level: float = 0.7
     tweedie: bool = False
-    shift: float = 1.0
-    dynamic_shift: bool = False
+    shift: Optional[float] = 1.0
+    dynamic_shift: Optional[bool] = False
 
     def __post_init__(self):
-        _check_common(self.num_steps, self.sde, self.noise_level)
+        _check_common(self.num_steps, self.sde, self.noise_level, self.shift)
         _positive_int("samples_per_prompt (G)", self.samples_per_prompt)
 
     def layout(self) -> RolloutLayout:
@@ -125,19 +139,23 @@ class Bifurcation:
     sde: str = "flow"
     noise_level: float = 0.7
     trunk_images: bool = True
-    shift: float = 1.0
-    dynamic_shift: bool = False
+    shift: Optional[float] = 1.0
+    dynamic_shift: Optional[bool] = False
+    completion_solver: str = "euler"
+    completion_steps: Optional[int] = None
 
     def __post_init__(self):
-        _check_common(self.num_steps, self.sde, self.noise_level)
+        _check_common(self.num_steps, self.sde, self.noise_level, self.shift)
         _positive_int("seeds_per_prompt (N)", self.seeds_per_prompt)
         _positive_int("branches (K)", self.branches)
+        check_completion(self.completion_solver, self.completion_steps)
         steps = range(self.num_steps - 1) if self.bifurcation_steps is None else self.bifurcation_steps
         object.__setattr__(self, "bifurcation_steps", _check_steps("bifurcation_steps", steps, self.num_steps))
 
     def layout(self) -> RolloutLayout:
         return RolloutLayout(self.num_steps, self.seeds_per_prompt, self.branches, self.bifurcation_steps, 0, (1,),
-                             self.trunk_images, False, self.sde, self.noise_level, self.shift, self.dynamic_shift)
+                             self.trunk_images, False, self.sde, self.noise_level, self.shift, self.dynamic_shift,
+                             self.completion_solver, self.completion_steps)
 
 
 @dataclass(frozen=True)
@@ -152,21 +170,27 @@ class SingularSDE:
     sde: str = "flow"
     noise_level: float = 0.7
     trunk_images: bool = True
-    shift: float = 1.0
-    dynamic_shift: bool = False
+    shift: Optional[float] = 1.0
+    dynamic_shift: Optional[bool] = False
+    completion_solver: str = "euler"          # only with granularities (1,): Λ > 1 defines its own tails
+    completion_steps: Optional[int] = None
 
     def __post_init__(self):
-        _check_common(self.num_steps, self.sde, self.noise_level)
+        _check_common(self.num_steps, self.sde, self.noise_level, self.shift)
         _positive_int("branches (G)", self.branches)
         _positive_int("seeds_per_prompt (N)", self.seeds_per_prompt)
+        check_completion(self.completion_solver, self.completion_steps)
         steps = range(max(1, self.num_steps // 2)) if self.sde_steps is None else self.sde_steps
         object.__setattr__(self, "sde_steps", _check_steps("sde_steps (M)", steps, self.num_steps))
         object.__setattr__(self, "granularities", _check_granularities(self.granularities))
+        if self.layout().custom_completion and self.granularities != (1,):
+            raise ValueError(f"completion_solver / completion_steps need granularities (Λ) (1,), got "
+                             f"{self.granularities}: coarser granularities are tails of their own")
 
     def layout(self) -> RolloutLayout:
         return RolloutLayout(self.num_steps, self.seeds_per_prompt, self.branches, self.sde_steps, 0,
                              self.granularities, self.trunk_images, False, self.sde, self.noise_level, self.shift,
-                             self.dynamic_shift)
+                             self.dynamic_shift, self.completion_solver, self.completion_steps)
 
 
 @dataclass(frozen=True)
@@ -184,11 +208,11 @@ class SlidingWindowSDE:
     samples_per_seed: int = 12
     sde: str = "flow"
     noise_level: float = 0.7
-    shift: float = 1.0
-    dynamic_shift: bool = False
+    shift: Optional[float] = 1.0
+    dynamic_shift: Optional[bool] = False
 
     def __post_init__(self):
-        _check_common(self.num_steps, self.sde, self.noise_level)
+        _check_common(self.num_steps, self.sde, self.noise_level, self.shift)
         _positive_int("seeds_per_prompt (N)", self.seeds_per_prompt)
         _positive_int("samples_per_seed (K)", self.samples_per_seed)
         _positive_int("window_size", self.window_size)

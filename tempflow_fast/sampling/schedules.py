@@ -11,7 +11,15 @@ sampler needs torch only:
 - dynamic shift (FLUX): a scheduler built with `use_dynamic_shifting=True`, driven the way
   `FluxPipeline` drives it: `sigmas = linspace(1, 1/T, T)` and
   `mu = calculate_shift(image_seq_len, base_image_seq_len, max_image_seq_len, base_shift, max_shift)`,
-  exponential time shift `e^mu / (e^mu + (1/t - 1))`.
+  exponential time shift `e^mu / (e^mu + (1/t - 1))` (or diffusers' linear one, `mu / (mu + (1/t - 1))`).
+  The constants default to FLUX.1's (256 / 4096 tokens, shifts 0.5 / 1.15).
+
+The schedule of a loaded model: `FlowSchedule.from_scheduler_config` reads `shift`, `use_dynamic_shifting`
+and the dynamic-shift constants from a diffusers scheduler config (the FLUX and SD3 adapters keep one as
+`model.schedule`), and `model_sigmas(model, T, shift, dynamic_shift)` samples on it: the constants always
+come from the model, `shift` / `dynamic_shift` from the caller unless they are None. A scheduler option this
+module does not reproduce (Karras / exponential / beta sigmas, `shift_terminal`, `invert_sigmas`) raises
+ValueError instead of sampling on a different schedule than the model's own.
 
 Interval sub-schedules (G²RPO granularities): after the SDE step at index k the branch sits at
 index k+1 and has T-k-1 steps left. At granularity λ it visits indices k+1, k+1+λ, k+1+2λ, … and
@@ -23,6 +31,7 @@ first of them (at index k+1) is the same for every λ.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import List, Optional
 
 import numpy as np
@@ -42,20 +51,28 @@ def flux_shift_mu(image_seq_len: int, base_image_seq_len: int = 256, max_image_s
     return image_seq_len * m + b
 
 
+TIME_SHIFT_TYPES = ("exponential", "linear")
+
+
 def flow_sigmas(num_steps: int, shift: float = 1.0, *, image_seq_len: Optional[int] = None,
                 dynamic_shift: bool = False, base_shift: float = 0.5, max_shift: float = 1.15,
                 base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
-                num_train_timesteps: int = 1000) -> torch.Tensor:
+                num_train_timesteps: int = 1000, time_shift_type: str = "exponential") -> torch.Tensor:
     """Sigmas (T+1,) fp32 from 1 down to 0, equal to diffusers' for the same settings (see module doc)."""
     _check_num_steps(num_steps)
     if dynamic_shift:
         if image_seq_len is None or image_seq_len < 1:
             raise ValueError(f"image_seq_len must be a positive int with dynamic_shift, got {image_seq_len!r}")
+        if time_shift_type not in TIME_SHIFT_TYPES:
+            raise ValueError(f"time_shift_type must be one of {TIME_SHIFT_TYPES}, got {time_shift_type!r}")
         mu = flux_shift_mu(image_seq_len, base_image_seq_len, max_image_seq_len, base_shift, max_shift)
         # diffusers casts the pipeline's linspace to fp32 before shifting, and numpy keeps fp32
         # through the shift expression; follow the same dtype path to get identical bits.
         t = np.linspace(1.0, 1.0 / num_steps, num_steps).astype(np.float32)
-        sig = math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0) ** 1.0)
+        if time_shift_type == "exponential":
+            sig = math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0) ** 1.0)
+        else:
+            sig = mu / (mu + (1.0 / t - 1.0) ** 1.0)
     else:
         if shift <= 0:
             raise ValueError(f"shift must be > 0, got {shift!r}")
@@ -69,6 +86,59 @@ def flow_sigmas(num_steps: int, shift: float = 1.0, *, image_seq_len: Optional[i
         sig = shift * sig / (1 + (shift - 1) * sig)
     out = torch.from_numpy(np.asarray(sig)).to(torch.float32)
     return torch.cat([out, torch.zeros(1, dtype=torch.float32)])
+
+
+@dataclass(frozen=True)
+class FlowSchedule:
+    """What a diffusers FlowMatchEulerDiscrete scheduler config says about the sigma schedule (module doc);
+    the defaults are FLUX.1's constants with no shift."""
+
+    shift: float = 1.0
+    dynamic_shift: bool = False            # the config's use_dynamic_shifting
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    num_train_timesteps: int = 1000
+    time_shift_type: str = "exponential"
+
+    # scheduler options that change the schedule in ways flow_sigmas does not reproduce
+    UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal",
+                   "invert_sigmas")
+
+    @classmethod
+    def from_scheduler_config(cls, config) -> "FlowSchedule":
+        """From a scheduler's `.config` (a FrozenDict or any mapping); keys it lacks keep the defaults."""
+        get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
+        for key in cls.UNSUPPORTED:
+            if get(key, None):
+                raise ValueError(f"scheduler config sets {key}={get(key)!r}, which flow_sigmas does not reproduce; "
+                                 f"the engine would sample on a different schedule than the model's own")
+        d = cls()
+        return cls(shift=float(get("shift", d.shift)), dynamic_shift=bool(get("use_dynamic_shifting", d.dynamic_shift)),
+                   base_shift=float(get("base_shift", d.base_shift)), max_shift=float(get("max_shift", d.max_shift)),
+                   base_image_seq_len=int(get("base_image_seq_len", d.base_image_seq_len)),
+                   max_image_seq_len=int(get("max_image_seq_len", d.max_image_seq_len)),
+                   num_train_timesteps=int(get("num_train_timesteps", d.num_train_timesteps)),
+                   time_shift_type=str(get("time_shift_type", d.time_shift_type)))
+
+    def sigmas(self, num_steps: int, image_seq_len: Optional[int] = None, *, shift: Optional[float] = None,
+               dynamic_shift: Optional[bool] = None) -> torch.Tensor:
+        """flow_sigmas on this schedule; `shift` / `dynamic_shift` override the config's when not None."""
+        return flow_sigmas(num_steps, self.shift if shift is None else shift, image_seq_len=image_seq_len,
+                           dynamic_shift=self.dynamic_shift if dynamic_shift is None else dynamic_shift,
+                           base_shift=self.base_shift, max_shift=self.max_shift,
+                           base_image_seq_len=self.base_image_seq_len, max_image_seq_len=self.max_image_seq_len,
+                           num_train_timesteps=self.num_train_timesteps, time_shift_type=self.time_shift_type)
+
+
+def model_sigmas(model, num_steps: int, shift: Optional[float] = None,
+                 dynamic_shift: Optional[bool] = None) -> torch.Tensor:
+    """The schedule `model` samples on: its scheduler's constants (`model.schedule`, a FlowSchedule; FLUX's
+    defaults for a model without one), with `shift` / `dynamic_shift` from the caller, or from the model's
+    scheduler config where they are None."""
+    schedule = getattr(model, "schedule", None) or FlowSchedule()
+    return schedule.sigmas(num_steps, getattr(model, "image_seq_len", None), shift=shift, dynamic_shift=dynamic_shift)
 
 
 def interval_indices(num_steps: int, start: int, granularity: int) -> List[int]:

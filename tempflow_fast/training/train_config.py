@@ -105,6 +105,13 @@ class SamplingConfig:
     max_rows_per_call: Optional[int] = None
     decode_batch: Optional[int] = None  # images per VAE decode call; None = sized by resolution (1 at 1024 px)
     guidance_scale: Optional[float] = None  # FLUX distilled guidance / SD3 CFG scale; None = the model's default
+    # shift and dynamic shift from the loaded pipeline's scheduler config (FLUX, SD3), not sampling.shift / dynamic_shift
+    #   (the dynamic-shift constants always come from it; sampling/schedules.py)
+    schedule_from_model: bool = False
+    # ODE completions after a branch step (tempflow, g2rpo with Λ = [1]; sampling/solvers.py): euler | heun (2nd
+    #   order, 2 calls per step) | dpmpp_2m (2nd order multistep, 1 call per step) | tweedie (x̂0 after n - 1 steps)
+    completion_solver: Literal["euler", "heun", "dpmpp_2m", "tweedie"] = "euler"
+    completion_steps: Optional[int] = None  # solver steps per completion; None = the schedule's remaining (tweedie: 1)
 
     def validate(self):
         if self.num_steps < 2:
@@ -114,6 +121,8 @@ class SamplingConfig:
             _positive("sampling", max_rows_per_call=self.max_rows_per_call)
         if self.decode_batch is not None:
             _positive("sampling", decode_batch=self.decode_batch)
+        if self.completion_steps is not None:
+            _positive("sampling", completion_steps=self.completion_steps)
         if self.buckets is not None:
             if not self.buckets or min(self.buckets) < 1:
                 raise ValueError(f"config field 'sampling.buckets': every bucket must be >= 1, got {self.buckets}")
