@@ -11,7 +11,7 @@ forward), so LoRA layers attached after `load_adapter` are part of the compiled 
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Iterable, Optional, Tuple, Union
 
 import torch
 
@@ -31,6 +31,23 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], default: torch.dtype) ->
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
+
+
+def check_finite_weights(tensors: Iterable[Tuple[str, torch.Tensor]], source: str) -> None:
+    """ValueError naming `source` (the file or component folder) and the first weight holding NaN or ±inf: such a
+    model samples NaN, its images score alike and nothing would say so."""
+    for name, t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{source}: weight {name!r} holds {bad} non-finite value(s) (NaN or inf); refusing "
+                             f"to load it")
+
+
+def _check_pipeline_weights(adapter, path: str) -> None:
+    components = getattr(getattr(adapter, "pipeline", None), "components", None) or {"transformer": adapter.module}
+    for component, module in components.items():
+        if isinstance(module, torch.nn.Module):
+            check_finite_weights(module.named_parameters(), f"model {path!r}, {component}/")
 
 
 def transformer_of(adapter) -> torch.nn.Module:
@@ -86,6 +103,7 @@ def load_adapter(kind: str, path: Optional[str] = None, *, device: Union[str, to
                  max_sequence_length: Optional[int] = None, cache_device: Union[str, torch.device] = "cpu"):
     """The model adapter for `kind` in MODEL_KINDS, loaded from `path`.
 
+    Weights holding NaN or ±inf are refused (ValueError naming the file or component).
     - "tiny_flux": `tiny_flux.load(path)` (None = the shipped model); fp32 only, and resolution /
       guidance / sequence length do not apply (ValueError if given).
     - "flux": a `FluxPipeline` folder or hub id; dtype default bf16, resolution 1024, guidance 3.5
@@ -122,6 +140,7 @@ def load_adapter(kind: str, path: Optional[str] = None, *, device: Union[str, to
             from .sd3 import load_sd3
 
             adapter = load_sd3(path, **options)
+        _check_pipeline_weights(adapter, path)
     configure_transformer(transformer_of(adapter), attention_backend=attention_backend,
                           gradient_checkpointing=gradient_checkpointing, compile_blocks=compile_blocks)
     return adapter

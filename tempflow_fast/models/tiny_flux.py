@@ -212,7 +212,11 @@ class TinyFluxAdapter:
         transformer_config["axes_dims_rope"] = tuple(transformer_config["axes_dims_rope"])
         text = config["text_encoder"]
         adapter = cls.create(0, transformer_config, text["vocab"], text["max_words"], text["dim"])
-        adapter.module.load_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        from .loading import check_finite_weights
+
+        state = load_file(str(directory / WEIGHTS_NAME))
+        check_finite_weights(state.items(), str(directory / WEIGHTS_NAME))
+        adapter.module.load_state_dict(state)
         adapter.module.to(device)
         return adapter
 

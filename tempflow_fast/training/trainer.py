@@ -14,6 +14,7 @@ import copy
 import json
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -29,9 +30,10 @@ from tempflow_fast.images import to_unit_float
 from tempflow_fast.sampling.engine import concat_results, rollout
 from tempflow_fast.sampling.runners import DEFAULT_BUCKETS, EagerRunner, buckets_within, make_runner
 from tempflow_fast.training import checkpoint as ckpt
-from tempflow_fast.training import distributed
+from tempflow_fast.training import distributed, run_dir
 from tempflow_fast.training.ema import EMA
 from tempflow_fast.training.metrics_log import MetricsLogger
+from tempflow_fast.training.run_dir import RunLock
 from tempflow_fast.training.schedule import learning_rate_at, set_learning_rate
 from tempflow_fast.training.train_config import Config
 from tempflow_fast.rewards.config import build_reward
@@ -56,6 +58,71 @@ def read_prompts(path: str, field_name: str) -> List[str]:
     if not prompts:
         raise ValueError(f"config field {field_name!r}: {path!r} holds no prompts")
     return prompts
+
+
+def check_device(spec: str, field_name: str) -> None:
+    """ValueError naming `field_name` when the device `spec` names is not on this machine."""
+    from tempflow_fast.rewards.base import resolve_device
+
+    try:
+        device = resolve_device(spec)
+    except ValueError as err:
+        raise ValueError(f"config field {field_name!r}: {err}") from None
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"config field {field_name!r}: {spec!r} needs CUDA, which this machine does not have "
+                         f"(torch {torch.__version__}); use 'cpu' or 'auto'")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"config field {field_name!r}: {spec!r}, but this machine has {count} CUDA device(s) "
+                         f"(cuda:0..cuda:{count - 1})")
+
+
+def reward_devices(reward_cfg, prefix: str = "reward") -> List[tuple]:
+    """(field, device) of a reward config and of a composite's components."""
+    out = [(f"{prefix}.device", reward_cfg.device)]
+    for i, component in enumerate(reward_cfg.components):
+        out += reward_devices(component, f"{prefix}.components[{i}]")
+    return out
+
+
+def model_vocabulary(model, model_cfg) -> Optional[tuple]:
+    """(words, max words per prompt) of a word-level model (the tiny FLUX): the given adapter's, or read from the
+    config file of model.path (the shipped model when null) without loading weights; None for other models."""
+    if model is not None:
+        vocab = getattr(model, "vocab", None)
+        return None if vocab is None else (tuple(vocab), int(model.max_words))
+    from importlib.resources import as_file
+
+    from tempflow_fast.models import tiny_flux
+
+    with as_file(tiny_flux.shipped_weights_dir()) as shipped:
+        folder = Path(model_cfg.path) if model_cfg.path is not None else Path(shipped)
+        config = folder / tiny_flux.CONFIG_NAME
+        if not config.is_file():
+            return None  # loading the model names what is missing
+        try:
+            text = json.loads(config.read_text())["text_encoder"]
+            return tuple(text["vocab"]), int(text["max_words"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"config field 'model.path': {str(config)!r} is not a tiny_flux config ({err})") from None
+
+
+def check_vocabulary(prompts: Sequence[str], vocab: Sequence[str], max_words: int, field_name: str) -> None:
+    """Every prompt tokenizes with the word-level model: ValueError naming the first unknown word and listing the
+    vocabulary (index 0 is padding, not a word)."""
+    words = list(vocab[1:])
+    known = set(words)
+    for prompt in prompts:
+        tokens = prompt.lower().split()
+        if len(tokens) > max_words:
+            raise ValueError(f"config field {field_name!r}: prompt {prompt!r} has {len(tokens)} words; the model "
+                             f"reads at most {max_words}")
+        unknown = [w for w in tokens if w not in known]
+        if unknown:
+            raise ValueError(f"config field {field_name!r}: prompt {prompt!r} uses the word {unknown[0]!r}, which "
+                             f"the model does not know; its vocabulary: {', '.join(words)}")
 
 
 @torch.no_grad()
@@ -97,6 +164,10 @@ class NonFiniteAbort(RuntimeError):
     """Too many updates were skipped for a non-finite loss or gradient."""
 
 
+class RewardFailure(RuntimeError):
+    """The reward raised (a server that timed out, refused or answered a non-finite score)."""
+
+
 @dataclass
 class Counters:
     """Totals carried across checkpoints."""
@@ -112,6 +183,11 @@ class Counters:
     extra: Dict[str, float] = field(default_factory=dict)
 
 
+def _update_stats() -> Dict[str, float]:
+    return {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "kl": 0.0, "grad_norm": 0.0, "policy_passes": 0,
+            "padding_passes": 0, "skipped_nonfinite": 0}
+
+
 def _seed_for(*parts: int) -> int:
     """A deterministic 63-bit seed from integers (no Python hash randomisation)."""
     h = 1469598103934665603
@@ -124,23 +200,50 @@ class Trainer:
     """Runs `cfg`. `model`, `reward`, `train_prompts`, `eval_fn` default to the shapes task."""
 
     def __init__(self, cfg: Config, *, model=None, reward=None, train_prompts: Optional[Sequence[str]] = None,
-                 eval_fn=None, resume: bool = False, dist: Optional[distributed.DistContext] = None):
+                 eval_fn=None, resume: bool = False, overwrite: bool = False,
+                 dist: Optional[distributed.DistContext] = None):
+        """`resume`: continue from the newest loadable checkpoint in output_dir (a different run's is refused);
+        `overwrite`: a new run in a folder that holds an earlier one, whose outputs are removed first. Without
+        either, output_dir must be empty or new. Every check that reads no weights runs before the model loads:
+        a bad value raises ValueError naming its config field."""
+        if resume and overwrite:
+            raise ValueError("--resume and --overwrite exclude each other: continue the run in output_dir, or "
+                             "replace it")
         self.cfg = cfg
         # torchrun's environment when present (training/distributed.py), else one process
         self.dist = dist if dist is not None else distributed.from_environment()
         self.out = Path(cfg.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.seed)
-        self.model = model if model is not None else self._load_model()
-        self.reward = reward if reward is not None else build_reward(cfg.reward)
         self.train_prompts = list(train_prompts) if train_prompts is not None else self._train_prompts()
         if not self.train_prompts:
             raise ValueError("train_prompts is empty")
+        self._check_before_loading(model, reward)
+        self.algorithm = algorithms.from_config(cfg)
+        self.plan = self.algorithm.plan()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._lock = RunLock(self.out).acquire() if self.dist.is_main else None
+        self._lock_finalizer = weakref.finalize(self, self._lock.release) if self._lock is not None else None
+        try:
+            self._set_up(model, reward, eval_fn, resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _set_up(self, model, reward, eval_fn, resume: bool, overwrite: bool) -> None:
+        cfg = self.cfg
+        if self.dist.is_main:
+            run_dir.claim(self.out, resume=resume, overwrite=overwrite)
+            removed = ckpt.remove_temporary(self.out / "checkpoints")
+            if removed:
+                print(f"[tempflow-fast] removed {len(removed)} unfinished checkpoint folder(s) an interrupted "
+                      f"write left: {', '.join(p.name for p in removed)}", flush=True)
+        # refused before any weights load: a run that is not this one's, or a file that would run code
+        self._checkpoint = self._checkpoint_to_resume() if resume else None
+        torch.manual_seed(cfg.seed)
+        self.model = model if model is not None else self._load_model()
+        self.reward = reward if reward is not None else build_reward(cfg.reward)
         self._cache_text(self.train_prompts)
         self.eval_metric: Optional[str] = "held-out accuracy"
         self.eval_fn = eval_fn if eval_fn is not None else self._default_eval()
-        self.algorithm = algorithms.from_config(cfg)
-        self.plan = self.algorithm.plan()
         # real pipelines hand rewards uint8 images on the host (images.py); the tiny model's 16 px ones stay as is
         self._image_format = "uint8_cpu" if getattr(self.model, "vae", None) is not None else "float"
         self.scorer = None
@@ -148,7 +251,6 @@ class Trainer:
             from tempflow_fast.rewards.async_scorer import AsyncScorer
 
             self.scorer = AsyncScorer(self.reward)
-        self._checkpoint = self._checkpoint_to_resume() if resume else None  # refused before any engine is built
         self._setup_params()
         self.runner = self._build_runner()
         self.counters = Counters()
@@ -159,6 +261,42 @@ class Trainer:
         self.logger = MetricsLogger(self.out, tensorboard=cfg.log.tensorboard,
                                     resume_from=self.iteration if resume else None) \
             if self.dist.is_main else distributed.NullLogger()
+
+    def close(self) -> None:
+        """Release output_dir (its run lock) and close the logs; `train()` does this when it ends."""
+        logger = getattr(self, "logger", None)
+        if logger is not None:
+            logger.close()
+        if self._lock_finalizer is not None:
+            self._lock_finalizer()
+
+    def _check_before_loading(self, model, reward) -> None:
+        """The cheap checks (no weights read): devices exist, prompt files read and (tiny model) use only words
+        it knows, the reward server answers. Each failure is a ValueError naming the config field."""
+        cfg = self.cfg
+        if model is None:
+            check_device(cfg.model.device, "model.device")
+        if reward is None:
+            for field_name, device in reward_devices(cfg.reward):
+                check_device(device, field_name)
+        eval_prompts = None
+        if cfg.data.eval_prompts is not None:
+            eval_prompts = read_prompts(cfg.data.eval_prompts, "data.eval_prompts")
+        vocab = model_vocabulary(model, cfg.model) if (model is not None or cfg.model.kind == "tiny_flux") else None
+        if vocab is not None:
+            if cfg.data.train_prompts is not None:
+                check_vocabulary(self.train_prompts, *vocab, "data.train_prompts")
+            if eval_prompts is not None:
+                check_vocabulary(eval_prompts, *vocab, "data.eval_prompts")
+        try:
+            algorithms.from_config(cfg).plan()
+        except ValueError as err:
+            raise ValueError(f"config section {cfg.method!r} (with sampling.num_steps = {cfg.sampling.num_steps}): "
+                             f"{err}") from None
+        if reward is None:
+            from tempflow_fast.rewards.config import check_reward_reachable
+
+            check_reward_reachable(cfg.reward)
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -300,6 +438,8 @@ class Trainer:
         else:
             self.optimizer = torch.optim.AdamW([p for _, p in self.named_params], lr=cfg.learning_rate,
                                                betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+            # the weights and AdamW state before each step, put back when the step leaves a non-finite weight
+            self._step_snapshot = distributed.StepSnapshot(self.optimizer, [p for _, p in self.named_params])
         with self._full_parameters():
             self.ema = EMA(self.named_params, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
@@ -353,8 +493,8 @@ class Trainer:
                 images = to_unit_float(images)  # a reward that only knows floats gets them (on the host)
             if self.scorer is not None:
                 future = self.scorer.submit(images, texts)
-                return lambda: (future.result().float().to(device), future.components)
-            scores = self.reward(images, texts).float().to(device)
+                return lambda: (self._reward_call(future.result).float().to(device), future.components)
+            scores = self._reward_call(self.reward, images, texts).float().to(device)
             components = dict(getattr(self.reward, "last_components", {}))  # a composite's raw scores of this call
             return lambda: (scores, components)
 
@@ -376,6 +516,16 @@ class Trainer:
                            components=done[min(done)][1])
 
         return collect
+
+    def _reward_call(self, fn, *args):
+        """fn(*args), a reward's exception turned into RewardFailure naming the reward and the iteration (a server
+        that times out or answers NaN stops the run with that message, not a traceback)."""
+        try:
+            return fn(*args)
+        except Exception as err:
+            name = getattr(self.reward, "name", None) or self.cfg.reward.name
+            raise RewardFailure(f"iteration {self.iteration + 1}: the reward {name!r} failed: "
+                                f"{type(err).__name__}: {err}") from err
 
     @contextlib.contextmanager
     def _rollout_attention(self):
@@ -450,7 +600,16 @@ class Trainer:
         self.model.module.train()
         lr = learning_rate_at(cfg, iteration)
         set_learning_rate(self.optimizer.param_groups if self.zero is None else self.zero.param_groups, lr)
-        upd = self._update(result, groups, iteration)
+        # a model whose outputs overflow samples NaN: its images may score alike (no group with spread, so no
+        # loss to find non-finite), so the rollout itself is checked and such an iteration counts as skipped
+        rollout_finite = self.dist.all_true(distributed.all_finite([*result.final_latents.values(),
+                                                                    result.samples.sample]))
+        if rollout_finite:
+            upd = self._update(result, groups, iteration)
+        else:
+            upd = _update_stats()
+            upd["skipped_nonfinite"] = 1
+            self._skip_nonfinite(iteration, "the rollout's latents are not finite (the model's outputs overflow)")
         t3 = time.perf_counter()
 
         r1 = rewards.final[1]
@@ -502,8 +661,7 @@ class Trainer:
     def _update(self, result, groups, iteration: int) -> Dict[str, float]:
         cfg = self.cfg.train
         total = self.dist.all_sum(sum(g.num_samples for g in groups))  # the loss is a mean over the global batch
-        stats = {"loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "kl": 0.0, "grad_norm": 0.0, "policy_passes": 0,
-                 "padding_passes": 0, "skipped_nonfinite": 0}
+        stats = _update_stats()
         if total == 0:
             return stats
         gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, 3, iteration))
@@ -537,14 +695,7 @@ class Trainer:
             self.counters.padding_passes += step.padding_passes
             if not ok:
                 stats["skipped_nonfinite"] += 1
-                self.counters.skipped_nonfinite += 1
-                print(f"[tempflow-fast] iteration {iteration + 1}: non-finite loss or gradient, update skipped "
-                      f"({self.counters.skipped_nonfinite}/{cfg.max_nonfinite_skips} allowed)", flush=True)
-                if self.counters.skipped_nonfinite > cfg.max_nonfinite_skips:
-                    raise NonFiniteAbort(
-                        f"{self.counters.skipped_nonfinite} updates skipped for non-finite loss/gradient "
-                        f"(train.max_nonfinite_skips = {cfg.max_nonfinite_skips}); lower train.learning_rate "
-                        f"or check the reward")
+                self._skip_nonfinite(iteration, "non-finite loss, gradient or updated weights")
                 continue
             self.counters.optimizer_steps += 1
             if self.ema is not None:
@@ -558,6 +709,18 @@ class Trainer:
         stats["grad_norm"] /= max(1, n_stats)
         return stats
 
+    def _skip_nonfinite(self, iteration: int, what: str) -> None:
+        """Count a skipped update; NonFiniteAbort once more than train.max_nonfinite_skips were skipped."""
+        allowed = self.cfg.train.max_nonfinite_skips
+        self.counters.skipped_nonfinite += 1
+        print(f"[tempflow-fast] iteration {iteration + 1}: {what}, update skipped "
+              f"({self.counters.skipped_nonfinite}/{allowed} allowed)", flush=True)
+        if self.counters.skipped_nonfinite > allowed:
+            raise NonFiniteAbort(
+                f"{self.counters.skipped_nonfinite} updates skipped for non-finite values, the last at iteration "
+                f"{iteration + 1}: {what} (train.max_nonfinite_skips = {allowed}); lower train.learning_rate or "
+                f"check the reward")
+
     def _micro_batches(self, groups, gen: torch.Generator):
         """Each group's states in a random order (from `gen`), train.states_per_forward at a time."""
         size = self.cfg.train.states_per_forward
@@ -570,7 +733,7 @@ class Trainer:
         """The backward passes of one optimizer step: through the DeepSpeed engine, or the explicit all-reduce."""
         if self.zero is None:
             return distributed.DataParallelStep(self.dist, self.optimizer, [p for _, p in self.named_params],
-                                                self.cfg.train.grad_clip)
+                                                self.cfg.train.grad_clip, self._step_snapshot)
         st = result.states
 
         def padding_loss():  # a real policy forward on one of this rank's states; the step scales it by 0
@@ -612,11 +775,22 @@ class Trainer:
         return path
 
     def _checkpoint_to_resume(self):
-        """(path, contents) of the latest checkpoint, refused when another world size wrote it."""
-        path = ckpt.latest_checkpoint(self.out / "checkpoints")
-        if path is None:
-            raise ValueError(f"--resume: no complete checkpoint under {str(self.out / 'checkpoints')!r}")
-        data = ckpt.load_checkpoint(path)
+        """(path, contents) of the newest checkpoint that loads (a corrupt newer one is skipped with a message
+        naming both), refused when it is another run's (run_dir.RUN_IDENTITY: seed, method, model, plan) or
+        another world size wrote it. Reads no model: every refusal comes before the weights load."""
+        root = self.out / "checkpoints"
+        try:
+            found = ckpt.load_latest(root, set_aside=self.dist.is_main)
+        except ckpt.CheckpointError as err:
+            raise ValueError(f"--resume: {err}") from None
+        if found is None:
+            raise ValueError(f"--resume: no complete checkpoint under {str(root)!r}")
+        path, data = found
+        current = yaml.safe_load(yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False))
+        differences = run_dir.run_differences(data["config"], current)
+        if differences:
+            raise ValueError(f"--resume: checkpoint {str(path)!r} belongs to another run ({'; '.join(differences)}); "
+                             f"resume with its settings, or start a new run with --overwrite or another output_dir")
         written_by = data["state"].get("world_size", 1)
         if written_by != self.dist.world_size:
             raise ValueError(f"--resume: checkpoint {str(path)!r} was written by {written_by} process(es), "
@@ -748,6 +922,8 @@ class Trainer:
                    "iterations": self.iteration, "method": cfg.method, "eval_metric": self.eval_metric}
         if self.dist.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+            ckpt.remove_temporary(self.out / "checkpoints")
+        self.close()
         return summary
 
 
