@@ -1,4 +1,8 @@
-"""`tempflow-fast train --config configs/<preset>.yaml [--set section.field=value ...] [--resume]`"""
+"""`tempflow-fast train --config configs/<preset>.yaml [--set section.field=value ...] [--resume | --overwrite]`
+
+Exit status: 0 done; 2 a bad value, file or setting found before training started (one line on stderr naming
+it: config fields, output_dir in use or not empty, a checkpoint from another run, ...); 1 training stopped
+(too many non-finite updates, a failing reward, a checkpoint that cannot be written), also one line."""
 
 from __future__ import annotations
 
@@ -17,7 +21,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML preset, e.g. configs/shapes_tempflow.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set train.iterations=2 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in output_dir from its newest checkpoint (refused for another run's)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start afresh in an output_dir that holds an earlier run: its checkpoints, logs and "
+                          "final model are removed first (without this flag or --resume, output_dir must be empty)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, the memory plan by phase (weights read from no file: a local "
@@ -36,7 +45,7 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"tempflow-fast train: {err}", file=sys.stderr)
         return 2
-    if args.dry_run and not args.gpu_memory > 0:
+    if args.dry_run and not 0 < args.gpu_memory < float("inf"):
         print(f"tempflow-fast train: --gpu-memory must be > 0 GiB, got {args.gpu_memory}", file=sys.stderr)
         return 2
     if args.print_config or args.dry_run:
@@ -52,13 +61,27 @@ def main(argv=None) -> int:
                 print(f"tempflow-fast train: {problem}", file=sys.stderr)
                 return 2
         return 0
-    from tempflow_fast.training.trainer import Trainer, format_summary
+    from tempflow_fast.training.checkpoint import CheckpointWriteError
+    from tempflow_fast.training.trainer import NonFiniteAbort, RewardFailure, Trainer, format_summary
 
-    trainer = Trainer(cfg, resume=args.resume)
-    summary = trainer.train()
+    try:
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    except ValueError as err:
+        print(f"tempflow-fast train: {_one_line(err)}", file=sys.stderr)
+        return 2
+    try:
+        summary = trainer.train()
+    except (NonFiniteAbort, RewardFailure, CheckpointWriteError) as err:
+        trainer.close()
+        print(f"tempflow-fast train: stopped: {_one_line(err)}", file=sys.stderr)
+        return 1
     if trainer.dist.is_main:
         print(format_summary(summary), flush=True)
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def _zero_plan(cfg: Config) -> dict:

@@ -18,7 +18,8 @@ step, rather than through `torch.nn.parallel.DistributedDataParallel`: DDP's red
 rank to run the same number of backward passes per step, while here a rank's number of
 micro-batches depends on how many of its groups carried signal, and the model adapter calls its
 module's submodules rather than a wrapped `forward`. The non-finite check is agreed on
-(`all_true`), so every rank skips the same steps and the weights never diverge.
+(`all_true`), so every rank skips the same steps and the weights never diverge; a step whose result holds a
+non-finite weight is undone on every rank (the weights and AdamW state from before it, `StepSnapshot`).
 
 Rollout noise: each rank draws from its own generator (the trainer seeds it with the rank), so
 ranks sample distinct initial noises and SDE noises.
@@ -194,8 +195,10 @@ class DataParallelStep:
     padding_passes = 0  # every rank runs only its own micro-batches
 
     def __init__(self, ctx: DistContext, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
-                 grad_clip: float):
+                 grad_clip: float, snapshot: Optional["StepSnapshot"] = None):
         self.ctx, self.optimizer, self.params, self.grad_clip = ctx, optimizer, list(params), grad_clip
+        # the pre-step copy (reuse one across steps: its host buffers are allocated once)
+        self.snapshot = snapshot if snapshot is not None else StepSnapshot(optimizer, self.params)
         optimizer.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -206,18 +209,87 @@ class DataParallelStep:
 
     def finish(self, ok: bool) -> Tuple[bool, float]:
         """`ok`: this rank's losses were finite. Returns (step applied, gradient norm before clipping); a step
-        whose loss or gradient is not finite on any rank is skipped on every rank."""
+        whose loss or gradient is not finite on any rank is skipped on every rank, and so is a step that leaves
+        a non-finite weight (an overflowing learning rate): the weights and optimizer state from before it are
+        put back."""
         ok = self.ctx.all_true(ok)  # every rank skips together, or the weights would diverge
         grad_norm = math.nan
         if ok:
             self.ctx.all_reduce_gradients(self.params)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
             ok = math.isfinite(grad_norm)
+        if ok:
+            self.snapshot.take()
+            try:
+                self.optimizer.step()
+                finite = all_finite(self.params)
+            except RuntimeError as err:  # a rate so large that AdamW's step size overflows: half the weights moved
+                if "overflow" not in str(err):
+                    raise
+                finite = False
+            ok = self.ctx.all_true(finite)
+            if not ok:
+                self.snapshot.restore()
         if not ok:
             self.optimizer.zero_grad(set_to_none=True)
             return False, math.nan
-        self.optimizer.step()
         return True, grad_norm
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite (one host synchronisation)."""
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+class StepSnapshot:
+    """The trainable weights and the optimizer state before an optimizer step, kept on the host (pinned when the
+    weights live on a GPU, so the copies queue on the stream ahead of the step and take no device memory);
+    `restore()` puts them back exactly. The host buffers are allocated once and reused by every `take()`. Costs
+    one device-to-host copy of weights and moments per step: small for LoRA adapters, 12 bytes per weight for
+    an fp32 full fine-tune."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]):
+        self.optimizer, self.params = optimizer, list(params)
+        self._buffers: Dict[Tuple[int, str], torch.Tensor] = {}
+        self.weights: List[torch.Tensor] = []
+        self.state: Dict[int, Dict] = {}
+
+    def _copy(self, key: Tuple[int, str], t: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            pin = t.device.type == "cuda"
+            buf = self._buffers[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+        buf.copy_(t.detach(), non_blocking=True)
+        return buf
+
+    def take(self) -> "StepSnapshot":
+        self.weights = [self._copy((i, ""), p) for i, p in enumerate(self.params)]
+        self.state = {}
+        for i, p in enumerate(self.params):
+            if p in self.optimizer.state:
+                self.state[i] = {k: self._copy((i, k), v) if isinstance(v, torch.Tensor) else v
+                                 for k, v in self.optimizer.state[p].items()}
+        return self
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, w in zip(self.params, self.weights):
+            p.copy_(w)
+        for i, p in enumerate(self.params):
+            saved = self.state.get(i)
+            if saved is None:  # the step created this parameter's state: it had none before
+                self.optimizer.state.pop(p, None)
+                continue
+            live = self.optimizer.state[p]
+            for k in set(live) - set(saved):
+                del live[k]
+            for k, v in saved.items():
+                if isinstance(v, torch.Tensor):
+                    live[k].copy_(v)
+                else:
+                    live[k] = v
 
 
 def _comm_device() -> torch.device:

@@ -1,11 +1,35 @@
-"""Metrics to JSONL (one object per iteration, appended and flushed) and TensorBoard."""
+"""Metrics to JSONL (one object per iteration, appended and flushed) and TensorBoard.
+
+A new run starts an empty metrics.jsonl; a resumed one keeps the lines up to the iteration it resumes from and
+drops the rest, including a last line a kill cut short (the file is rewritten atomically, so a kill during that
+leaves the old file)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
+
+
+def lines_up_to(path: Path, iteration: int) -> List[str]:
+    """The whole lines of `path` logged at or before `iteration`; a torn or unreadable line is dropped with a
+    message (a kill can cut the last line short)."""
+    kept, torn = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            torn += 1
+            continue
+        if isinstance(row, dict) and row.get("iteration", 0) <= iteration:
+            kept.append(line)
+    if torn:
+        print(f"[tempflow-fast] {str(path)!r}: dropped {torn} torn line(s) (a run killed while writing)", flush=True)
+    return kept
 
 
 class MetricsLogger:
@@ -15,9 +39,14 @@ class MetricsLogger:
         self.jsonl_path = self.dir / "metrics.jsonl"
         if resume_from is not None and self.jsonl_path.exists():
             # drop lines from iterations after the checkpoint we resume from, so the log stays one history
-            kept = [l for l in self.jsonl_path.read_text().splitlines() if l and json.loads(l).get("iteration", 0) <= resume_from]
-            self.jsonl_path.write_text("".join(l + "\n" for l in kept))
-        self._fh = open(self.jsonl_path, "a")
+            kept = lines_up_to(self.jsonl_path, resume_from)
+            tmp = self.jsonl_path.with_name(self.jsonl_path.name + ".tmp")
+            with open(tmp, "w") as fh:
+                fh.write("".join(l + "\n" for l in kept))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.jsonl_path)
+        self._fh = open(self.jsonl_path, "a" if resume_from is not None else "w")
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

@@ -98,11 +98,11 @@ def one_process_reference(run_dir, method, scenario, extra, monkeypatch, iterati
     real_rollout = trainer_mod.rollout
     seed_to_iteration = {trainer_mod._seed_for(0, 2, it): it for it in range(iterations)}
 
-    def per_rank_rollouts(model, prompts, plan, *, seed, runner):
+    def per_rank_rollouts(model, prompts, plan, *, seed, runner, **options):
         it = seed_to_iteration[seed]
         shards = [DistContext(r, WORLD).shard(prompts) for r in range(WORLD)]
         return concat_results([real_rollout(model, shard, plan, seed=trainer_mod._seed_for(0, 2, it, r),
-                                            runner=runner) for r, shard in enumerate(shards)])
+                                            runner=runner, **options) for r, shard in enumerate(shards)])
 
     monkeypatch.setattr(trainer_mod, "rollout", per_rank_rollouts)
     tr = make_trainer(run_dir, method, scenario, extra, DistContext())
