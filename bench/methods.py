@@ -127,7 +127,8 @@ def run_one(name: str, seed: int, out: Path, *, iterations: int, eval_every: int
             if stale.exists():
                 stale.unlink()
     model = model_factory() if model_factory is not None else None
-    trainer = Trainer(cfg, model=model, reward=reward, eval_fn=eval_fn, resume=resume)
+    # a fresh start replaces what an attempt that never reached a checkpoint left in `out`
+    trainer = Trainer(cfg, model=model, reward=reward, eval_fn=eval_fn, resume=resume, overwrite=not resume)
     if resume:  # keep only the eval points up to the checkpoint (later ones are recomputed)
         kept = [l for l in evals.read_text().splitlines() if l and json.loads(l)["iteration"] <= trainer.iteration] \
             if evals.exists() else []
