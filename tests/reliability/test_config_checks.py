@@ -1,0 +1,125 @@
+"""Bad values are refused before any model loads, in one line on stderr naming the config field, exit 2 (issue 18
+items 2 and 8): NaN / ±inf in any float field, out-of-range plan steps, intervals and counts, blank paths, devices
+this machine lacks, prompt files the tiny model cannot read, an unreachable reward server."""
+
+import socket
+
+import pytest
+import torch
+
+from tempflow_fast.training.cli import main as train_main
+
+from .runs import one_line_error, train_cli
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.learning_rate=.inf", "train.learning_rate"),
+    ("train.learning_rate=.nan", "train.learning_rate"),
+    ("train.learning_rate=1e999", "train.learning_rate"),
+    ("train.grad_clip=.nan", "train.grad_clip"),
+    ("train.clip_range=-.inf", "train.clip_range"),
+    ("train.beta=.inf", "train.beta"),
+    ("train.adam_betas=[.nan, 0.999]", "train.adam_betas[0]"),
+    ("sampling.noise_level=.nan", "sampling.noise_level"),
+    ("sampling.shift=.inf", "sampling.shift"),
+    ("tempflow.adaptive_floor=.nan", "tempflow.adaptive_floor"),
+    ("reward.timeout_s=.inf", "reward.timeout_s"),
+])
+def test_non_finite_float_fields_are_refused_by_name(tmp_path, capsys, no_model_load, override, field):
+    assert train_cli(tmp_path / "run", override) == 2
+    line = one_line_error(capsys)
+    assert f"'{field}'" in line and "finite" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("overrides, field, words", [
+    (["checkpoint.keep_last=0"], "checkpoint.keep_last", ">= 1"),
+    (["checkpoint.every=-1"], "checkpoint.every", ">= 0"),
+    (["eval.every=-1"], "eval.every", ">= 0"),
+    (["log.sample_every=-5"], "log.sample_every", ">= 0"),
+    (["train.max_nonfinite_skips=-1"], "train.max_nonfinite_skips", ">= 0"),
+    (["eval.images_per_prompt=0"], "eval.images_per_prompt", "> 0"),
+    (["method=tempflow", "tempflow.bifurcation_steps=[0, 2]"], "tempflow.bifurcation_steps", "0..T-2 = 0..1"),
+    (["method=tempflow", "tempflow.bifurcation_steps=[-1]"], "tempflow.bifurcation_steps", "0..T-2"),
+    (["method=tempflow", "tempflow.bifurcation_steps=[1, 1]"], "tempflow.bifurcation_steps", "repeated"),
+    (["method=g2rpo", "g2rpo.branch_steps=[5]"], "g2rpo.branch_steps", "0..T-2 = 0..1"),
+    (["method=g2rpo", "g2rpo.granularities=[1, 1]"], "g2rpo.granularities", "repeated"),
+    (["method=g2rpo", "g2rpo.granularities=[0]"], "g2rpo.granularities", ">= 1"),
+    (["model.path=''"], "model.path", "null"),
+    (["model.device=gpu"], "model.device", "cuda:N"),
+    (["output_dir=''"], "output_dir", "folder"),
+    (["data.train_prompts=p.txt", "data.balance_categories=true"], "data.balance_categories", "shapes"),
+])
+def test_out_of_range_values_are_refused_by_name(tmp_path, capsys, no_model_load, overrides, field, words):
+    assert train_cli(tmp_path / "run", *overrides) == 2
+    line = one_line_error(capsys)
+    assert f"'{field}'" in line and words in line, line
+
+
+@pytest.mark.parametrize("field", ["model.device", "reward.device"])
+def test_a_cuda_device_this_machine_lacks_is_refused_before_loading(tmp_path, capsys, no_model_load, field):
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    assert train_cli(tmp_path / "run", f"{field}=cuda:7") == 2
+    line = one_line_error(capsys)
+    assert f"'{field}'" in line and "cuda:7" in line, line
+    assert not (tmp_path / "run").exists()  # refused before the output folder was claimed
+
+
+def _prompts(tmp_path, *lines):
+    path = tmp_path / "prompts.txt"
+    path.write_text("".join(l + "\n" for l in lines))
+    return path
+
+
+@pytest.mark.parametrize("field", ["data.train_prompts", "data.eval_prompts"])
+def test_a_prompt_word_outside_the_tiny_vocabulary_is_named_with_the_vocabulary(tmp_path, capsys, no_model_load,
+                                                                               field):
+    path = _prompts(tmp_path, "a red square", "two purple squares")
+    assert train_cli(tmp_path / "run", f"{field}={path}", "data.balance_categories=false") == 2
+    line = one_line_error(capsys)
+    assert f"'{field}'" in line and "'purple'" in line and "two purple squares" in line, line
+    assert "vocabulary: a, two, three, square, squares, and, red, green, blue, yellow" in line, line
+
+
+def test_a_prompt_longer_than_the_tiny_model_reads_is_refused(tmp_path, capsys, no_model_load):
+    path = _prompts(tmp_path, " ".join(["a", "red", "square", "and"] * 3))
+    assert train_cli(tmp_path / "run", f"data.train_prompts={path}") == 2
+    line = one_line_error(capsys)
+    assert "'data.train_prompts'" in line and "at most 8" in line, line
+
+
+@pytest.mark.parametrize("content, words", [(None, "no such file"), ("\n\n", "holds no prompts"),
+                                            ('{"text": 1}\n', "'prompt' field")])
+def test_a_missing_empty_or_malformed_prompt_file_is_refused(tmp_path, capsys, no_model_load, content, words):
+    path = tmp_path / ("prompts.jsonl" if content and "{" in content else "prompts.txt")
+    if content is not None:
+        path.write_text(content)
+    assert train_cli(tmp_path / "run", f"data.train_prompts={path}") == 2
+    line = one_line_error(capsys)
+    assert "'data.train_prompts'" in line and words in line, line
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_reward_server_is_refused_before_the_model_loads(tmp_path, capsys, no_model_load):
+    url = f"http://127.0.0.1:{_closed_port()}"
+    assert train_cli(tmp_path / "run", "reward.name=server", f"reward.url={url}", "reward.timeout_s=5") == 2
+    line = one_line_error(capsys)
+    assert "reward.url" in line and url in line, line
+
+
+def test_a_tiny_model_path_without_its_config_names_the_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert train_cli(tmp_path / "run", f"model.path={tmp_path / 'empty'}") == 2
+    line = one_line_error(capsys)
+    assert str(tmp_path / "empty") in line and "tiny_flux" in line, line
+
+
+def test_dry_run_refuses_a_non_finite_gpu_memory(capsys):
+    assert train_main(["--dry-run", "--gpu-memory", "nan"]) == 2
+    assert "--gpu-memory" in one_line_error(capsys)
