@@ -15,6 +15,7 @@ COMMANDS = {
     "pretrain-shapes": ("tempflow_fast.tasks.shapes.pretrain", "rectified-flow pretraining of the tiny shapes model"),
     "bench": ("tempflow_fast.bench.cli", "benchmarks: ops, rollout, train step, iteration (CSV, markdown, plots)"),
     "demo-ops": ("tempflow_fast.ops.demo", "a short demo of the fused ops on random data"),
+    "doctor": ("tempflow_fast.doctor", "GPU check of the production path (--smoke: the same code on the CPU)"),
 }
 
 # importable name of an optional dependency -> the extra of pyproject.toml that installs it
