@@ -188,6 +188,14 @@ def _update_stats() -> Dict[str, float]:
             "padding_passes": 0, "skipped_nonfinite": 0}
 
 
+def _cast_floating(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Every floating parameter of `module` in `dtype`, in place (diffusers warns on ModelMixin.to(dtype))."""
+    for p in module.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return module
+
+
 def _seed_for(*parts: int) -> int:
     """A deterministic 63-bit seed from integers (no Python hash randomisation)."""
     h = 1469598103934665603
@@ -308,7 +316,10 @@ class Trainer:
         device = resolve_device(m.device)
         if device.type == "cuda" and self.dist.active:
             device = torch.device("cuda", self.dist.local_rank)
-        return load_adapter(m.kind, m.path, device=device, dtype=m.dtype, attention_backend=m.attention_backend,
+        from tempflow_fast.models.loading import resolve_dtype
+
+        backend, _ = self._attention_backends(device, resolve_dtype(m.dtype, torch.bfloat16))
+        return load_adapter(m.kind, m.path, device=device, dtype=m.dtype, attention_backend=backend,
                             compile_blocks=m.compile_blocks, gradient_checkpointing=m.gradient_checkpointing,
                             resolution=m.resolution, guidance_scale=smp.guidance_scale,
                             max_sequence_length=m.max_sequence_length)
@@ -527,22 +538,34 @@ class Trainer:
             raise RewardFailure(f"iteration {self.iteration + 1}: the reward {name!r} failed: "
                                 f"{type(err).__name__}: {err}") from err
 
+    def _attention_backends(self, device, dtype):
+        """(update, rollout) attention backends: model.attention_backend / model.rollout_attention_backend, and
+        where both are unset on a real model the defaults of models/attention.py."""
+        from tempflow_fast.models.attention import default_attention_backends
+
+        m = self.cfg.model
+        if m.attention_backend is None and m.rollout_attention_backend is None and m.kind != "tiny_flux":
+            return default_attention_backends(device, dtype)
+        return m.attention_backend, m.rollout_attention_backend or m.attention_backend
+
     @contextlib.contextmanager
     def _rollout_attention(self):
-        """model.rollout_attention_backend for the no-grad rollout forwards, model.attention_backend again after."""
-        m = self.cfg.model
-        if m.rollout_attention_backend is None or m.rollout_attention_backend == m.attention_backend:
-            yield
-            return
-        from tempflow_fast.models.attention import set_attention_backend
+        """The rollout backend for the no-grad rollout forwards, the update backend again after."""
         from tempflow_fast.models.loading import transformer_of
 
         transformer = transformer_of(self.model)
-        set_attention_backend(transformer, m.rollout_attention_backend)
+        update, rollout_backend = self._attention_backends(next(transformer.parameters()).device,
+                                                           getattr(self.model, "dtype", torch.float32))
+        if rollout_backend is None or rollout_backend == update:
+            yield
+            return
+        from tempflow_fast.models.attention import set_attention_backend
+
+        set_attention_backend(transformer, rollout_backend)
         try:
             yield
         finally:
-            set_attention_backend(transformer, m.attention_backend or "native")
+            set_attention_backend(transformer, update or "native")
 
     def _plan_for(self, iteration: int):
         """This iteration's rollout plan: the algorithm's per-iteration choice when it makes one (adaptive
@@ -839,10 +862,10 @@ class Trainer:
             target = getattr(model.module, "transformer", model.module)
             target.fuse_lora()
             target.unload_lora()
-            model.module.to(dtype)
+            _cast_floating(model.module, dtype)
         elif any(p.dtype != dtype for p in self.model.module.parameters()):
             model = copy.copy(self.model)
-            model.module = copy.deepcopy(self.model.module).to(dtype)
+            model.module = _cast_floating(copy.deepcopy(self.model.module), dtype)
         with self._full_parameters():  # ZeRO-3: whole tensors on every rank while rank 0 writes
             if self.dist.is_main:
                 model.save_pretrained(directory)

@@ -91,6 +91,17 @@ def test_attention_backends_that_cannot_train_are_refused(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_default_attention_backends():
+    """CUDA in half precision: update on flash (cuDNN's SDPA backward faulted in FLUX on an H200), rollouts on
+    torch's own pick (cuDNN's forward is the fastest there); elsewhere the transformer's default."""
+    from tempflow_fast.models.attention import default_attention_backends
+
+    assert default_attention_backends("cuda", torch.bfloat16) == ("sdpa_flash", "native")
+    assert default_attention_backends("cuda:1", torch.float16) == ("sdpa_flash", "native")
+    assert default_attention_backends("cuda", torch.float32) == (None, None)
+    assert default_attention_backends("cpu", torch.bfloat16) == (None, None)
+
+
 def test_rollout_attention_backend_is_used_for_rollouts_only(tmp_path, flux_dir, monkeypatch):
     import tempflow_fast.models.attention as attention
 
