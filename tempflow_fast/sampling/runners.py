@@ -215,7 +215,8 @@ class CudaGraphRunner(_BucketedRunner):
                 (warm or (lambda: fn(*static)))()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the reward thread (train.async_reward) may be scoring on the GPU while a graph captures
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn(*static)
         return graph, out
 
