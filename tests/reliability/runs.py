@@ -86,3 +86,13 @@ def assert_same_weights(a, b):
     assert a.keys() == b.keys()
     for n in a:
         assert torch.equal(a[n], b[n]), n
+
+
+def forbid_model_load(monkeypatch):
+    """From here on, loading a model fails the test: the check under test must come before."""
+    from tempflow_fast.models import loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad value was refused")
+
+    monkeypatch.setattr(loading, "load_adapter", refuse)
