@@ -5,8 +5,11 @@
     tempflow-fast bench rollout iteration --model-kind flux --model-path black-forest-labs/FLUX.1-dev
     tempflow-fast bench --quick --reps 2                 # small plans and model: a smoke run
 
-Prints one markdown table, writes `<out>/bench.csv` (columns: results.COLUMNS, one schema for every
-subject) and `<out>/<subject>.png` (timings, p50 with p20–p80 whiskers).
+    tempflow-fast bench official --prompts 4             # the trainer vs the public codes' structure
+
+Prints one markdown table (and the `official` subject's "<phase> vs official structure" lines), writes
+`<out>/bench.csv` (columns: results.COLUMNS, one schema for every subject), `<out>/bench.md` (the table, the lines
+and the FLUX.1-dev 1024 px extrapolation) and `<out>/<subject>.png` (timings, p50 with p20–p80 whiskers).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tempflow_fast.bench.subjects import SUBJECTS, Settings, run
+from tempflow_fast.bench.subjects import DEFAULT_SOLVER, SUBJECTS, Settings, run
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ops-providers", default=None,
                    help="comma-separated ops providers (default: bench/ops.py's for the device)")
     p.add_argument("--plans", default=None, help="comma-separated rollout plans (default: all of the set in use)")
+    p.add_argument("--completion-solver", default=DEFAULT_SOLVER[0],
+                   help="official subject: also run the trainer with this completion solver (euler with no "
+                        f"--completion-steps: not run; default {DEFAULT_SOLVER[0]})")
+    p.add_argument("--completion-steps", type=int, default=DEFAULT_SOLVER[1],
+                   help=f"steps of that solver per completion (default {DEFAULT_SOLVER[1]})")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="bench/results/suite", help="folder for bench.csv and the plots")
@@ -65,15 +73,17 @@ def main(argv=None) -> int:
                             resolution=args.resolution, reward=args.reward,
                             ops_providers=[x for x in args.ops_providers.split(",") if x] if args.ops_providers
                             else None,
-                            plans=[x for x in args.plans.split(",") if x] if args.plans else None)
+                            plans=[x for x in args.plans.split(",") if x] if args.plans else None,
+                            completion_solver=args.completion_solver, completion_steps=args.completion_steps)
         results = run(subjects, settings)
     except ValueError as err:
         print(f"tempflow-fast bench: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
     csv_path = results.write_csv(out / "bench.csv")
+    md_path = results.write_markdown(out / "bench.md")
     print(results.markdown())
-    print(f"\nCSV: {csv_path}")
+    print(f"\nCSV: {csv_path}\nreport: {md_path}")
     if not args.no_plots:
         for subject in results.subjects():
             path = results.plot(subject, out / f"{subject}.png")

@@ -76,6 +76,8 @@ class Results:
         self.timestamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.rows: List[Row] = []
         self.telemetry_unavailable: Optional[str] = None  # why GPU telemetry reads "n/a", when it does
+        self.notes: List[str] = []     # one-line summaries printed under the table ("iteration vs official ...")
+        self.sections: List[str] = []  # markdown sections of the report after the table (extrapolations)
 
     def add(self, subject: str, provider: str, shape: str, metric: str, unit: str,
             p50: Optional[float], p20: Optional[float] = None, p80: Optional[float] = None) -> None:
@@ -117,7 +119,17 @@ class Results:
                   for r in quiet]
         if len(quiet) < len(self.rows):
             lines += ["", f"GPU telemetry ({', '.join(QUANTITIES)}): n/a — {self.telemetry_unavailable}"]
+        if self.notes:
+            lines += [""] + self.notes
+        for section in self.sections:
+            lines += ["", section]
         return "\n".join(lines)
+
+    def write_markdown(self, path: Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.markdown() + "\n")
+        return path
 
     def subjects(self) -> List[str]:
         return list(dict.fromkeys(r.subject for r in self.rows))

@@ -4,12 +4,17 @@ after `warmup` runs, counts are exact.
 
 - ops:        fused Flow-GRPO loss forward+backward per provider (bench/ops.py's inputs and
               providers), and its speedup over the unfused eager PyTorch loss
-- rollout:    per plan, the engine vs the per-branch reference loop (reference.py) on the same
-              model: wall time, NFE (checked against accounting's analytical counts), images, and
-              the engine's speedup as the ratio of the two p50s
+- rollout:    per plan, the engine vs the prefix-recompute reference loop (reference.py: no sharing at all, a
+              lower bound, not the public codes) on the same model: wall time, NFE (checked against
+              accounting's analytical counts), images, and the engine's speedup as the ratio of the two p50s
 - train_step: trainer iterations split into sampling / reward / update time, model calls and
-              policy forward+backward passes; the per-sample reference's counts beside them
+              policy forward+backward passes; the prefix-recompute and per-sample counts beside them
 - iteration:  the same iterations end to end: seconds per iteration and images per second
+- official:   the trainer against the public codes' structure (official.py) on a diffusers FLUX pipeline wide
+              enough for compute to dominate (pipelines.py; or --model-path): rollout, update and iteration —
+              calls, rows, forward-equivalents, seconds and ratios, sides interleaved — with the trainer also run
+              with the completion solver; the markdown report extrapolates the forward-equivalents to FLUX.1-dev
+              at 1024 px (FLUX_1024_TFLOP_PER_ROW, ASSUMED_TFLOPS)
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from tempflow_fast.sampling.plans import Bifurcation, FullSDE, SingularSDE
 from tempflow_fast.images import to_unit_float
 from tempflow_fast.sampling.runners import EagerRunner
 
-SUBJECTS = ("ops", "rollout", "train_step", "iteration")
+SUBJECTS = ("ops", "rollout", "train_step", "iteration", "official")
 
 # The papers' plans, and small ones with the same structure for --quick.
 PLANS = {
@@ -48,6 +53,7 @@ QUICK_PLANS = {
     "g2rpo_3xL12x4": SingularSDE(num_steps=4, branches=3, granularities=(1, 2)),
 }
 QUICK_OPS_SHAPES = {"tiny": (2, 3, 1024)}
+PREFIX_REFERENCE = "prefix-recompute-reference"  # reference.py: every branch integrates its own prefix
 OPS_PROVIDERS = ("fused-triton", "fused-cpp", "cpp-kernels", "fused-torch", "unfused-eager")  # bench/ops.py's
 # a 1+1-layer tiny FLUX for --quick without --model-path (same code path, a fraction of the time)
 QUICK_TRANSFORMER = dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=32)
@@ -71,6 +77,9 @@ class Settings:
     reward: str = "brightness"  # "brightness" or "shapes"
     ops_providers: Optional[Sequence[str]] = None  # None = bench/ops.py's providers for the device
     plans: Optional[Sequence[str]] = None  # rollout plans by name (PLANS, or QUICK_PLANS with quick); None = all
+    # the official subject also runs the trainer with this completion solver (none with euler and steps None)
+    completion_solver: str = "euler"
+    completion_steps: Optional[int] = None
 
     def __post_init__(self):
         if self.reps < 1:
@@ -87,6 +96,9 @@ class Settings:
             raise ValueError(f"model_kind {self.model_kind!r} needs model_path (a pipeline folder or hub id)")
         if self.reward not in ("brightness", "shapes"):
             raise ValueError(f"reward must be 'brightness' or 'shapes', got {self.reward!r}")
+        from tempflow_fast.sampling.solvers import check_completion
+
+        check_completion(self.completion_solver, self.completion_steps)
         known = QUICK_PLANS if self.quick else PLANS
         for name in self.plans or ():
             if name not in known:
@@ -216,7 +228,7 @@ def bench_rollout(res: Results, s: Settings, model, model_label: str) -> None:
             last["reference"] = per_branch_rollout(model, prompts, plan, seed=rep + 1000)
 
         p50 = {}
-        for provider, fn in (("engine", engine), ("per-branch-reference", reference)):
+        for provider, fn in (("engine", engine), (PREFIX_REFERENCE, reference)):
             tel = GpuTelemetry(s.cuda_index)
             times = _time(fn, s, tel)
             p50[provider] = statistics.median(times)
@@ -231,10 +243,10 @@ def bench_rollout(res: Results, s: Settings, model, model_label: str) -> None:
         st = last["engine"].stats
         for provider, nfe, images in (("engine", st.total_nfe, st.images["trunk"] + st.images["completion"]
                                        + st.images["granularity"]),
-                                      ("per-branch-reference", sum(got_ref.values()), last["reference"]["images"])):
+                                      (PREFIX_REFERENCE, sum(got_ref.values()), last["reference"]["images"])):
             res.add("rollout", provider, shape, "nfe_total", "calls", nfe)
             res.add("rollout", provider, shape, "images", "images", images)
-        res.add("rollout", "engine", shape, "speedup_vs_reference", "x", p50["per-branch-reference"] / p50["engine"])
+        res.add("rollout", "engine", shape, "speedup_vs_prefix_recompute", "x", p50[PREFIX_REFERENCE] / p50["engine"])
 
 
 # --- train_step and iteration ----------------------------------------------------------------------
@@ -278,17 +290,203 @@ def bench_training(res: Results, s: Settings, model, model_label: str, subjects:
         res.add("train_step", "engine", shape, "model_calls", "calls", last["nfe_total"])
         res.add("train_step", "engine", shape, "fwd_bwd_passes", "passes", last["policy_passes"])
         res.add("train_step", "engine", shape, "samples_scored", "samples", last["trained_samples"])
-        # What a per-sample trainer (Flow-GRPO's, TempFlow's public code) needs for the same batch:
-        # a prefix recomputed per branch, and one policy forward+backward per scored sample.
+        # With no sharing, a prefix recomputed per branch; a per-sample update (the public codes', `official`
+        # measures their whole structure) one policy forward+backward per scored sample.
         ref_calls = sum(recompute_prefix_nfe(trainer.plan.layout(), len(prompts)).values())
-        res.add("train_step", "per-sample-reference", shape, "model_calls", "calls", ref_calls)
-        res.add("train_step", "per-sample-reference", shape, "fwd_bwd_passes", "passes", last["trained_samples"])
+        res.add("train_step", PREFIX_REFERENCE, shape, "model_calls", "calls", ref_calls)
+        res.add("train_step", "per-sample-update", shape, "fwd_bwd_passes", "passes", last["trained_samples"])
         res.add_telemetry("train_step", "engine", shape, tel)
     if "iteration" in subjects:
         res.add("iteration", "engine", shape, "iteration_time", "s", *quantiles(totals))
         images = [m["images_total"] / t for m, t in zip(metrics, totals)]
         res.add("iteration", "engine", shape, "images_per_s", "images/s", *quantiles(images))
         res.add_telemetry("iteration", "engine", shape, tel)
+
+
+# --- official: the trainer against the public codes' structure ------------------------------------------------
+
+OFFICIAL_METHODS = ("tempflow", "flow_grpo")
+DEFAULT_SOLVER = ("dpmpp_2m", 3)  # the completion solver the official subject also runs (docs/completions.md)
+OFFICIAL = "official-structure"
+PHASES = ("rollout", "update", "iteration")
+# The papers' update settings for both sides: LoRA r = 32 / α = 64 on FLUX's targets, β = 0.004 in TempFlow's (exact
+# Gaussian) KL convention, rows per rollout call capped as on a GPU (ROWS_PER_CALL_CAP_CUDA), the pipeline's own
+# schedule (FLUX.1-dev's dynamic shift).
+OFFICIAL_TRAIN_OVERRIDES = ("train.lora.enabled=true", "train.lora.rank=32", "train.lora.alpha=64",
+                            "train.beta=0.004", "train.kl_convention=gaussian", "train.clip_range=0.2",
+                            "sampling.max_rows_per_call=32", "sampling.schedule_from_model=true")
+
+
+def _official_model(s: Settings):
+    """(adapter, label): the FLUX pipeline at --model-path (--model-kind flux), else the built-in wide one (narrow
+    with --quick): the public code transcribed is TempFlow's FLUX code."""
+    from tempflow_fast.bench.pipelines import flux_adapter, transformer_parameters
+
+    if s.model_path and s.model_kind == "flux":
+        from tempflow_fast.models.loading import load_adapter
+
+        model = load_adapter("flux", s.model_path, device=s.device, dtype=s.dtype, resolution=s.resolution)
+        label = f"flux {Path(s.model_path).name}"
+    else:
+        width = "narrow" if s.quick else "wide"
+        model = flux_adapter(width, seed=0, device=s.device)
+        label = f"flux {width} {transformer_parameters(model) / 1e6:.1f}M"
+    # both sides train with gradient checkpointing, as TempFlow's FLUX code does at 1024 px
+    model.module.enable_gradient_checkpointing()
+    return model, label
+
+
+def bench_official(res: Results, s: Settings) -> None:
+    """Iterations of the trainer and of the public codes' structure (official.py) on the same pipeline, prompts,
+    plan and update settings, interleaved rep by rep; with a completion solver set, the trainer once more with it."""
+    from tempflow_fast.algorithms.base import Rewards
+    from tempflow_fast.bench.official import ForwardCounter, official_rollout, official_update
+    from tempflow_fast.config import load_config
+    from tempflow_fast.models.flux import FLUX_LORA_TARGETS
+    from tempflow_fast.training.distributed import DistContext
+    from tempflow_fast.training.train_config import Config
+    from tempflow_fast.training.trainer import Trainer
+
+    if s.method not in OFFICIAL_METHODS:
+        raise ValueError(f"the official subject transcribes {', '.join(OFFICIAL_METHODS)}; got method {s.method!r}")
+    prompts = _prompts(s.prompts)
+    solver = None
+    if s.method == "tempflow" and (s.completion_solver != "euler" or s.completion_steps is not None):
+        solver = f"{s.completion_solver}" + (f"/{s.completion_steps}" if s.completion_steps else "")
+    reward = BrightnessReward()
+    providers = {"ours": []} if solver is None else {"ours": [], f"ours+{solver}": []}
+    out = tempfile.TemporaryDirectory(prefix="tempflow-bench-")
+    trainers, counters = {}, {}
+    label = ""
+    for name in providers:
+        model, label = _official_model(s)
+        extra = [] if name == "ours" else [f"sampling.completion_solver={s.completion_solver}"] + (
+            [f"sampling.completion_steps={s.completion_steps}"] if s.completion_steps else [])
+        cfg = load_config(Config, None, [f"method={s.method}", f"output_dir={out.name}/{len(trainers)}",
+                                         f"train.prompts_per_iteration={len(prompts)}", "log.progress=false",
+                                         "log.tensorboard=false", *OFFICIAL_TRAIN_OVERRIDES,
+                                         f"train.lora.target_modules=[{','.join(FLUX_LORA_TARGETS)}]",
+                                         *(QUICK_TRAIN_OVERRIDES if s.quick else ()), *extra])
+        trainers[name] = Trainer(cfg, model=model, reward=reward, train_prompts=prompts,
+                                 eval_fn=lambda m: {"overall": {"accuracy": float("nan")}}, dist=DistContext())
+        counters[name] = ForwardCounter(model.module)
+    base = trainers["ours"]
+    counters[OFFICIAL] = counters["ours"]  # the public structure runs on the same model as "ours"
+    cfg = base.cfg
+    seconds = {name: {ph: [] for ph in PHASES} for name in (OFFICIAL, *providers)}
+    work = {}
+
+    def ours(name, it):
+        c = counters[name]
+        c.reset()
+        t0 = time.perf_counter()
+        m = trainers[name].run_iteration(it)
+        wall = time.perf_counter() - t0
+        roll = {"calls": m["batched_calls"], "rows": m["nfe_total"], "forward_equivalents": m["nfe_total"]}
+        total = c.snapshot()
+        upd = {k: total[k] - roll[k] for k in roll}
+        return (m["seconds_rollout"] + m["seconds_reward"], m["seconds_update"], wall), \
+            {"rollout": roll, "update": upd, "iteration": {k: total[k] for k in roll}}, m["images_total"]
+
+    def official(it):
+        tr, c = base, counters[OFFICIAL]
+        c.reset()
+        t0 = time.perf_counter()
+        tr.model.module.eval()
+        result = official_rollout(tr.model, prompts, tr.plan, seed=1000 + it)
+        texts = [prompts[p] for p in result.trajectories.prompt.tolist()]
+        credit = tr.algorithm.credit(result, Rewards({1: reward(result.images[1], texts)}),
+                                     global_std=cfg.train.global_std)
+        roll = c.snapshot()
+        t1 = time.perf_counter()
+        tr.model.module.train()
+        tr.optimizer.zero_grad(set_to_none=True)
+        official_update(tr.model, result, credit, clip_range=cfg.train.clip_range, adv_clip=cfg.train.adv_clip,
+                        beta=cfg.train.beta, kl_convention=cfg.train.kl_convention, reference=tr.reference)
+        torch.nn.utils.clip_grad_norm_([p for _, p in tr.named_params], cfg.train.grad_clip)
+        tr.optimizer.step()
+        t2 = time.perf_counter()
+        total = c.snapshot()
+        keys = ("calls", "rows", "forward_equivalents")
+        images = result.stats.total_images
+        return (t1 - t0, t2 - t1, t2 - t0), {"rollout": {k: roll[k] for k in keys},
+                                             "update": {k: total[k] - roll[k] for k in keys},
+                                             "iteration": {k: total[k] for k in keys}}, images
+
+    order = [OFFICIAL, *providers]
+
+    def one_rep(rep):
+        for name in order[rep % len(order):] + order[:rep % len(order)]:  # interleaved, order rotated per rep
+            times, counts, images = official(rep + s.warmup) if name == OFFICIAL else ours(name, rep + s.warmup)
+            if rep >= 0:
+                for ph, t in zip(PHASES, times):
+                    seconds[name][ph].append(t)
+            work[name] = (counts, images)
+
+    for rep in range(-s.warmup, 0):
+        one_rep(rep)
+    tel = GpuTelemetry(s.cuda_index)  # one sampler over the interleaved reps: the providers alternate too fast
+    with tel:
+        for rep in range(s.reps):
+            one_rep(rep)
+    for c in {id(c): c for c in counters.values()}.values():
+        c.close()
+    for tr in trainers.values():
+        tr.logger.close()
+    out.cleanup()
+
+    layout = base.plan.layout()
+    shape = (f"{s.method} P={len(prompts)} T={layout.num_steps} N×K={layout.seeds_per_prompt}×{layout.branches} "
+             f"@ {label}")
+    p50 = {name: {ph: statistics.median(v) for ph, v in d.items()} for name, d in seconds.items()}
+    for name in seconds:
+        counts, images = work[name]
+        for ph in PHASES:
+            res.add("official", name, shape, f"{ph}_time", "s", *quantiles(seconds[name][ph]))
+            res.add("official", name, shape, f"{ph}_calls", "calls", counts[ph]["calls"])
+            res.add("official", name, shape, f"{ph}_rows", "rows", counts[ph]["rows"])
+            res.add("official", name, shape, f"{ph}_forward_equivalents", "row-forwards",
+                    counts[ph]["forward_equivalents"])
+            res.add("official", name, shape, f"{ph}_flux1024_time", "s (FLOP model)",
+                    flux1024_seconds(counts[ph]["forward_equivalents"]))
+        res.add("official", name, shape, "images_decoded", "images", images)
+        if name != OFFICIAL:
+            for ph in PHASES:
+                res.add("official", name, shape, f"{ph}_speedup_vs_official", "x", p50[OFFICIAL][ph] / p50[name][ph])
+                res.add("official", name, shape, f"{ph}_flux1024_vs_official", "x",
+                        counts[ph]["forward_equivalents"] / work[OFFICIAL][0][ph]["forward_equivalents"])
+    for name in providers:
+        tag = "" if name == "ours" else f", {name}"
+        for ph in PHASES:
+            res.notes.append(f"{ph} vs official structure{tag}: {p50[OFFICIAL][ph] / p50[name][ph]:.2f}x "
+                             f"(ours {p50[name][ph]:.3f} s, official {p50[OFFICIAL][ph]:.3f} s)")
+    res.add_telemetry("official", "all (interleaved)", shape, tel)
+    res.sections.append(_flux1024_report(shape, {name: work[name][0] for name in seconds}))
+
+
+def flux1024_seconds(forward_equivalents: float) -> float:
+    """Seconds of transformer compute at FLUX.1-dev 1024 px under the FLOP model (official.py constants)."""
+    from tempflow_fast.bench.official import ASSUMED_TFLOPS, FLUX_1024_TFLOP_PER_ROW
+
+    return forward_equivalents * FLUX_1024_TFLOP_PER_ROW / ASSUMED_TFLOPS
+
+
+def _flux1024_report(shape: str, counts) -> str:
+    from tempflow_fast.bench.official import ASSUMED_TFLOPS, FLUX_1024_TFLOP_PER_ROW
+
+    lines = [f"### FLUX.1-dev 1024 px extrapolation — {shape}", "",
+             f"FLOP model: {FLUX_1024_TFLOP_PER_ROW:g} TFLOP per row-forward (FLUX.1-dev, 4096 image + 512 text "
+             f"tokens), {ASSUMED_TFLOPS:g} TFLOP/s sustained; forward-equivalents per row: no-grad forward 1, "
+             f"forward+backward 3, checkpoint recompute 1 (counted, official.FORWARD_EQUIVALENTS); transformer only "
+             f"(VAE decodes are counted apart). The counts are this run's, for this plan and prompt count.", "",
+             "| provider | rollout fwd-eq | update fwd-eq | iteration fwd-eq | FLUX-1024 s | vs official |",
+             "|---|---:|---:|---:|---:|---:|"]
+    ref = counts[OFFICIAL]["iteration"]["forward_equivalents"]
+    for name, c in counts.items():
+        f = [c[ph]["forward_equivalents"] for ph in PHASES]
+        lines.append(f"| {name} | {f[0]:.0f} | {f[1]:.0f} | {f[2]:.0f} | {flux1024_seconds(f[2]):.0f} | "
+                     f"{f[2] / ref:.3f}x |")
+    return "\n".join(lines)
 
 
 def run(subjects: Sequence[str], s: Settings) -> Results:
@@ -306,4 +504,6 @@ def run(subjects: Sequence[str], s: Settings) -> Results:
     if train_subjects:
         model, label = load_model(s)  # fresh weights: training changes them
         bench_training(res, s, model, label, train_subjects)
+    if "official" in subjects:
+        bench_official(res, s)
     return res

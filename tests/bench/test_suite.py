@@ -1,7 +1,9 @@
 """The bench suite on tiny settings: one CSV schema for every subject, telemetry "n/a" without an
-NVIDIA GPU, a plot per subject, the rollout counts of engine and per-branch reference."""
+NVIDIA GPU, a plot per subject, the rollout counts of engine and prefix-recompute reference, the official
+structure's lines and FLUX-1024 extrapolation."""
 
 import csv
+import re
 import types
 
 import pytest
@@ -22,19 +24,21 @@ def test_quick_suite_writes_one_schema(tmp_path, capsys):
                "--ops-providers", "fused-torch,unfused-eager", "--plans", "tempflow_2x3x4", "--out", str(out),
                "--model-path", str(tmp_path / "my-model")])
     assert rc == 0
+    printed = capsys.readouterr().out
     with open(out / "bench.csv", newline="") as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == COLUMNS
         rows = list(reader)
     assert {r["subject"] for r in rows} == set(SUBJECTS)
-    assert all("my-model" in r["shape"] for r in rows if r["subject"] != "ops")
+    # the official subject runs TempFlow's FLUX structure: on the built-in FLUX pipeline unless given a FLUX one
+    assert all("my-model" in r["shape"] for r in rows if r["subject"] not in ("ops", "official"))
     for subject in SUBJECTS:
         assert (out / f"{subject}.png").stat().st_size > 0
     tel = [r for r in rows if r["metric"] in telemetry.QUANTITIES]
     assert {r["subject"] for r in tel} == set(SUBJECTS)
     if not torch.cuda.is_available():
         assert all(r[q] == "n/a" for r in tel for q in ("p50", "p20", "p80"))
-        assert "GPU telemetry" in capsys.readouterr().out
+        assert "GPU telemetry" in printed
     # every measured value is a number, every timing has p20 <= p50 <= p80
     for r in rows:
         if r["metric"] not in telemetry.QUANTITIES:
@@ -49,13 +53,28 @@ def test_quick_suite_writes_one_schema(tmp_path, capsys):
     # N·T + N·K·Σ(T-k-1) = 8 + 36 calls; the reference recomputes each branch's prefix (k+1 calls)
     # on top: 8 + 6·(1+2+3) + 36 = 80 calls. Both make 2 trunk + 18 branch images.
     assert value("rollout", "engine", "nfe_total") == 44
-    assert value("rollout", "per-branch-reference", "nfe_total") == 80
-    assert value("rollout", "engine", "images") == value("rollout", "per-branch-reference", "images") == 20
-    assert value("rollout", "engine", "speedup_vs_reference") > 0
+    assert value("rollout", "prefix-recompute-reference", "nfe_total") == 80
+    assert value("rollout", "engine", "images") == value("rollout", "prefix-recompute-reference", "images") == 20
+    assert value("rollout", "engine", "speedup_vs_prefix_recompute") > 0
     # one forward+backward per shared state (6 = N·3 trained k's), not per sample (18)
     assert value("train_step", "engine", "fwd_bwd_passes") == 6
-    assert value("train_step", "per-sample-reference", "fwd_bwd_passes") == 18
+    assert value("train_step", "per-sample-update", "fwd_bwd_passes") == 18
     assert value("train_step", "engine", "model_calls") == 44
+
+    # the public structure: the same 44 rollout rows (a call per trunk step and per branch step), one update row per
+    # sample (18) with checkpointing and a reference forward each (18·5 = 90 forward-equivalents) against one per
+    # shared state (6·5 = 30)
+    for phase in ("rollout", "update", "iteration"):
+        assert re.search(rf"^{phase} vs official structure: [0-9.]+x \(ours [0-9.]+ s, official [0-9.]+ s\)$", printed,
+                         re.M), phase
+    assert value("official", "official-structure", "rollout_rows") == value("official", "ours", "rollout_rows") == 44
+    assert value("official", "official-structure", "rollout_calls") == 2 * (4 + 3 + 2 + 1)
+    assert value("official", "official-structure", "update_rows") == 2 * 18
+    assert value("official", "official-structure", "update_forward_equivalents") == 90
+    assert value("official", "ours", "update_forward_equivalents") == 30
+    assert value("official", "ours", "iteration_flux1024_vs_official") == pytest.approx(74 / 134)
+    report = (out / "bench.md").read_text()
+    assert "FLUX.1-dev 1024 px extrapolation" in report and "125 TFLOP per row-forward" in report
 
 
 def test_a_diffusers_flux_pipeline_by_path(tmp_path):
