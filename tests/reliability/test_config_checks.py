@@ -12,7 +12,7 @@ from tempflow_fast.training.cli import main as train_main
 from .runs import one_line_error, train_cli
 
 
-@pytest.mark.parametrize("override, field", [
+NON_FINITE = [  # (override, the field named)
     ("train.learning_rate=.inf", "train.learning_rate"),
     ("train.learning_rate=.nan", "train.learning_rate"),
     ("train.learning_rate=1e999", "train.learning_rate"),
@@ -24,7 +24,10 @@ from .runs import one_line_error, train_cli
     ("sampling.shift=.inf", "sampling.shift"),
     ("tempflow.adaptive_floor=.nan", "tempflow.adaptive_floor"),
     ("reward.timeout_s=.inf", "reward.timeout_s"),
-])
+]
+
+
+@pytest.mark.parametrize("override, field", NON_FINITE, ids=[o.replace(" ", "") for o, _ in NON_FINITE])
 def test_non_finite_float_fields_are_refused_by_name(tmp_path, capsys, no_model_load, override, field):
     assert train_cli(tmp_path / "run", override) == 2
     line = one_line_error(capsys)
@@ -32,25 +35,33 @@ def test_non_finite_float_fields_are_refused_by_name(tmp_path, capsys, no_model_
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("overrides, field, words", [
-    (["checkpoint.keep_last=0"], "checkpoint.keep_last", ">= 1"),
-    (["checkpoint.every=-1"], "checkpoint.every", ">= 0"),
-    (["eval.every=-1"], "eval.every", ">= 0"),
-    (["log.sample_every=-5"], "log.sample_every", ">= 0"),
-    (["train.max_nonfinite_skips=-1"], "train.max_nonfinite_skips", ">= 0"),
-    (["eval.images_per_prompt=0"], "eval.images_per_prompt", "> 0"),
-    (["method=tempflow", "tempflow.bifurcation_steps=[0, 2]"], "tempflow.bifurcation_steps", "0..T-2 = 0..1"),
-    (["method=tempflow", "tempflow.bifurcation_steps=[-1]"], "tempflow.bifurcation_steps", "0..T-2"),
-    (["method=tempflow", "tempflow.bifurcation_steps=[1, 1]"], "tempflow.bifurcation_steps", "repeated"),
-    (["method=g2rpo", "g2rpo.branch_steps=[5]"], "g2rpo.branch_steps", "0..T-2 = 0..1"),
-    (["method=g2rpo", "g2rpo.granularities=[1, 1]"], "g2rpo.granularities", "repeated"),
-    (["method=g2rpo", "g2rpo.granularities=[0]"], "g2rpo.granularities", ">= 1"),
-    (["model.path=''"], "model.path", "null"),
-    (["model.device=gpu"], "model.device", "cuda:N"),
-    (["output_dir=''"], "output_dir", "folder"),
-    (["data.train_prompts=p.txt", "data.balance_categories=true"], "data.balance_categories", "shapes"),
-])
-def test_out_of_range_values_are_refused_by_name(tmp_path, capsys, no_model_load, overrides, field, words):
+RANGES = {  # id: (overrides, field, words in the message)
+    "keep_last=0": (["checkpoint.keep_last=0"], "checkpoint.keep_last", ">= 1"),
+    "checkpoint_every=-1": (["checkpoint.every=-1"], "checkpoint.every", ">= 0"),
+    "eval_every=-1": (["eval.every=-1"], "eval.every", ">= 0"),
+    "sample_every=-5": (["log.sample_every=-5"], "log.sample_every", ">= 0"),
+    "max_nonfinite_skips=-1": (["train.max_nonfinite_skips=-1"], "train.max_nonfinite_skips", ">= 0"),
+    "images_per_prompt=0": (["eval.images_per_prompt=0"], "eval.images_per_prompt", "> 0"),
+    "bifurcation_step=T-1": (["method=tempflow", "tempflow.bifurcation_steps=[0, 2]"], "tempflow.bifurcation_steps",
+                             "0..T-2 = 0..1"),
+    "bifurcation_step=-1": (["method=tempflow", "tempflow.bifurcation_steps=[-1]"], "tempflow.bifurcation_steps",
+                            "0..T-2"),
+    "bifurcation_steps_repeated": (["method=tempflow", "tempflow.bifurcation_steps=[1, 1]"],
+                                   "tempflow.bifurcation_steps", "repeated"),
+    "branch_step=5_of_T=3": (["method=g2rpo", "g2rpo.branch_steps=[5]"], "g2rpo.branch_steps", "0..T-2 = 0..1"),
+    "granularities_repeated": (["method=g2rpo", "g2rpo.granularities=[1, 1]"], "g2rpo.granularities", "repeated"),
+    "granularity=0": (["method=g2rpo", "g2rpo.granularities=[0]"], "g2rpo.granularities", ">= 1"),
+    "model_path=empty": (["model.path=''"], "model.path", "null"),
+    "model_device=gpu": (["model.device=gpu"], "model.device", "cuda:N"),
+    "output_dir=empty": (["output_dir=''"], "output_dir", "folder"),
+    "balance_categories_with_a_prompt_file": (["data.train_prompts=p.txt", "data.balance_categories=true"],
+                                              "data.balance_categories", "shapes"),
+}
+
+
+@pytest.mark.parametrize("case", RANGES)
+def test_out_of_range_values_are_refused_by_name(tmp_path, capsys, no_model_load, case):
+    overrides, field, words = RANGES[case]
     assert train_cli(tmp_path / "run", *overrides) == 2
     line = one_line_error(capsys)
     assert f"'{field}'" in line and words in line, line
@@ -90,7 +101,8 @@ def test_a_prompt_longer_than_the_tiny_model_reads_is_refused(tmp_path, capsys, 
 
 
 @pytest.mark.parametrize("content, words", [(None, "no such file"), ("\n\n", "holds no prompts"),
-                                            ('{"text": 1}\n', "'prompt' field")])
+                                            ('{"text": 1}\n', "'prompt' field")],
+                         ids=["missing", "empty", "no_prompt_field"])
 def test_a_missing_empty_or_malformed_prompt_file_is_refused(tmp_path, capsys, no_model_load, content, words):
     path = tmp_path / ("prompts.jsonl" if content and "{" in content else "prompts.txt")
     if content is not None:
