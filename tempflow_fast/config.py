@@ -173,7 +173,13 @@ def load_config(schema_cls: Type[T], path: Optional[str | Path] = None, override
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"--config: no such file {str(path)!r}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise ValueError(f"--config {str(path)!r}: not valid YAML{where}: {' '.join(str(problem).split())}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"--config {str(path)!r}: expected a mapping at the top level, got {type(loaded).__name__}")
         data = loaded

@@ -38,8 +38,8 @@ def test_eval_reproduces_recorded_accuracy(tmp_path, capsys):
 
 def test_eval_failure_table_accounts_for_every_image(tmp_path, capsys):
     out = tmp_path / "eval.json"
-    args = ["eval", "--config", str(REPO / "configs" / "shapes_eval.yaml"), "--set", "eval.seeds_per_prompt=2",
-            "--set", "failures=true", "--json", str(out)]
+    args = ["eval", "--config", str(REPO / "configs" / "shapes_eval.yaml"), "--set", "eval.images_per_prompt=2",
+            "--set", "failures=true", "--json", str(out), "--no-progress"]
     assert cli.main(args) == 0
     assert "images by failure mode" in capsys.readouterr().out
     result = json.loads(out.read_text())
@@ -49,11 +49,56 @@ def test_eval_failure_table_accounts_for_every_image(tmp_path, capsys):
     assert sum(row["relation"] for c, row in result["failures"].items() if c != "position") == 0
 
 
-def test_eval_config_errors_name_the_field():
-    with pytest.raises(ValueError, match="split"):
-        cli.main(["eval", "--set", "eval.split=test"])
-    with pytest.raises(ValueError, match="nothing"):
-        cli.main(["eval", "--set", "model.path=/nonexistent/nothing", "--set", "eval.seeds_per_prompt=1"])
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_eval_config_errors_are_one_line_naming_the_field(tmp_path, capsys):
+    assert cli.main(["eval", "--set", "eval.split=test"]) == 2
+    assert "'eval'" in _one_line(capsys)
+    assert cli.main(["eval", "--set", "model.path=/nonexistent/nothing", "--set", "eval.images_per_prompt=1"]) == 2
+    assert "nothing" in _one_line(capsys)
+
+
+@pytest.mark.parametrize("command", ["eval", "sample"])
+def test_malformed_yaml_and_unknown_keys_are_one_line(tmp_path, capsys, command):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {path: null\nthreads: [\n")
+    assert cli.main([command, "--config", str(bad)]) == 2
+    line = _one_line(capsys)
+    assert line.startswith(f"tempflow-fast {command}: --config") and "not valid YAML (line 2" in line
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("model: {path: null}\nimages: 3\n")
+    assert cli.main([command, "--config", str(unknown)]) == 2
+    line = _one_line(capsys)
+    assert "unknown config field 'images'" in line and "known fields" in line
+
+
+def test_seeds_per_prompt_is_a_warning_alias_of_images_per_prompt(tmp_path, capsys):
+    from tempflow_fast.tasks.shapes.eval_cmd import EvalSettings
+
+    with pytest.warns(DeprecationWarning, match="images_per_prompt"):
+        settings = EvalSettings(seeds_per_prompt=3)
+    assert settings.images_per_prompt == 3 and settings.seeds_per_prompt is None
+    out = tmp_path / "eval.json"
+    assert cli.main(["eval", "--set", "eval.seeds_per_prompt=1", "--set", "eval.num_steps=2", "--json", str(out),
+                     "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == ("tempflow-fast eval: eval.seeds_per_prompt is deprecated: it is now "
+                                    "eval.images_per_prompt (the name the train config uses); the old name still "
+                                    "works for now")
+    result = json.loads(out.read_text())
+    assert result["config"]["eval"]["images_per_prompt"] == 1 and result["accuracy"]["overall"]["count"] == 21
+    assert "images_per_prompt" in (REPO / "configs" / "shapes_eval.yaml").read_text()
+
+
+def test_eval_shows_progress_on_stderr(capsys):
+    assert cli.main(["eval", "--set", "eval.images_per_prompt=1", "--set", "eval.num_steps=2"]) == 0
+    err = capsys.readouterr().err
+    assert "eval: 21 images" in err and "2/2" in err
 
 
 def test_sample_writes_png_grid(tmp_path):
@@ -63,5 +108,11 @@ def test_sample_writes_png_grid(tmp_path):
     assert rc == 0 and out.is_file()
     image = Image.open(out)
     assert image.mode == "RGB" and image.width > 3 * 16 * 8 and image.height > 16 * 8
-    with pytest.raises(ValueError, match="'purple'"):
-        cli.main(["sample", "--prompt", "a purple square", "--out", str(tmp_path / "x.png")])
+
+
+
+def test_sample_out_of_vocabulary_prompt_is_one_line_listing_the_vocabulary(tmp_path, capsys):
+    assert cli.main(["sample", "--prompt", "a purple square", "--out", str(tmp_path / "x.png")]) == 2
+    line = _one_line(capsys)
+    assert "'purple'" in line and "vocabulary: a two three square squares and red green blue yellow" in line
+    assert not (tmp_path / "x.png").exists()

@@ -1,10 +1,13 @@
 """`tempflow-fast eval`: accuracy of a tiny-FLUX model on the shapes task, overall and per category.
 
-Every prompt of the chosen split is sampled `seeds_per_prompt` times from fixed initial noises
+Every prompt of the chosen split is sampled `images_per_prompt` times from fixed initial noises
 (one generator seeded with `eval.seed`, drawn in prompt-major order) with a T-step Euler ODE, so
 the result is deterministic; the detector scores each image. Prints a table and writes JSON.
 
-    tempflow-fast eval --config configs/shapes_eval.yaml --set model.path=runs/x/checkpoint
+    tempflow-fast eval --config configs/shapes_eval.yaml --set model.path=runs/x
+
+`model.path` takes a model folder, a training checkpoint or a training run's output_dir (model_folder.py).
+Exit status 2 with one line on stderr for a bad config, file or model folder.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -20,32 +24,40 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from tempflow_fast.config import config_to_dict, load_config
-from tempflow_fast.models import tiny_flux
 from tempflow_fast.sampling.schedules import flow_sigmas
 from tempflow_fast.sampling.simple import sample
 
 from .detector import FAILURE_MODES, accuracy_by_category, correct, detect, failure_modes
 from .grammar import CATEGORIES, HELD_OUT_PROMPTS, TRAIN_PROMPTS, parse
+from .model_folder import load_model
 
 
 @dataclass
 class ModelConfig:
-    path: Optional[str] = None  # folder written by TinyFluxAdapter.save_pretrained; None = shipped weights
+    # a model folder, a training checkpoint or a training run's output_dir (model_folder.py); None = shipped weights
+    path: Optional[str] = None
 
 
 @dataclass
 class EvalSettings:
     split: str = "held_out"  # which prompts: "held_out" (never trained on) or "train"
-    seeds_per_prompt: int = 16  # images per prompt, each from its own fixed initial noise
+    images_per_prompt: int = 16  # images per prompt, each from its own fixed initial noise (train: eval.images_per_prompt)
     seed: int = 0  # seed of the generator all initial noises are drawn from
     num_steps: int = 10  # T, Euler ODE steps
     shift: float = 1.0  # static schedule shift (1 = plain linear sigmas, as in pretraining's eval)
     batch_size: int = 128  # images per batched model call (memory; other sizes can change float rounding)
+    seeds_per_prompt: Optional[int] = None  # deprecated name of images_per_prompt (warns; it wins when both are set)
+
+    def __post_init__(self) -> None:
+        if self.seeds_per_prompt is not None:
+            warnings.warn("eval.seeds_per_prompt is deprecated: it is now eval.images_per_prompt (the name the "
+                          "train config uses); the old name still works for now", DeprecationWarning, stacklevel=3)
+            self.images_per_prompt, self.seeds_per_prompt = self.seeds_per_prompt, None
 
     def validate(self) -> None:
         if self.split not in ("held_out", "train"):
             raise ValueError(f"split must be 'held_out' or 'train', got {self.split!r}")
-        for name in ("seeds_per_prompt", "num_steps", "batch_size"):
+        for name in ("images_per_prompt", "num_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.shift <= 0:
@@ -69,8 +81,9 @@ def split_prompts(split: str):
     return list(HELD_OUT_PROMPTS if split == "held_out" else TRAIN_PROMPTS)
 
 
-def generate(model, prompts: Sequence[str], settings: EvalSettings) -> torch.Tensor:
-    """The eval's images (len(prompts) · seeds_per_prompt, 3, H, W), prompt-major, from its fixed noises."""
+def generate(model, prompts: Sequence[str], settings: EvalSettings, progress: bool = False) -> torch.Tensor:
+    """The eval's images (len(prompts) · images_per_prompt, 3, H, W), prompt-major, from its fixed noises.
+    `progress`: a tqdm bar on stderr counting images."""
     settings.validate()
     per_image = images_prompts(prompts, settings)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -79,20 +92,43 @@ def generate(model, prompts: Sequence[str], settings: EvalSettings) -> torch.Ten
     images = []
     was_training = model.module.training
     model.module.eval()
+    from tqdm.auto import tqdm
+
+    # one tick per batched model call (a 128-image call takes about a second on a busy CPU)
+    calls = -(-len(per_image) // settings.batch_size) * settings.num_steps
+    bar = tqdm(total=calls, desc=f"eval: {len(per_image)} images", unit="call", disable=not progress,
+               dynamic_ncols=True)
+    counted = _CountingModel(model, bar)
     try:
         for start in range(0, len(per_image), settings.batch_size):
             chunk = per_image[start:start + settings.batch_size]
             cond = model.encode_prompts(chunk)
-            x0 = sample(model, cond, noise[start:start + len(chunk)].to(model.device), sigmas.to(model.device))
+            x0 = sample(counted, cond, noise[start:start + len(chunk)].to(model.device), sigmas.to(model.device))
             images.append(model.decode(x0).cpu())
     finally:
+        bar.close()
         model.module.train(was_training)
     return torch.cat(images)
 
 
+class _CountingModel:
+    """`model` whose velocity calls tick a progress bar."""
+
+    def __init__(self, model, bar):
+        self._model, self._bar = model, bar
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def velocity(self, x, sigma, cond):
+        v = self._model.velocity(x, sigma, cond)
+        self._bar.update(1)
+        return v
+
+
 def images_prompts(prompts: Sequence[str], settings: EvalSettings) -> list:
     """The prompt of every eval image, in `generate`'s order."""
-    return [p for p in prompts for _ in range(settings.seeds_per_prompt)]
+    return [p for p in prompts for _ in range(settings.images_per_prompt)]
 
 
 def evaluate(model, prompts: Sequence[str], settings: EvalSettings) -> Dict[str, Dict[str, float]]:
@@ -131,36 +167,65 @@ def format_table(table: Dict[str, Dict[str, float]]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tempflow-fast eval", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="tempflow-fast eval",
+        description="Accuracy of a tiny-FLUX model on the shapes task, overall and per category: every prompt of a "
+                    "split sampled from fixed initial noises with an Euler ODE and scored by the detector.")
     p.add_argument("--config", default=None, help="YAML file (see configs/shapes_eval.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override a config field, e.g. --set model.path=ckpt (repeatable)")
+                   help="override a config field, e.g. --set model.path=runs/x (a model folder, a training "
+                        "checkpoint or a run's output_dir; repeatable)")
     p.add_argument("--json", default=None, help="write the result JSON here (overrides output_json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
+
+
+def load_command_config(schema, command: str, path, overrides):
+    """`load_config` for a shapes command: (config, None), or (None, the one-line error) for a bad file or field.
+    A deprecated field name is reported as one stderr line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecationWarning)
+        try:
+            cfg = load_config(schema, path, overrides)
+        except ValueError as err:
+            return None, f"tempflow-fast {command}: {' '.join(str(err).split())}"
+    for w in caught:
+        if issubclass(w.category, DeprecationWarning):
+            print(f"tempflow-fast {command}: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return cfg, None
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    cfg = load_config(ShapesEvalConfig, args.config, args.overrides)
+    cfg, error = load_command_config(ShapesEvalConfig, "eval", args.config, args.overrides)
+    if error is None:
+        try:
+            model = load_model(cfg.model.path)
+        except ValueError as err:
+            error = f"tempflow-fast eval: {' '.join(str(err).split())}"
+    if error is not None:
+        print(error, file=sys.stderr)
+        return 2
     previous_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, args.json or cfg.output_json)
+        return _run(model, cfg, args.json or cfg.output_json, progress=not args.no_progress)
     finally:
         torch.set_num_threads(previous_threads)  # main() also runs in-process (tests, notebooks)
 
 
-def _run(cfg: ShapesEvalConfig, out_path: Optional[str]) -> int:
-    model = tiny_flux.load(cfg.model.path)
+def _run(model, cfg: ShapesEvalConfig, out_path: Optional[str], progress: bool = True) -> int:
     prompts = split_prompts(cfg.eval.split)
     start = time.time()
     per_image = images_prompts(prompts, cfg.eval)
-    images = generate(model, prompts, cfg.eval)
+    images = generate(model, prompts, cfg.eval, progress=progress)
     table = accuracy_by_category(correct(images, per_image), per_image)
     seconds = time.time() - start
     print(f"shapes eval: model {cfg.model.path or 'shipped'}, split {cfg.eval.split} ({len(prompts)} prompts "
-          f"× {cfg.eval.seeds_per_prompt} seeds), T={cfg.eval.num_steps} Euler ODE, shift {cfg.eval.shift}")
+          f"× {cfg.eval.images_per_prompt} images), T={cfg.eval.num_steps} Euler ODE, shift {cfg.eval.shift}")
     print(format_table(table))
     failures = failure_table(images, per_image) if cfg.failures else None
     if failures is not None:

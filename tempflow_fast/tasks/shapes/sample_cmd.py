@@ -5,6 +5,8 @@
 
 Images are upscaled with nearest-neighbour (pixels stay square) and each is scored by the detector
 (a green frame = correct, red = wrong), so a person sees at a glance what the reward sees.
+Exit status 2 with one line on stderr for a bad config, a prompt outside the grammar (the line lists the
+vocabulary) or a model folder that does not load.
 """
 
 from __future__ import annotations
@@ -18,14 +20,13 @@ from typing import Optional, Sequence
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from tempflow_fast.config import load_config
-from tempflow_fast.models import tiny_flux
 from tempflow_fast.sampling.schedules import flow_sigmas
 from tempflow_fast.sampling.simple import initial_noise, sample
 
 from .detector import correct
-from .eval_cmd import ModelConfig
+from .eval_cmd import ModelConfig, load_command_config
 from .grammar import parse
+from .model_folder import load_model
 
 SDE_CHOICES = ("none", "flow", "ddim")
 
@@ -79,17 +80,22 @@ def grid_image(images: torch.Tensor, caption: str, ok: Optional[Sequence[bool]] 
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tempflow-fast sample", description=__doc__.splitlines()[0])
-    p.add_argument("--prompt", help="a sentence of the shapes grammar, e.g. 'two red squares'")
-    p.add_argument("--out", help="PNG path")
-    p.add_argument("--n", type=int, help="number of images")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--sde", choices=SDE_CHOICES, help="none = Euler ODE")
-    p.add_argument("--noise-level", type=float, help="η of the SDE")
-    p.add_argument("--steps", type=int, help="T")
+    p = argparse.ArgumentParser(
+        prog="tempflow-fast sample",
+        description="Images of one prompt from a tiny-FLUX shapes model into a PNG grid, the prompt in a caption "
+                    "strip and each image framed green or red by the detector's verdict.")
+    p.add_argument("--prompt", help="a sentence of the shapes grammar, e.g. 'two red squares' (default: that one)")
+    p.add_argument("--out", help="PNG path (default grid.png)")
+    p.add_argument("--n", type=int, help="number of images (default 8)")
+    p.add_argument("--seed", type=int, help="seed of the initial noises and the SDE noise (default 0)")
+    p.add_argument("--sde", choices=SDE_CHOICES,
+                   help="sampler: none = Euler ODE (default), flow = Flow-GRPO's SDE, ddim = DDIM-style SDE")
+    p.add_argument("--noise-level", type=float, help="η of the SDE (default 0.7)")
+    p.add_argument("--steps", type=int, help="T, denoising steps (default 10)")
     p.add_argument("--config", default=None, help="optional YAML with the SampleConfig fields")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override a config field, e.g. --set model.path=ckpt (repeatable)")
+                   help="override a config field, e.g. --set model.path=runs/x (a model folder, a training "
+                        "checkpoint or a run's output_dir; repeatable)")
     return p
 
 
@@ -99,18 +105,25 @@ def main(argv=None) -> int:
              "noise_level": args.noise_level, "steps": args.steps}
     # Flags go in as overrides so they get the config's type checks; quoting keeps prompts strings.
     overrides = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in flags.items() if v is not None]
-    cfg = load_config(SampleConfig, args.config, overrides + args.overrides)
+    cfg, error = load_command_config(SampleConfig, "sample", args.config, overrides + args.overrides)
+    if error is None:
+        try:
+            model = load_model(cfg.model.path)
+        except ValueError as err:
+            error = f"tempflow-fast sample: {' '.join(str(err).split())}"
+    if error is not None:
+        print(error, file=sys.stderr)
+        return 2
     previous_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg)
+        return _run(model, cfg)
     finally:
         torch.set_num_threads(previous_threads)  # main() also runs in-process (tests, notebooks)
 
 
-def _run(cfg: SampleConfig) -> int:
-    model = tiny_flux.load(cfg.model.path)
+def _run(model, cfg: SampleConfig) -> int:
     generator = torch.Generator().manual_seed(cfg.seed)
     noise = initial_noise(model, cfg.n, generator)
     cond = model.encode_prompts([cfg.prompt] * cfg.n)
