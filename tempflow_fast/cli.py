@@ -13,6 +13,7 @@ COMMANDS = {
     "sample": ("tempflow_fast.tasks.shapes.sample_cmd", "sample images for a prompt into a PNG grid"),
     "eval": ("tempflow_fast.tasks.shapes.eval_cmd", "held-out accuracy of a model on the shapes task"),
     "pretrain-shapes": ("tempflow_fast.tasks.shapes.pretrain", "rectified-flow pretraining of the tiny shapes model"),
+    "prompts": ("tempflow_fast.tasks.prompts_cmd", "write prompt files to train on (geneval: COCO objects, fixed splits)"),
     "bench": ("tempflow_fast.bench.cli", "benchmarks: ops, rollout, train step, iteration (CSV, markdown, plots)"),
     "demo-ops": ("tempflow_fast.ops.demo", "a short demo of the fused ops on random data"),
     "doctor": ("tempflow_fast.doctor", "GPU check of the production path (--smoke: the same code on the CPU)"),

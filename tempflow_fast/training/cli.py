@@ -57,10 +57,19 @@ def main(argv=None) -> int:
                 print(f"tempflow-fast train: {err}", file=sys.stderr)
                 return 2
             print("\n".join(lines))
+            try:
+                cfg.require_train_prompts()
+            except ValueError as err:
+                print(f"note: train will refuse to start: {_one_line(err)}")
             if problem:
                 print(f"tempflow-fast train: {problem}", file=sys.stderr)
                 return 2
         return 0
+    try:
+        cfg.require_train_prompts()
+    except ValueError as err:
+        print(f"tempflow-fast train: {_one_line(err)}", file=sys.stderr)
+        return 2
     from tempflow_fast.training.checkpoint import CheckpointWriteError
     from tempflow_fast.training.trainer import NonFiniteAbort, RewardFailure, Trainer, format_summary
 

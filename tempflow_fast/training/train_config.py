@@ -341,3 +341,15 @@ class Config:
             _check_steps("tempflow.bifurcation_steps", self.tempflow.bifurcation_steps, T)
         if self.method == "g2rpo":
             _check_steps("g2rpo.branch_steps", self.g2rpo.branch_steps, T)
+
+    def require_train_prompts(self) -> None:
+        """Starting a run: data.train_prompts null means the shapes task's toy prompts, which are for the tiny
+        shapes model (model.kind tiny_flux) only; any other model needs a prompt file. Checked by `train` before
+        anything loads; --print-config and --dry-run read no prompts and only note it."""
+        if self.data.train_prompts is None and self.model.kind != "tiny_flux":
+            raise ValueError(
+                f"config field 'data.train_prompts': is null, which means the shapes task's toy prompts ('two red "
+                f"squares', ...), made for the tiny shapes model, not for model.kind {self.model.kind!r}; give a "
+                f"prompt file (.txt, one prompt per line, or .jsonl with a \"prompt\" field; docs/prompts.md), e.g. "
+                f"tempflow-fast prompts geneval --out prompts, then --set "
+                f"data.train_prompts=prompts/geneval_train.jsonl")
