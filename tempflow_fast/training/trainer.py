@@ -225,8 +225,6 @@ class Trainer:
         if not self.train_prompts:
             raise ValueError("train_prompts is empty")
         self._check_before_loading(model, reward)
-        self.algorithm = algorithms.from_config(cfg)
-        self.plan = self.algorithm.plan()
         self.out.mkdir(parents=True, exist_ok=True)
         self._lock = RunLock(self.out).acquire() if self.dist.is_main else None
         self._lock_finalizer = weakref.finalize(self, self._lock.release) if self._lock is not None else None
@@ -280,7 +278,8 @@ class Trainer:
 
     def _check_before_loading(self, model, reward) -> None:
         """The cheap checks (no weights read): devices exist, prompt files read and (tiny model) use only words
-        it knows, the reward server answers. Each failure is a ValueError naming the config field."""
+        it knows, the method's rollout plan builds (self.algorithm, self.plan), the reward server answers. Each
+        failure is a ValueError naming the config field."""
         cfg = self.cfg
         if model is None:
             check_device(cfg.model.device, "model.device")
@@ -297,7 +296,8 @@ class Trainer:
             if eval_prompts is not None:
                 check_vocabulary(eval_prompts, *vocab, "data.eval_prompts")
         try:
-            algorithms.from_config(cfg).plan()
+            self.algorithm = algorithms.from_config(cfg)
+            self.plan = self.algorithm.plan()
         except ValueError as err:
             raise ValueError(f"config section {cfg.method!r} (with sampling.num_steps = {cfg.sampling.num_steps}): "
                              f"{err}") from None
