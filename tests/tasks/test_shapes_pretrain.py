@@ -37,9 +37,23 @@ def test_batches_come_from_the_train_split_and_all_categories():
     assert {grammar.parse(p).category for p in prompts} == set(grammar.CATEGORIES)
 
 
-def test_bad_arguments_raise(tmp_path):
-    with pytest.raises(ValueError, match="--steps"):
-        cli.main(["pretrain-shapes", "--out", str(tmp_path), "--steps", "0"])
+def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys):
+    assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "a"), "--steps", "0"]) == 2
+    assert capsys.readouterr().err == "tempflow-fast pretrain-shapes: --steps must be positive, got 0\n"
+    assert not (tmp_path / "a").exists()
+
+
+def test_progress_on_stderr_and_where_the_weights_went(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["pretrain-shapes", "--out", str(out), "--steps", "2", "--batch-size", "4", "--warmup", "1",
+            "--log-every", "1", "--save-every", "5", "--threads", "1"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "pretrain-shapes" in captured.err and "2/2" in captured.err
+    lines = captured.out.strip().splitlines()
+    assert [json.loads(l)["step"] for l in lines[:-1]] == [1, 2]
+    assert lines[-1].startswith(f"saved to {out / 'step_00002'} (the final weights")
+    TinyFluxAdapter.from_pretrained(out / "step_00002")
 
 
 @pytest.mark.parametrize("source", ["folder", "shipped"])
@@ -63,7 +77,9 @@ def test_init_continues_from_the_given_weights(tmp_path, source):
     assert any(not torch.allclose(after[k], fresh[k]) for k in after)
 
 
-def test_bad_init_names_the_argument(tmp_path):
-    with pytest.raises(ValueError, match="--init.*nowhere"):
-        cli.main(["pretrain-shapes", "--out", str(tmp_path / "out"), "--init", str(tmp_path / "nowhere")])
+def test_bad_init_names_the_argument(tmp_path, capsys):
+    assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "out"), "--init", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tempflow-fast pretrain-shapes: --init {str(tmp_path / 'nowhere')!r}: no such folder")
+    assert err.count("\n") == 1 and "(or 'shipped')" in err
     assert not (tmp_path / "out").exists()

@@ -31,13 +31,13 @@ def _is_model_folder(folder: Path) -> bool:
     return (folder / tiny_flux.WEIGHTS_NAME).is_file() and (folder / tiny_flux.CONFIG_NAME).is_file()
 
 
-def resolve(path: Optional[Union[str, Path]]) -> Optional[Path]:
-    """The model folder or checkpoint folder `path` stands for (None: the shipped model)."""
+def resolve(path: Optional[Union[str, Path]], field: str = "model.path") -> Optional[Path]:
+    """The model folder or checkpoint folder `path` stands for (None: the shipped model); errors name `field`."""
     if path in (None, ""):
         return None
     folder = Path(path)
     if not folder.is_dir():
-        raise ValueError(f"model.path {str(path)!r}: no such folder; give {ACCEPTED}, or null for the shipped model")
+        raise ValueError(f"{field} {str(path)!r}: no such folder; give {ACCEPTED}")
     if _is_model_folder(folder) or (folder / ckpt.COMPLETE).is_file():
         return folder
     if _is_model_folder(folder / "final"):
@@ -45,35 +45,36 @@ def resolve(path: Optional[Union[str, Path]]) -> Optional[Path]:
     newest = ckpt.latest_checkpoint(folder / "checkpoints")
     if newest is not None:
         return newest
-    raise ValueError(f"model.path {str(path)!r}: holds no model; give {ACCEPTED}")
+    raise ValueError(f"{field} {str(path)!r}: holds no model; give {ACCEPTED}")
 
 
 def load_model(path: Optional[Union[str, Path]], device: Union[str, torch.device] = "cpu",
-               report: Callable[[str], None] = print) -> tiny_flux.TinyFluxAdapter:
-    """The tiny FLUX `path` names (see the module docstring); `report` hears which weights were read."""
-    folder = resolve(path)
+               report: Callable[[str], None] = print, field: str = "model.path") -> tiny_flux.TinyFluxAdapter:
+    """The tiny FLUX `path` names (see the module docstring); `report` hears which weights were read, errors
+    name `field`."""
+    folder = resolve(path, field)
     if folder is None:
         return tiny_flux.load_shipped(device)
     if _is_model_folder(folder):
         if str(folder) != str(path):
             report(f"[tempflow-fast] model: {folder}")
         return tiny_flux.TinyFluxAdapter.from_pretrained(folder, device)
-    return _from_checkpoint(folder, device, report)
+    return _from_checkpoint(folder, device, report, field)
 
 
-def _from_checkpoint(folder: Path, device, report) -> tiny_flux.TinyFluxAdapter:
+def _from_checkpoint(folder: Path, device, report, field: str) -> tiny_flux.TinyFluxAdapter:
     data = ckpt.load_checkpoint(folder)
     run = data["config"]
     model_cfg = run.get("model") or {}
     kind = model_cfg.get("kind", "tiny_flux")
     if kind != "tiny_flux":
-        raise ValueError(f"model.path {str(folder)!r}: a checkpoint of a model.kind={kind} run; eval and sample "
+        raise ValueError(f"{field} {str(folder)!r}: a checkpoint of a model.kind={kind} run; eval and sample "
                          f"read the tiny shapes model only")
     base_path = model_cfg.get("path")
     try:
         model = tiny_flux.load(base_path)
     except ValueError as err:
-        raise ValueError(f"model.path {str(folder)!r}: the run's base model (its model.path {base_path!r}) does "
+        raise ValueError(f"{field} {str(folder)!r}: the run's base model (its model.path {base_path!r}) does "
                          f"not load: {err}") from None
     weights, which = (data["ema"], "EMA") if data["ema"] is not None else (data["model"], "trained")
     lora = (run.get("train") or {}).get("lora") or {}
@@ -86,7 +87,7 @@ def _from_checkpoint(folder: Path, device, report) -> tiny_flux.TinyFluxAdapter:
     params = dict(model.module.named_parameters())
     unknown = sorted(set(weights) - set(params))
     if unknown:
-        raise ValueError(f"model.path {str(folder)!r}: weight {unknown[0]!r} of the checkpoint is not a parameter "
+        raise ValueError(f"{field} {str(folder)!r}: weight {unknown[0]!r} of the checkpoint is not a parameter "
                          f"of the run's base model {base_path or 'shipped'!r}")
     with torch.no_grad():
         for name, tensor in weights.items():

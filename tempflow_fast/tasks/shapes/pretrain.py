@@ -9,6 +9,9 @@ dependent float reductions). Checkpoints go to `<out>/step_<n>/` in `TinyFluxAda
 `--init shipped` (or a checkpoint folder) continues from those weights instead of a fresh init, with a fresh
 optimizer and warm-up: supervised fine-tuning on ground-truth renders, the reference an RL run on the same
 model and budget can be held against (docs/shapes-rl-tuning.md, fourth round).
+
+A progress bar on stderr counts the steps; the loss lines go to stdout and loss.jsonl; the last line names the
+folder of the final weights. A bad argument is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -30,22 +33,27 @@ from .render import render
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tempflow-fast pretrain-shapes", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="tempflow-fast pretrain-shapes",
+        description="Rectified-flow pretraining of the tiny FLUX on rendered images of the shapes task's train "
+                    "prompts; checkpoints are model folders eval, sample and train read.")
     p.add_argument("--out", required=True, help="output folder for checkpoints and the loss log")
     p.add_argument("--init", default=None,
-                   help="start from these weights: 'shipped' (the packaged model) or a checkpoint folder; "
-                        "default: a fresh init from --seed")
+                   help="start from these weights: 'shipped' (the packaged model), a model folder, a training "
+                        "checkpoint or a training run's output_dir; default: a fresh init from --seed")
     p.add_argument("--steps", type=int, default=1200, help="optimizer steps")
     p.add_argument("--seed", type=int, default=0, help="seed of weights init, prompts, renders and noise")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="rendered image-prompt pairs per step (default 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
     p.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every this many steps (and at the end)")
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=50,
+                   help="print and log the mean loss over this many steps (default 50)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); 1 is far faster on a shared, busy CPU")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
 
 
@@ -68,32 +76,42 @@ def rectified_flow_loss(model: TinyFluxAdapter, images: torch.Tensor, prompts: l
 def _initial_model(args: argparse.Namespace) -> TinyFluxAdapter:
     if args.init is None:
         return TinyFluxAdapter.create(seed=args.seed)
-    from tempflow_fast.models.tiny_flux import load
+    from .model_folder import load_model
 
     try:
-        return load(None if args.init == "shipped" else args.init)
+        return load_model(None if args.init == "shipped" else args.init, field="--init")
     except ValueError as e:
-        raise ValueError(f"--init: {e} (give 'shipped' or a folder written by pretrain-shapes or train)") from None
+        raise ValueError(f"{' '.join(str(e).split())} (or 'shipped')") from None
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+def _check(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "save_every", "log_every", "warmup", "lr"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        _check(args)
+        model = _initial_model(args)  # before the output folder is made, so a bad --init leaves none behind
+    except ValueError as err:
+        print(f"tempflow-fast pretrain-shapes: {err}", file=sys.stderr)
+        return 2
     previous_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _train(args, argv)
+        return _train(model, args, argv)
     finally:
         torch.set_num_threads(previous_threads)  # main() also runs in-process (tests, notebooks)
 
 
-def _train(args: argparse.Namespace, argv) -> int:
-    model = _initial_model(args)  # first, so a bad --init leaves no output folder behind
+def _train(model: TinyFluxAdapter, args: argparse.Namespace, argv) -> int:
+    from tqdm.auto import tqdm
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
@@ -105,7 +123,9 @@ def _train(args: argparse.Namespace, argv) -> int:
     (out / "run.json").write_text(json.dumps(meta, indent=1))
     log = open(out / "loss.jsonl", "a")
     start, running = time.time(), 0.0
-    for step in range(1, args.steps + 1):
+    bar = tqdm(range(1, args.steps + 1), desc="pretrain-shapes", unit="step", disable=args.no_progress,
+               dynamic_ncols=True)
+    for step in bar:
         prompts = sample_batch_prompts(rng, args.batch_size)
         images = render(prompts, rng)
         loss = rectified_flow_loss(model, images, prompts, generator)
@@ -120,13 +140,17 @@ def _train(args: argparse.Namespace, argv) -> int:
         if step % args.log_every == 0:
             rec = {"step": step, "loss": running / args.log_every, "grad_norm": float(grad_norm),
                    "seconds": round(time.time() - start, 1)}
-            print(json.dumps(rec), flush=True)
+            bar.write(json.dumps(rec))
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
             log.write(json.dumps(rec) + "\n")
             log.flush()
             running = 0.0
         if step % args.save_every == 0 or step == args.steps:
             model.save_pretrained(out / f"step_{step:05d}")
+    bar.close()
     log.close()
+    print(f"saved to {out / f'step_{args.steps:05d}'} (the final weights; loss log {out / 'loss.jsonl'}; "
+          f"{time.time() - start:.1f} s)", flush=True)
     return 0
 
 
