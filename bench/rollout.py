@@ -51,6 +51,11 @@ PLANS = {
 PROMPTS = ["a red square left of a blue square", "two blue squares", "a green square above a yellow square"]
 
 
+def say(message: str) -> None:
+    """A progress line on stderr (stdout keeps the table)."""
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
 def load_model(device):
     from tempflow_fast.models import tiny_flux
 
@@ -119,16 +124,19 @@ def main(argv=None):
         line = {"plan": name}
         for rname, make in runners:
             runner = make()
+            say(f"{name} [{rname}]: warm-up rollout{' (torch.compile: minutes on a CPU)' if rname == 'compile' else ''}")
             t0 = time.perf_counter()
             res = rollout(model, prompts, plan, seed=0, runner=runner)
             sync()
             warm = time.perf_counter() - t0
+            say(f"{name} [{rname}]: warm-up {warm:.1f} s; {args.reps} timed rollout(s)")
             times = []
             for rep in range(args.reps):
                 t0 = time.perf_counter()
                 res = rollout(model, prompts, plan, seed=rep + 1, runner=runner)
                 sync()
                 times.append(time.perf_counter() - t0)
+                say(f"{name} [{rname}]: rollout {rep + 1}/{args.reps} {times[-1]:.2f} s")
             wall = statistics.median(times)
             if res.stats.nfe != want_min:
                 raise RuntimeError(f"{name}: engine NFE {res.stats.nfe} != analytical minimum {want_min}")
@@ -149,7 +157,7 @@ def main(argv=None):
             line[f"{rname}_ips"] = images / wall
             if rname == "compile":
                 line["compile_warm_s"] = warm
-            print(f"  {name} [{rname}]: {wall:.3f} s, {images / wall:.1f} images/s", file=sys.stderr)
+            say(f"{name} [{rname}]: median {wall:.3f} s, {images / wall:.1f} images/s")
         table.append(line)
 
     Path(args.csv).parent.mkdir(parents=True, exist_ok=True)

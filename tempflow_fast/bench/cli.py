@@ -24,7 +24,11 @@ from tempflow_fast.bench.subjects import DEFAULT_SOLVER, SUBJECTS, Settings, run
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tempflow-fast bench", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="tempflow-fast bench",
+        description="Run the bench suite (tempflow_fast/bench/subjects.py): ops, rollout, train_step, iteration and "
+                    "official subjects in one command, printing a markdown table and writing bench.csv, bench.md "
+                    "and a plot per subject. Progress goes to stderr.")
     p.add_argument("subjects", nargs="*", metavar="SUBJECT",
                    help=f"any of {', '.join(SUBJECTS)} (default: all)")
     p.add_argument("--quick", action="store_true", help="small plans, op shapes and model (a smoke run)")
@@ -52,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="bench/results/suite", help="folder for bench.csv and the plots")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="write no <subject>.png plots (no matplotlib needed)")
     return p
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -128,10 +129,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn: Callable[[int], object], s: Settings, telemetry: GpuTelemetry) -> List[float]:
-    """Seconds of fn(rep) for each timed rep (fn(-1 - w) for the warm-up runs)."""
+def say(message: str) -> None:
+    """A progress line on stderr (the suite runs for minutes; stdout keeps the tables)."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _time(fn: Callable[[int], object], s: Settings, telemetry: GpuTelemetry, label: str = "") -> List[float]:
+    """Seconds of fn(rep) for each timed rep (fn(-1 - w) for the warm-up runs). Progress on stderr: a line when
+    the measurement starts and ends, and one per run that took a second or more."""
+    say(f"{label}: {s.warmup} warm-up + {s.reps} timed run(s)")
     for w in range(s.warmup):
+        t0 = time.perf_counter()
         fn(-1 - w)
+        if time.perf_counter() - t0 >= 1.0:
+            say(f"{label}: warm-up {w + 1}/{s.warmup} {time.perf_counter() - t0:.1f} s")
     times = []
     with telemetry:
         for rep in range(s.reps):
@@ -140,6 +151,9 @@ def _time(fn: Callable[[int], object], s: Settings, telemetry: GpuTelemetry) -> 
             fn(rep)
             _sync(s.device)
             times.append(time.perf_counter() - t0)
+            if times[-1] >= 1.0:
+                say(f"{label}: run {rep + 1}/{s.reps} {times[-1]:.1f} s")
+    say(f"{label}: median {statistics.median(times):.4g} s")
     return times
 
 
@@ -150,6 +164,7 @@ def load_model(s: Settings):
     if s.model_path:
         from tempflow_fast.models.loading import load_adapter
 
+        say(f"loading {s.model_kind} {s.model_path}")
         model = load_adapter(s.model_kind, s.model_path, device=s.device, dtype=s.dtype, resolution=s.resolution)
         return model, f"{s.model_kind} {Path(s.model_path).name}"
     if s.quick:
@@ -199,7 +214,7 @@ def bench_ops(res: Results, s: Settings) -> None:
         for name in names:
             fn = bops.provider_fn(name)
             tel = GpuTelemetry(s.cuda_index)
-            times_ms = [1e3 * x for x in _time(lambda rep: bops.fwd_bwd(fn, t), s, tel)]
+            times_ms = [1e3 * x for x in _time(lambda rep: bops.fwd_bwd(fn, t), s, tel, f"ops {name} {label}")]
             p50, p20, p80 = quantiles(times_ms)
             p50s[name] = p50
             res.add("ops", name, label, "fwd_bwd_time", "ms", p50, p20, p80)
@@ -230,7 +245,7 @@ def bench_rollout(res: Results, s: Settings, model, model_label: str) -> None:
         p50 = {}
         for provider, fn in (("engine", engine), (PREFIX_REFERENCE, reference)):
             tel = GpuTelemetry(s.cuda_index)
-            times = _time(fn, s, tel)
+            times = _time(fn, s, tel, f"rollout {provider} {shape}")
             p50[provider] = statistics.median(times)
             res.add("rollout", provider, shape, "wall_time", "s", *quantiles(times))
             res.add_telemetry("rollout", provider, shape, tel)
@@ -279,7 +294,7 @@ def bench_training(res: Results, s: Settings, model, model_label: str, subjects:
                 metrics.append(m)
 
         tel = GpuTelemetry(s.cuda_index)
-        totals = _time(iteration, s, tel)
+        totals = _time(iteration, s, tel, f"{'/'.join(subjects)} {s.method} iterations")
         trainer.logger.close()
     shape = f"{s.method} P={len(prompts)} T={cfg.sampling.num_steps} @ {model_label}"
     last = metrics[-1]
@@ -423,12 +438,17 @@ def bench_official(res: Results, s: Settings) -> None:
                     seconds[name][ph].append(t)
             work[name] = (counts, images)
 
+    say(f"official: {s.warmup} warm-up + {s.reps} timed rep(s) of {', '.join(order)}, one iteration each")
     for rep in range(-s.warmup, 0):
+        t0 = time.perf_counter()
         one_rep(rep)
+        say(f"official: warm-up {rep + s.warmup + 1}/{s.warmup} {time.perf_counter() - t0:.1f} s")
     tel = GpuTelemetry(s.cuda_index)  # one sampler over the interleaved reps: the providers alternate too fast
     with tel:
         for rep in range(s.reps):
+            t0 = time.perf_counter()
             one_rep(rep)
+            say(f"official: rep {rep + 1}/{s.reps} {time.perf_counter() - t0:.1f} s")
     for c in {id(c): c for c in counters.values()}.values():
         c.close()
     for tr in trainers.values():
@@ -495,6 +515,7 @@ def run(subjects: Sequence[str], s: Settings) -> Results:
     if unknown or not subjects:
         raise ValueError(f"subjects must be a non-empty subset of {', '.join(SUBJECTS)}, got {list(subjects)}")
     res = Results(s.device)
+    say(f"subjects: {', '.join(subjects)} on {s.device}")
     if "ops" in subjects:
         bench_ops(res, s)
     if "rollout" in subjects:
