@@ -60,7 +60,7 @@ def main(argv=None) -> int:
             try:
                 cfg.require_train_prompts()
             except ValueError as err:
-                print(f"note: train will refuse to start: {_one_line(err)}")
+                print(f"note: train will refuse to start: {_one_line(err)}", file=sys.stderr)
             if problem:
                 print(f"tempflow-fast train: {problem}", file=sys.stderr)
                 return 2
@@ -71,6 +71,7 @@ def main(argv=None) -> int:
         print(f"tempflow-fast train: {_one_line(err)}", file=sys.stderr)
         return 2
     from tempflow_fast.training.checkpoint import CheckpointWriteError
+    from tempflow_fast.training.distributed import NonFiniteWeights
     from tempflow_fast.training.trainer import NonFiniteAbort, RewardFailure, Trainer, format_summary
 
     try:
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
         return 2
     try:
         summary = trainer.train()
-    except (NonFiniteAbort, RewardFailure, CheckpointWriteError) as err:
+    except (NonFiniteAbort, NonFiniteWeights, RewardFailure, CheckpointWriteError) as err:
         trainer.close()
         print(f"tempflow-fast train: stopped: {_one_line(err)}", file=sys.stderr)
         return 1

@@ -219,7 +219,7 @@ class DataParallelStep:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
             ok = math.isfinite(grad_norm)
         if ok:
-            self.snapshot.take()
+            kept = self.snapshot.take()
             try:
                 self.optimizer.step()
                 finite = all_finite(self.params)
@@ -229,6 +229,12 @@ class DataParallelStep:
                 finite = False
             ok = self.ctx.all_true(finite)
             if not ok:
+                if not kept:
+                    raise NonFiniteWeights(
+                        f"an optimizer step left non-finite weights, and the trainable state "
+                        f"({self.snapshot.nbytes() / 2**30:.1f} GiB) is too large to keep a pre-step copy "
+                        f"(limit {self.snapshot.max_bytes / 2**30:.0f} GiB): resume from the last checkpoint with a "
+                        f"lower train.learning_rate")
                 self.snapshot.restore()
         if not ok:
             self.optimizer.zero_grad(set_to_none=True)
@@ -243,18 +249,33 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
+SNAPSHOT_MAX_BYTES = 4 * 2**30  # largest trainable state (weights + AdamW moments) copied before each step
+
+
+class NonFiniteWeights(RuntimeError):
+    """A step left non-finite weights and there was no pre-step copy to put back (the state was too large)."""
+
+
 class StepSnapshot:
     """The trainable weights and the optimizer state before an optimizer step, kept on the host (pinned when the
     weights live on a GPU, so the copies queue on the stream ahead of the step and take no device memory);
     `restore()` puts them back exactly. The host buffers are allocated once and reused by every `take()`. Costs
-    one device-to-host copy of weights and moments per step: small for LoRA adapters, 12 bytes per weight for
-    an fp32 full fine-tune."""
+    one device-to-host copy of weights and moments per step: small for LoRA adapters (FLUX r64: 2 GiB), but 12
+    bytes per weight for an fp32 full fine-tune (SD3.5-M: 29 GiB a step), so above `max_bytes` nothing is copied
+    and a non-finite step stops the run instead (NonFiniteWeights). With finite gradients (checked before the
+    step) and a finite learning rate, AdamW's update is bounded by a few × lr per weight: only an overflowing
+    rate gets here."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]):
-        self.optimizer, self.params = optimizer, list(params)
+    def __init__(self, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                 max_bytes: int = SNAPSHOT_MAX_BYTES):
+        self.optimizer, self.params, self.max_bytes = optimizer, list(params), max_bytes
         self._buffers: Dict[Tuple[int, str], torch.Tensor] = {}
         self.weights: List[torch.Tensor] = []
         self.state: Dict[int, Dict] = {}
+
+    def nbytes(self) -> int:
+        """Weights + AdamW's two moments (fp32 moments, whatever the state holds yet)."""
+        return sum(p.numel() * (p.element_size() + 8) for p in self.params)
 
     def _copy(self, key: Tuple[int, str], t: torch.Tensor) -> torch.Tensor:
         buf = self._buffers.get(key)
@@ -264,14 +285,17 @@ class StepSnapshot:
         buf.copy_(t.detach(), non_blocking=True)
         return buf
 
-    def take(self) -> "StepSnapshot":
+    def take(self) -> bool:
+        """Copy the pre-step weights and state; False (nothing copied) when they exceed max_bytes."""
+        if self.nbytes() > self.max_bytes:
+            return False
         self.weights = [self._copy((i, ""), p) for i, p in enumerate(self.params)]
         self.state = {}
         for i, p in enumerate(self.params):
             if p in self.optimizer.state:
                 self.state[i] = {k: self._copy((i, k), v) if isinstance(v, torch.Tensor) else v
                                  for k, v in self.optimizer.state[p].items()}
-        return self
+        return True
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -208,3 +208,15 @@ def test_a_pipeline_component_with_inf_weights_is_refused_naming_it():
     with pytest.raises(ValueError, match=r"model '/models/flux', vae/: weight 'bias' holds 1 non-finite"):
         _check_pipeline_weights(Adapter, "/models/flux")
 
+
+
+def test_too_large_a_trainable_state_to_copy_stops_instead_of_undoing(tmp_path, monkeypatch):
+    """Above the snapshot limit (full fine-tunes of real models: 12 bytes per weight per step) nothing is copied
+    before a step; a step that leaves non-finite weights then stops the run with one message."""
+    from tempflow_fast.training.distributed import NonFiniteWeights
+
+    tr = small_trainer(tmp_path, "train.learning_rate=1e38")
+    monkeypatch.setattr(tr._step_snapshot, "max_bytes", 1)
+    assert tr._step_snapshot.take() is False
+    with pytest.raises(NonFiniteWeights, match="too large to keep a pre-step copy.*train.learning_rate"):
+        tr.run_iteration(0)
