@@ -90,10 +90,10 @@ def agreement(ref: torch.Tensor, got: torch.Tensor, key: torch.Tensor):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=13, help="shapes training prompts, spread over the list")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the rollout every setting shares (default 0)")
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated solver:steps settings")
     p.add_argument("--accurate", default="heun:9", help="solver:steps of the accurate reference completion")
-    p.add_argument("--out", default="bench/results/completions.csv")
+    p.add_argument("--out", default="bench/results/completions.csv", help="where the CSV goes (default %(default)s)")
     args = p.parse_args(argv)
     from tempflow_fast.models.tiny_flux import load_shipped
     from tempflow_fast.tasks.shapes.grammar import TRAIN_PROMPTS

@@ -1,4 +1,4 @@
-"""Issue 8: the methods compared on the shapes task, with the TempFlow ablations and adaptive bifurcation.
+"""The methods compared on the shapes task, with the TempFlow ablations and adaptive bifurcation.
 
 Trains every method from the shipped base model at equal group size (24 images per prompt group where the
 method allows) and equal iterations, over several run seeds (Flow-GRPO and Stepwise, whose whole-trajectory

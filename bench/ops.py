@@ -312,14 +312,17 @@ def bench_device(device, args, rows, stamp):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=15, help="timed rounds (one call of every provider per round)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds before them (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
+                   help="(N, K, D) shapes to run: flux-1024 = TempFlow's FLUX-1024 update, small = a quick one "
+                        "(default: both)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "all"), default="auto",
                    help="auto: the GPU when there is one, else the CPU; all: CPU then GPU")
-    p.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ops.csv"))
+    p.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "ops.csv"),
+                   help="where the CSV goes (default bench/results/ops.csv)")
     p.add_argument("--memory-child", nargs=2, metavar=("PROVIDER", "SHAPE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:

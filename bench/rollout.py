@@ -78,8 +78,10 @@ def main(argv=None):
                     help="pad eager batches to the same buckets (eager needs no fixed shapes; off by default)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile runner")
     ap.add_argument("--plans", type=str, default=",".join(PLANS), help="comma-separated subset of " + ",".join(PLANS))
-    ap.add_argument("--csv", type=str, default=str(Path(__file__).parent / "results" / "rollout.csv"))
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--csv", type=str, default=str(Path(__file__).parent / "results" / "rollout.csv"),
+                    help="where the CSV goes (default bench/results/rollout.csv)")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                    help="torch CPU threads (default: 2, or the cores there are when fewer)")
     args = ap.parse_args(argv)
     if not 1 <= args.prompts <= len(PROMPTS):
         raise ValueError(f"--prompts must be in 1..{len(PROMPTS)}, got {args.prompts}")

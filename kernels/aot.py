@@ -1,4 +1,4 @@
-"""Ahead-of-time compile every Triton kernel to cubin for sm_80 and sm_90 (design.md §6).
+"""Ahead-of-time compile every Triton kernel to cubin for sm_80 and sm_90 (docs/design.md §6).
 
     python -m tempflow_fast.kernels.aot [--arch 80 90]
 
@@ -261,8 +261,9 @@ def compile_all(archs=ARCHS, out=sys.stdout) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities")
+    parser = argparse.ArgumentParser(prog="python -m tempflow_fast.kernels.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS),
+                        help=f"compute capabilities to compile for, e.g. 80 90 (default: {' '.join(map(str, ARCHS))})")
     args = parser.parse_args(argv)
     failures = compile_all(args.arch)
     if failures:

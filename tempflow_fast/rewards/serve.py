@@ -21,6 +21,7 @@ import importlib.util
 import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -55,7 +56,15 @@ def load_reward_factory(spec: str) -> Callable:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tempflow_fast.rewards.serve", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tempflow_fast.rewards.serve",
+        description=textwrap.fill(
+            "Serve a reward over HTTP from the command line, e.g. a reward model on its own GPU or machine. A "
+            "training run scores with it through reward: {name: server, url: http://HOST:PORT/} (docs/rewards.md). "
+            "Prints one line 'serving NAME on URL' once listening.", 100),
+        epilog="examples:\n" + "\n".join(line for line in __doc__.splitlines()
+                                          if line.startswith("    ") and "rewards.serve" in line),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file holding a RewardConfig (the training config's reward: section)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a RewardConfig field")
