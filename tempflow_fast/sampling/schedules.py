@@ -13,12 +13,14 @@ sampler needs torch only:
   `mu = calculate_shift(image_seq_len, base_image_seq_len, max_image_seq_len, base_shift, max_shift)`,
   exponential time shift `e^mu / (e^mu + (1/t - 1))` (or diffusers' linear one, `mu / (mu + (1/t - 1))`).
   The constants default to FLUX.1's (256 / 4096 tokens, shifts 0.5 / 1.15).
+- terminal stretch (Qwen-Image: `shift_terminal=0.02`): after either shift, diffusers' `stretch_shift_to_terminal`
+  rescales `1 - σ` so that the last σ before 0 equals `shift_terminal`.
 
 The schedule of a loaded model: `FlowSchedule.from_scheduler_config` reads `shift`, `use_dynamic_shifting`
 and the dynamic-shift constants from a diffusers scheduler config (the FLUX and SD3 adapters keep one as
 `model.schedule`), and `model_sigmas(model, T, shift, dynamic_shift)` samples on it: the constants always
 come from the model, `shift` / `dynamic_shift` from the caller unless they are None. A scheduler option this
-module does not reproduce (Karras / exponential / beta sigmas, `shift_terminal`, `invert_sigmas`) raises
+module does not reproduce (Karras / exponential / beta sigmas, `invert_sigmas`) raises
 ValueError instead of sampling on a different schedule than the model's own.
 
 Interval sub-schedules (G²RPO granularities): after the SDE step at index k the branch sits at
@@ -57,9 +59,12 @@ TIME_SHIFT_TYPES = ("exponential", "linear")
 def flow_sigmas(num_steps: int, shift: float = 1.0, *, image_seq_len: Optional[int] = None,
                 dynamic_shift: bool = False, base_shift: float = 0.5, max_shift: float = 1.15,
                 base_image_seq_len: int = 256, max_image_seq_len: int = 4096,
-                num_train_timesteps: int = 1000, time_shift_type: str = "exponential") -> torch.Tensor:
+                num_train_timesteps: int = 1000, time_shift_type: str = "exponential",
+                shift_terminal: Optional[float] = None) -> torch.Tensor:
     """Sigmas (T+1,) fp32 from 1 down to 0, equal to diffusers' for the same settings (see module doc)."""
     _check_num_steps(num_steps)
+    if shift_terminal is not None and not 0.0 <= shift_terminal < 1.0:
+        raise ValueError(f"shift_terminal must be in [0, 1), got {shift_terminal!r}")
     if dynamic_shift:
         if image_seq_len is None or image_seq_len < 1:
             raise ValueError(f"image_seq_len must be a positive int with dynamic_shift, got {image_seq_len!r}")
@@ -84,6 +89,9 @@ def flow_sigmas(num_steps: int, shift: float = 1.0, *, image_seq_len: Optional[i
         t = np.linspace(sigma_max * num_train_timesteps, sigma_min * num_train_timesteps, num_steps)
         sig = t / num_train_timesteps
         sig = shift * sig / (1 + (shift - 1) * sig)
+    if shift_terminal:  # diffusers' stretch_shift_to_terminal, in the same dtype
+        one_minus = 1 - sig
+        sig = 1 - one_minus / (one_minus[-1] / (1 - shift_terminal))
     out = torch.from_numpy(np.asarray(sig)).to(torch.float32)
     return torch.cat([out, torch.zeros(1, dtype=torch.float32)])
 
@@ -101,10 +109,10 @@ class FlowSchedule:
     max_image_seq_len: int = 4096
     num_train_timesteps: int = 1000
     time_shift_type: str = "exponential"
+    shift_terminal: Optional[float] = None  # the last σ before 0 after the terminal stretch (Qwen-Image: 0.02)
 
     # scheduler options that change the schedule in ways flow_sigmas does not reproduce
-    UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal",
-                   "invert_sigmas")
+    UNSUPPORTED = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
 
     @classmethod
     def from_scheduler_config(cls, config) -> "FlowSchedule":
@@ -120,7 +128,8 @@ class FlowSchedule:
                    base_image_seq_len=int(get("base_image_seq_len", d.base_image_seq_len)),
                    max_image_seq_len=int(get("max_image_seq_len", d.max_image_seq_len)),
                    num_train_timesteps=int(get("num_train_timesteps", d.num_train_timesteps)),
-                   time_shift_type=str(get("time_shift_type", d.time_shift_type)))
+                   time_shift_type=str(get("time_shift_type", d.time_shift_type)),
+                   shift_terminal=float(get("shift_terminal")) if get("shift_terminal", None) else None)
 
     def sigmas(self, num_steps: int, image_seq_len: Optional[int] = None, *, shift: Optional[float] = None,
                dynamic_shift: Optional[bool] = None) -> torch.Tensor:
@@ -129,7 +138,8 @@ class FlowSchedule:
                            dynamic_shift=self.dynamic_shift if dynamic_shift is None else dynamic_shift,
                            base_shift=self.base_shift, max_shift=self.max_shift,
                            base_image_seq_len=self.base_image_seq_len, max_image_seq_len=self.max_image_seq_len,
-                           num_train_timesteps=self.num_train_timesteps, time_shift_type=self.time_shift_type)
+                           num_train_timesteps=self.num_train_timesteps, time_shift_type=self.time_shift_type,
+                           shift_terminal=self.shift_terminal)
 
 
 def model_sigmas(model, num_steps: int, shift: Optional[float] = None,

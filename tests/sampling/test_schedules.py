@@ -83,6 +83,10 @@ def _pipeline_sigmas(sched, num_steps, image_seq_len):
     dict(use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.3, max_shift=1.4),
     dict(use_dynamic_shifting=True, time_shift_type="linear", base_shift=0.5, max_shift=1.15),
     dict(shift=3.0),
+    # Qwen-Image's scheduler config
+    dict(use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=8192, base_shift=0.5, max_shift=0.9,
+         shift_terminal=0.02),
+    dict(shift=3.0, shift_terminal=0.1),
 ])
 @pytest.mark.parametrize("image_seq_len", [4, 64, 1024])
 def test_flow_schedule_equals_the_scheduler(config, image_seq_len):
@@ -96,8 +100,8 @@ def test_flow_schedule_equals_the_scheduler(config, image_seq_len):
 def test_unsupported_scheduler_options_refused():
     from tempflow_fast.sampling.schedules import FlowSchedule
 
-    with pytest.raises(ValueError, match="shift_terminal"):
-        FlowSchedule.from_scheduler_config(FlowMatchEulerDiscreteScheduler(shift_terminal=0.1).config)
+    with pytest.raises(ValueError, match="use_exponential_sigmas"):
+        FlowSchedule.from_scheduler_config({"use_exponential_sigmas": True})
     with pytest.raises(ValueError, match="use_karras_sigmas"):
         FlowSchedule.from_scheduler_config({"use_karras_sigmas": True})
 
@@ -130,3 +134,13 @@ def test_a_pipeline_is_sampled_on_its_own_schedule(tmp_path):
     assert torch.equal(rollout(model, ["a red square"], plan, seed=0).sigmas, own)
     # a model without a scheduler config keeps FLUX.1's constants
     assert torch.equal(model_sigmas(type("M", (), {"image_seq_len": 64})(), 10, 1.0, True), flux1)
+
+
+def test_terminal_stretch_ends_on_shift_terminal():
+    sig = flow_sigmas(10, image_seq_len=4096, dynamic_shift=True, max_shift=0.9, max_image_seq_len=8192,
+                      shift_terminal=0.02)
+    plain = flow_sigmas(10, image_seq_len=4096, dynamic_shift=True, max_shift=0.9, max_image_seq_len=8192)
+    assert sig[0] == 1.0 and sig[-1] == 0.0 and abs(float(sig[-2]) - 0.02) < 1e-6 and float(plain[-2]) > 0.1
+    assert bool((sig[1:] < sig[:-1]).all())
+    with pytest.raises(ValueError, match="shift_terminal"):
+        flow_sigmas(10, shift_terminal=1.0)
