@@ -170,3 +170,39 @@ def interval_sigmas(sigmas: torch.Tensor, start: int, granularity: int) -> torch
 def interval_calls(num_steps: int, start: int, granularity: int) -> int:
     """Model calls to finish from index `start` at granularity λ: ceil((T - start)/λ)."""
     return len(interval_indices(num_steps, start, granularity)) - 1
+
+
+COMPLETION_STRIDES = ("uniform", "official")
+
+
+def granularity_indices(num_steps: int, branch_step: int, granularity: int, stride: str = "uniform") -> List[int]:
+    """Indices a branch that took its SDE step at k visits at granularity λ, from k+1 to T.
+
+    "uniform": interval_indices from k+1 (every λ-th step, a short remainder step last). "official", G²RPO's code
+    (fastvideo/train_g2rpo_hps_clip.py: sample_reference_model, `sigma_schedule[:k+2]` + `sigma_schedule[k+2::g]`,
+    the image being x̂0 of the last state the ODE leaves): one step k+1 → k+2, then every λ-th step, and where the
+    stride does not land on T the last state it reaches is skipped, so the step before it goes to σ = 0 (the Euler
+    step to σ = 0 is x̂0)."""
+    if stride == "uniform":
+        return interval_indices(num_steps, branch_step + 1, granularity)
+    if stride != "official":
+        raise ValueError(f"completion stride must be one of {COMPLETION_STRIDES}, got {stride!r}")
+    start = branch_step + 1
+    interval_indices(num_steps, start, granularity)  # the same argument checks
+    visited = [start] + list(range(start + 1, num_steps + 1, granularity))
+    return visited if visited[-1] == num_steps else visited[:-1] + [num_steps]
+
+
+def granularity_calls(num_steps: int, branch_step: int, granularity: int, stride: str = "uniform") -> int:
+    """Model calls of `granularity_indices`: ceil((T-k-1)/λ) uniform, 1 + floor((T-k-2)/λ) official."""
+    return len(granularity_indices(num_steps, branch_step, granularity, stride)) - 1
+
+
+def linspace_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """σ = shift·t / (1 + (shift - 1)·t) on t = linspace(1, 0, T+1) in fp32: the schedule of G²RPO's and
+    DanceGRPO's code (`sd3_time_shift(shift, torch.linspace(1, 0, T + 1))`), not diffusers' doubly shifted one."""
+    _check_num_steps(num_steps)
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift!r}")
+    t = torch.linspace(1, 0, num_steps + 1)
+    return (shift * t) / (1 + (shift - 1) * t)
