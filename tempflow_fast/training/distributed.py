@@ -364,5 +364,8 @@ class NullLogger:
     def log(self, iteration: int, metrics: Dict) -> None:
         pass
 
+    def log_image(self, iteration: int, tag: str, image, caption: str = "") -> None:
+        pass
+
     def close(self) -> None:
         pass

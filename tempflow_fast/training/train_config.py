@@ -254,12 +254,26 @@ class EvalConfig:
 
 @dataclass
 class LogConfig:
-    tensorboard: bool = True
-    sample_every: int = 0  # write a PNG grid every N iterations (0 = never)
+    tensorboard: bool = True  # scalars and sample grids under output_dir/tensorboard
+    sample_every: int = 0  # a grid of the rollout's images, captioned by prompt, every N iterations (0 = never)
     progress: bool = True  # tqdm bar
+    # experiment tracker for scalars and captioned images: none | wandb | trackio (same API; pip install it)
+    tracker: Literal["none", "wandb", "trackio"] = "none"
+    project: str = "tempflow-fast"  # tracker project
+    run_name: Optional[str] = None  # tracker run name; None = output_dir's name
+    # before_after.png: these many eval prompts × images each, same noises before and after training (0 = none)
+    showcase_prompts: int = 4
+    showcase_images: int = 4
 
     def validate(self):
-        _non_negative("log", sample_every=self.sample_every)
+        _non_negative("log", sample_every=self.sample_every, showcase_prompts=self.showcase_prompts,
+                      showcase_images=self.showcase_images)
+        if self.tracker != "none":
+            import importlib.util
+
+            if importlib.util.find_spec(self.tracker) is None:
+                raise ValueError(f"config field 'log.tracker': {self.tracker!r} is not installed here "
+                                 f"(pip install {self.tracker})")
 
 
 @dataclass

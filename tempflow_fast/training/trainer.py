@@ -26,7 +26,7 @@ from tempflow_fast import algorithms
 from tempflow_fast.algorithms.base import Rewards
 from tempflow_fast.algorithms.tempflow import step_reward_std
 from tempflow_fast.config import config_to_dict
-from tempflow_fast.images import to_unit_float
+from tempflow_fast.images import to_uint8, to_unit_float
 from tempflow_fast.sampling.engine import concat_results, rollout
 from tempflow_fast.sampling.runners import DEFAULT_BUCKETS, EagerRunner, buckets_within, make_runner
 from tempflow_fast.training import checkpoint as ckpt
@@ -265,7 +265,9 @@ class Trainer:
         if resume:
             self._resume()
         self.logger = MetricsLogger(self.out, tensorboard=cfg.log.tensorboard,
-                                    resume_from=self.iteration if resume else None) \
+                                    resume_from=self.iteration if resume else None, tracker=cfg.log.tracker,
+                                    project=cfg.log.project, run_name=cfg.log.run_name,
+                                    config=config_to_dict(cfg)) \
             if self.dist.is_main else distributed.NullLogger()
 
     def close(self) -> None:
@@ -611,6 +613,7 @@ class Trainer:
         plan = self._plan_for(iteration)
         with self._rollout_attention():
             result, rewards = self._rollout(prompts, iteration, plan)
+        self._last_result, self._last_prompts = result, prompts  # this rank's own rollout, for sample grids
         t1 = time.perf_counter()
         # every rank's rewards, so global std and logged reward statistics cover the whole batch
         result, rewards = self.dist.global_view(result, rewards, num_prompts=len(prompts))
@@ -671,7 +674,6 @@ class Trainer:
         self.counters.nfe += result.stats.total_nfe
         self.counters.images += result.stats.total_images
         self.counters.wall_seconds += t3 - t0
-        self._last_result = result
         return m
 
     @staticmethod
@@ -887,20 +889,106 @@ class Trainer:
                 self._swap_ema()
             self.model.module.train(was)
 
+    def _verdicts(self, images: torch.Tensor, prompts: Sequence[str]) -> Optional[List[bool]]:
+        """The shapes detector's per-image verdict (green / red frames), None for other rewards."""
+        from tempflow_fast.tasks.shapes.detector import ShapesReward, correct
+
+        if not isinstance(self.reward, ShapesReward):
+            return None
+        return correct(to_unit_float(images, "cpu"), list(prompts)).tolist()
+
     def _write_samples(self, iteration: int) -> None:
-        from tempflow_fast.tasks.shapes.sample_cmd import grid_image
+        """samples/iter-N.png (and TensorBoard / the tracker): this iteration's images, one row per prompt."""
+        from tempflow_fast.training.visuals import prompt_grid
 
-        from tempflow_fast.images import to_unit_float
-
-        result = self._last_result
-        images = result.trunk_images if result.trunk_images is not None else result.images[1]
-        n = min(16, images.shape[0])
-        images = to_unit_float(images[:n], "cpu")
-        if images.shape[-1] > 128:  # real models: 128 px cells, not a 16k-pixel-wide grid
-            images = torch.nn.functional.interpolate(images, size=(128, 128), mode="bilinear", antialias=True)
+        result, prompts = self._last_result, self._last_prompts
+        if result.trunk_images is not None:
+            images, rows = result.trunk_images, result.trunk_prompt
+        else:
+            images, rows = result.images[1], result.trajectories.prompt
+        keep = torch.cat([(rows == p).nonzero().squeeze(1)[:8] for p in rows.unique()[:8]])
+        texts = [prompts[i] for i in rows[keep].tolist()]
+        images = images[keep.to(images.device)]
+        grid = prompt_grid(images, texts, ok=self._verdicts(images, texts), title=f"iteration {iteration}")
         path = self.out / "samples" / f"iter-{iteration:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        grid_image(images, f"iteration {iteration}", columns=8, scale=max(1, 128 // images.shape[-1])).save(path)
+        grid.save(path)
+        self.logger.log_image(iteration, "samples", grid, caption=f"iteration {iteration}")
+
+    def _showcase_prompts(self) -> List[str]:
+        n = self.cfg.log.showcase_prompts
+        if self.cfg.data.eval_prompts is not None:
+            pool = read_prompts(self.cfg.data.eval_prompts, "data.eval_prompts")
+        elif self.eval_metric == "held-out accuracy" and self.eval_fn is not None:
+            from tempflow_fast.tasks.shapes.eval_cmd import split_prompts
+
+            pool = split_prompts("held_out")
+        else:
+            pool = self.train_prompts
+        step = max(1, len(pool) // max(n, 1))
+        return list(pool[::step][:n])
+
+    @torch.no_grad()
+    def _showcase(self) -> Optional[torch.Tensor]:
+        """uint8 images of the showcase prompts from fixed noises (ODE, eval.num_steps; EMA weights when on)."""
+        from tempflow_fast.models.memory import default_decode_batch
+        from tempflow_fast.sampling.engine import decode_images
+        from tempflow_fast.sampling.schedules import flow_sigmas
+        from tempflow_fast.sampling.simple import initial_noise, sample
+
+        lg = self.cfg.log
+        if not (lg.showcase_prompts and lg.showcase_images) or not self.dist.is_main:
+            return None
+        prompts = [p for p in self._showcase_prompts() for _ in range(lg.showcase_images)]
+        model = self.model
+        device = next(model.module.parameters()).device
+        sigmas = flow_sigmas(self.cfg.eval.num_steps, self.cfg.sampling.shift, image_seq_len=model.image_seq_len,
+                             dynamic_shift=self.cfg.sampling.dynamic_shift)
+        gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, 5))
+        was = model.module.training
+        if self.ema is not None:
+            self._swap_ema()
+        model.module.eval()
+        try:
+            out, step = [], self.runner.max_rows or len(prompts)
+            for i in range(0, len(prompts), step):
+                chunk = prompts[i:i + step]
+                x = sample(model, model.encode_prompts(chunk), initial_noise(model, len(chunk), gen).to(device),
+                           sigmas)
+                out.append(to_uint8(decode_images(model, x, self.cfg.sampling.decode_batch
+                                                  or default_decode_batch(model))).cpu())
+        finally:
+            if self.ema is not None:
+                self._swap_ema()
+            model.module.train(was)
+        return torch.cat(out)
+
+    def _pictures(self, before: Optional[torch.Tensor]) -> List[Path]:
+        """before_after.png (showcase before vs after training) and reward_curve.png (from metrics.jsonl)."""
+        from tempflow_fast.training.metrics_log import lines_up_to
+        from tempflow_fast.training.visuals import before_after, line_chart
+
+        written = []
+        after = self._showcase() if before is not None else None
+        if after is not None:
+            prompts = [p for p in self._showcase_prompts() for _ in range(self.cfg.log.showcase_images)]
+            grid = before_after(before, after, prompts, ok_before=self._verdicts(before, prompts),
+                                ok_after=self._verdicts(after, prompts),
+                                title=f"{self.cfg.method}, {self.iteration} iterations: same prompts, same noises")
+            grid.save(self.out / "before_after.png")
+            self.logger.log_image(self.iteration, "before_after", grid)
+            written.append(self.out / "before_after.png")
+        rows = [json.loads(l) for l in lines_up_to(self.out / "metrics.jsonl", self.iteration)]
+        series = {"training reward (mean)": [(r["iteration"], r["reward_mean"]) for r in rows if "reward_mean" in r]}
+        held = [(r["iteration"], r["heldout_accuracy"]) for r in rows if "heldout_accuracy" in r]
+        if held:
+            series[self.eval_metric or "held-out"] = held
+        if series["training reward (mean)"]:
+            chart = line_chart(series, title=f"{self.cfg.method} on {Path(self.cfg.output_dir).name}")
+            chart.save(self.out / "reward_curve.png")
+            self.logger.log_image(self.iteration, "reward_curve", chart)
+            written.append(self.out / "reward_curve.png")
+        return written
 
     def train(self) -> Dict:
         cfg = self.cfg
@@ -909,6 +997,15 @@ class Trainer:
         if self.eval_before is None and self.eval_fn is not None:
             self.eval_before = self._evaluate()
             self.logger.log(0, {"heldout_accuracy": self.eval_before["overall"]["accuracy"]})
+        # the showcase before training, kept in output_dir so a resumed run still draws before_after.png
+        showcase_file = self.out / "showcase_before.pt"
+        before = None
+        if self.dist.is_main and self.cfg.log.showcase_prompts and self.cfg.log.showcase_images:
+            if showcase_file.exists():
+                before = torch.load(showcase_file, weights_only=True)
+            elif self.iteration == 0:
+                before = self._showcase()
+                torch.save(before, showcase_file)
         bar = tqdm(range(self.iteration, cfg.train.iterations), initial=self.iteration, total=cfg.train.iterations,
                    desc=f"{cfg.method}", unit="it", disable=not cfg.log.progress or not self.dist.is_main,
                    dynamic_ncols=True)
@@ -933,6 +1030,7 @@ class Trainer:
         after = self._evaluate()
         if after is not None:
             self.logger.log(self.iteration, {"heldout_accuracy": after["overall"]["accuracy"]})
+        pictures = self._pictures(before) if self.dist.is_main else []
         self.logger.close()
         if self.scorer is not None:
             self.scorer.close()
@@ -942,7 +1040,8 @@ class Trainer:
         if self.ema is not None:
             self._swap_ema()
         summary = {"before": self.eval_before, "after": after, "counters": self.counters.__dict__,
-                   "iterations": self.iteration, "method": cfg.method, "eval_metric": self.eval_metric}
+                   "iterations": self.iteration, "method": cfg.method, "eval_metric": self.eval_metric,
+                   "pictures": [str(p) for p in pictures]}
         if self.dist.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
             ckpt.remove_temporary(self.out / "checkpoints")
@@ -971,6 +1070,8 @@ def format_summary(summary: Dict) -> str:
         f"skipped non-finite updates: {c['skipped_nonfinite']}",
         f"wall time (train loop): {c['wall_seconds']:.1f} s",
     ]
+    if summary.get("pictures"):
+        lines.append("pictures: " + ", ".join(summary["pictures"]))
     if before is not None and after is not None:
         lines.append(f"{metric}: before {before['overall']['accuracy']:.3f} after {after['overall']['accuracy']:.3f}")
     else:
