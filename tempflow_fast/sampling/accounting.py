@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Dict
 
 from tempflow_fast.sampling.plans import RolloutLayout
-from tempflow_fast.sampling.schedules import interval_calls
+from tempflow_fast.sampling.schedules import granularity_calls
 from tempflow_fast.sampling.solvers import completion_calls
 
 NFE_PHASES = ("trunk", "branch", "completion", "granularity")
@@ -59,8 +59,9 @@ def _branch_completion(layout: RolloutLayout, k: int) -> Dict[str, int]:
     if layout.custom_completion:  # a completion solver's calls (the engine allows it with Λ = (1,) only)
         return {"completion": completion_calls(T, k + 1, layout.completion_solver, layout.completion_steps),
                 "granularity": 0}
-    first = interval_calls(T, k + 1, lams[0])
-    extra = sum(interval_calls(T, k + 1, lam) - 1 for lam in lams[1:])
+    stride = layout.completion_stride
+    first = granularity_calls(T, k, lams[0], stride)
+    extra = sum(granularity_calls(T, k, lam, stride) - 1 for lam in lams[1:])
     return {"completion": first, "granularity": extra}
 
 
@@ -87,5 +88,6 @@ def recompute_prefix_nfe(layout: RolloutLayout, num_prompts: int) -> Dict[str, i
         n = trunks * layout.branches
         out["branch"] += n * (k + 1)
         out["completion"] += n * _branch_completion(layout, k)["completion"]
-        out["granularity"] += n * sum(interval_calls(T, k + 1, lam) for lam in layout.granularities[1:])
+        out["granularity"] += n * sum(granularity_calls(T, k, lam, layout.completion_stride)
+                                      for lam in layout.granularities[1:])
     return out

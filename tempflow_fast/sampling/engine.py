@@ -53,7 +53,7 @@ from tempflow_fast.models.base import Cond, cond_batch_size
 from tempflow_fast.sampling.accounting import RolloutStats
 from tempflow_fast.sampling.plans import RolloutLayout
 from tempflow_fast.sampling.runners import EagerRunner
-from tempflow_fast.sampling.schedules import interval_indices, model_sigmas
+from tempflow_fast.sampling.schedules import granularity_indices, interval_indices, model_sigmas
 from tempflow_fast.sampling.simple import initial_noise
 from tempflow_fast.sampling.solvers import EULER_PATH_SOLVERS, Completion, completion_indices
 from tempflow_fast.sampling.steppers import ode_step, sde_step
@@ -127,6 +127,7 @@ class _Cohort:
     lams: tuple                        # granularities this cohort still stands for
     primary: bool                      # counts as "completion" (else "granularity")
     completion: Optional[Completion] = None  # a solver-stepped ODE completion (x and index follow it)
+    branch_step: int = -1                    # k of the SDE step the rows' branches left from (-1: trunk)
 
 
 def _check_layout(layout: RolloutLayout) -> None:
@@ -292,7 +293,8 @@ def rollout(model, prompts: Sequence[str], plan, *, seed: Optional[int] = None,
                                                                             sig)))
                     else:
                         cohorts.append(_Cohort(out.prev_sample.float(), i + 1, child_prompt,
-                                               c.seed.repeat_interleave(K), tid, layout.granularities, True))
+                                               c.seed.repeat_interleave(K), tid, layout.granularities, True,
+                                               branch_step=i))
                 if (segments and layout.trunk_images and not layout.tweedie and i + 1 < T
                         and i + 1 > max(layout.branch_steps)):
                     # past the last branch step the trunk only finishes its image: one segment to σ = 0
@@ -313,7 +315,13 @@ def rollout(model, prompts: Sequence[str], plan, *, seed: Optional[int] = None,
                     cohorts.append(c)
                 continue
             for lam in c.lams:
-                nxt = min(i + lam, T)
+                if layout.completion_stride == "uniform":
+                    nxt = min(i + lam, T)
+                    path = interval_indices(T, nxt, lam) if nxt < T else [T]
+                else:  # the granularity's own index path from k+1 (schedules.granularity_indices)
+                    full = granularity_indices(T, c.branch_step, lam, layout.completion_stride)
+                    path = full[full.index(i) + 1:]
+                    nxt = path[0]
                 primary = c.primary and lam == layout.granularities[0]
                 # DDIM-style SDE has zero std on the step to σ = 0; that step is the Euler step.
                 stochastic = i < layout.tail_sde_until and not (layout.sde == "ddim" and sig[nxt] == 0.0)
@@ -326,14 +334,14 @@ def rollout(model, prompts: Sequence[str], plan, *, seed: Optional[int] = None,
                     x_next = out.prev_sample.float()
                 else:
                     x_next = ode_step(c.x, v, sig[i], sig[nxt])
-                path = interval_indices(T, nxt, lam) if nxt < T else [T]
                 if nxt == T:
                     final[lam][c.traj] = x_next
                 elif segments and _ode_only(layout, sig, path):
                     final[lam][c.traj] = runner.ode_segment(x_next, [sig[j] for j in path], cond, c.prompt)
                     stats.nfe["completion" if primary else "granularity"] += c.x.shape[0] * (len(path) - 1)
                 else:
-                    cohorts.append(_Cohort(x_next, nxt, c.prompt, c.seed, c.traj, (lam,), primary))
+                    cohorts.append(_Cohort(x_next, nxt, c.prompt, c.seed, c.traj, (lam,), primary,
+                                           branch_step=c.branch_step))
 
     stats.padded_rows = runner.padded_rows - pad0
     stats.batched_calls = runner.batched_calls - calls0

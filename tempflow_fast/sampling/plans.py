@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from tempflow_fast.sampling.schedules import COMPLETION_STRIDES
 from tempflow_fast.sampling.solvers import check_completion
 from tempflow_fast.sampling.steppers import check_sde_kind
 
@@ -52,6 +53,7 @@ class RolloutLayout:
     dynamic_shift: Optional[bool]   # None = likewise
     completion_solver: str = "euler"        # ODE completions after the branch step (solvers.py)
     completion_steps: Optional[int] = None  # solver steps per completion; None = the schedule's remaining steps
+    completion_stride: str = "uniform"      # granularity paths (schedules.granularity_indices): uniform | official
 
     @property
     def custom_completion(self) -> bool:
@@ -174,10 +176,13 @@ class SingularSDE:
     dynamic_shift: Optional[bool] = False
     completion_solver: str = "euler"          # only with granularities (1,): Λ > 1 defines its own tails
     completion_steps: Optional[int] = None
+    completion_stride: str = "uniform"        # "official": G²RPO's code's paths (schedules.granularity_indices)
 
     def __post_init__(self):
         _check_common(self.num_steps, self.sde, self.noise_level, self.shift)
         _positive_int("branches (G)", self.branches)
+        if self.completion_stride not in COMPLETION_STRIDES:
+            raise ValueError(f"completion_stride must be one of {COMPLETION_STRIDES}, got {self.completion_stride!r}")
         _positive_int("seeds_per_prompt (N)", self.seeds_per_prompt)
         check_completion(self.completion_solver, self.completion_steps)
         steps = range(max(1, self.num_steps // 2)) if self.sde_steps is None else self.sde_steps
@@ -190,7 +195,7 @@ class SingularSDE:
     def layout(self) -> RolloutLayout:
         return RolloutLayout(self.num_steps, self.seeds_per_prompt, self.branches, self.sde_steps, 0,
                              self.granularities, self.trunk_images, False, self.sde, self.noise_level, self.shift,
-                             self.dynamic_shift, self.completion_solver, self.completion_steps)
+                             self.dynamic_shift, self.completion_solver, self.completion_steps, self.completion_stride)
 
 
 @dataclass(frozen=True)
