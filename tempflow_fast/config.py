@@ -187,6 +187,14 @@ def load_config(schema_cls: Type[T], path: Optional[str | Path] = None, override
     return _build(schema_cls, data, "")
 
 
+def validated(cfg: T) -> T:
+    """A config built in Python (`Config(train=TrainConfig(...))`) checked exactly as a YAML one is: every field's
+    type coerced and every section's validate() run; returns the checked copy (ValueError naming the field)."""
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        raise ValueError(f"expected a config dataclass instance, got {type(cfg).__name__}")
+    return _build(type(cfg), config_to_dict(cfg), "")
+
+
 def config_to_dict(cfg: Any) -> dict:
     """Plain nested dict (tuples become lists) suitable for YAML/JSON."""
 

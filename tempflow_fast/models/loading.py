@@ -1,7 +1,7 @@
 """One entry point from a config's `model.kind` / `model.path` to a ready model adapter.
 
 `load_adapter(kind, path, ...)` loads the weights (the embedded tiny FLUX, a FLUX pipeline folder or
-hub id, an SD3 / SD3.5 pipeline folder or hub id) and applies the speed settings to the transformer:
+hub id, an SD3 / SD3.5 pipeline folder or hub id, a Qwen-Image pipeline folder or hub id) and applies the speed settings to the transformer:
 attention backend (diffusers' dispatcher, see attention.py), gradient checkpointing, and
 `torch.compile` of the repeated transformer blocks. Compilation is lazy (it traces on the first
 forward), so LoRA layers attached after `load_adapter` are part of the compiled blocks.
@@ -17,7 +17,7 @@ import torch
 
 from .attention import set_attention_backend
 
-MODEL_KINDS = ("tiny_flux", "flux", "sd3")
+MODEL_KINDS = ("tiny_flux", "flux", "sd3", "qwen_image")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -110,6 +110,8 @@ def load_adapter(kind: str, path: Optional[str] = None, *, device: Union[str, to
       (FLUX.1-dev's distilled guidance), T5 length 512.
     - "sd3": a `StableDiffusion3Pipeline` folder or hub id; dtype default bf16, resolution 512,
       CFG 4.5 (Flow-GRPO's SD3.5-M setting), T5 length 256.
+    - "qwen_image": a `QwenImagePipeline` folder or hub id; dtype default bf16, resolution 1024, true CFG
+      (`true_cfg_scale`) 4.0 with the negative prompt " ", Qwen2.5-VL length 512 (the pipeline's defaults).
     `compile_blocks`: False, True, or a dict of `torch.compile` options (e.g. {"mode": "max-autotune"}).
     """
     if kind not in MODEL_KINDS:
@@ -136,12 +138,52 @@ def load_adapter(kind: str, path: Optional[str] = None, *, device: Union[str, to
             from .flux import load_flux
 
             adapter = load_flux(path, **options)
-        else:
+        elif kind == "sd3":
             from .sd3 import load_sd3
 
             adapter = load_sd3(path, **options)
+        else:
+            from .qwen_image import load_qwen_image
+
+            adapter = load_qwen_image(path, **options)
         _check_pipeline_weights(adapter, path)
     configure_transformer(transformer_of(adapter), attention_backend=attention_backend,
+                          gradient_checkpointing=gradient_checkpointing, compile_blocks=compile_blocks)
+    return adapter
+
+
+def pipeline_kind(pipeline) -> str:
+    """"flux" / "sd3" for a diffusers pipeline object (by its class), else ValueError."""
+    names = {cls.__name__ for cls in type(pipeline).__mro__}
+    if "FluxPipeline" in names:
+        return "flux"
+    if "StableDiffusion3Pipeline" in names:
+        return "sd3"
+    raise ValueError(f"model must be an adapter (with velocity/decode) or a diffusers FluxPipeline / "
+                     f"StableDiffusion3Pipeline, got {type(pipeline).__name__}")
+
+
+def adapter_for_pipeline(pipeline, *, attention_backend: Optional[str] = None, gradient_checkpointing: bool = False,
+                         compile_blocks: Union[bool, dict] = False, resolution: Optional[int] = None,
+                         guidance_scale: Optional[float] = None, max_sequence_length: Optional[int] = None):
+    """The adapter around a diffusers pipeline object already loaded (and placed) by the caller, with the same
+    defaults and speed settings as `load_adapter`; frozen parts get requires_grad off."""
+    kind = pipeline_kind(pipeline)
+    options = {k: v for k, v in dict(resolution=resolution, guidance_scale=guidance_scale,
+                                     max_sequence_length=max_sequence_length).items() if v is not None}
+    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        part = getattr(pipeline, name, None)
+        if part is not None:
+            part.requires_grad_(False)
+    if kind == "flux":
+        from .flux import FluxAdapter
+
+        adapter = FluxAdapter(pipeline, **options)
+    else:
+        from .sd3 import SD3Adapter
+
+        adapter = SD3Adapter(pipeline, **options)
+    configure_transformer(pipeline.transformer, attention_backend=attention_backend,
                           gradient_checkpointing=gradient_checkpointing, compile_blocks=compile_blocks)
     return adapter
 
@@ -156,6 +198,11 @@ def lora_defaults(kind: str) -> dict:
         from .sd3 import SD3_LORA_ALPHA, SD3_LORA_RANK, SD3_LORA_TARGETS
 
         return {"target_modules": list(SD3_LORA_TARGETS), "rank": SD3_LORA_RANK, "alpha": SD3_LORA_ALPHA}
+    if kind == "qwen_image":
+        from .qwen_image import QWEN_IMAGE_LORA_ALPHA, QWEN_IMAGE_LORA_RANK, QWEN_IMAGE_LORA_TARGETS
+
+        return {"target_modules": list(QWEN_IMAGE_LORA_TARGETS), "rank": QWEN_IMAGE_LORA_RANK,
+                "alpha": QWEN_IMAGE_LORA_ALPHA}
     if kind == "tiny_flux":
         return {"target_modules": ["to_q", "to_k", "to_v", "to_out.0"], "rank": 32, "alpha": 64}
     raise ValueError(f"kind must be one of {list(MODEL_KINDS)}, got {kind!r}")

@@ -217,6 +217,13 @@ class Trainer:
         if resume and overwrite:
             raise ValueError("--resume and --overwrite exclude each other: continue the run in output_dir, or "
                              "replace it")
+        from tempflow_fast.config import validated
+
+        cfg = validated(cfg)  # a Config built in Python gets the checks a YAML one gets (a checked copy)
+        if model is not None and not callable(getattr(model, "velocity", None)):
+            from tempflow_fast.models.loading import pipeline_kind
+
+            cfg.model.kind = pipeline_kind(model)  # a diffusers pipeline object given directly
         self.cfg = cfg
         # torchrun's environment when present (training/distributed.py), else one process
         self.dist = dist if dist is not None else distributed.from_environment()
@@ -245,7 +252,7 @@ class Trainer:
         # refused before any weights load: a run that is not this one's, or a file that would run code
         self._checkpoint = self._checkpoint_to_resume() if resume else None
         torch.manual_seed(cfg.seed)
-        self.model = model if model is not None else self._load_model()
+        self.model = self._adapter_for(model) if model is not None else self._load_model()
         self.reward = reward if reward is not None else build_reward(cfg.reward)
         self._cache_text(self.train_prompts)
         self.eval_metric: Optional[str] = "held-out accuracy"
@@ -309,6 +316,21 @@ class Trainer:
             check_reward_reachable(cfg.reward)
 
     # --- set-up -------------------------------------------------------------------------------
+
+    def _adapter_for(self, model):
+        """A model given in Python: an adapter as is, or a diffusers pipeline object (FluxPipeline,
+        StableDiffusion3Pipeline) wrapped with this config's model / sampling settings."""
+        if callable(getattr(model, "velocity", None)):
+            return model
+        from tempflow_fast.models.loading import adapter_for_pipeline
+
+        device = next(model.transformer.parameters()).device
+        backend, _ = self._attention_backends(device, model.transformer.dtype)
+        m = self.cfg.model
+        return adapter_for_pipeline(model, attention_backend=backend, gradient_checkpointing=m.gradient_checkpointing,
+                                    compile_blocks=m.compile_blocks, resolution=m.resolution,
+                                    guidance_scale=self.cfg.sampling.guidance_scale,
+                                    max_sequence_length=m.max_sequence_length)
 
     def _load_model(self):
         m, smp = self.cfg.model, self.cfg.sampling
