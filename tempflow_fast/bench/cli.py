@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="trainer method of train_step / iteration")
     p.add_argument("--model-path", default=None,
                    help="the model to bench instead of the shipped tiny one: a folder or hub id for --model-kind")
-    p.add_argument("--model-kind", default="tiny_flux", choices=["tiny_flux", "flux", "sd3"],
+    p.add_argument("--model-kind", default="tiny_flux", choices=["tiny_flux", "flux", "sd3", "qwen_image"],
                    help="adapter that loads --model-path")
     p.add_argument("--dtype", default=None, help="flux / sd3 weights dtype: bf16 (default), fp16, fp32")
     p.add_argument("--resolution", type=int, default=None, help="flux / sd3 image size (default: the adapter's)")

@@ -153,20 +153,23 @@ def known_hub_ids() -> List[str]:
 
 
 def _tokens(kind: str, transformer, latent: int, max_sequence_length: int, clip_len: int) -> Tuple[int, int]:
-    if kind == "flux":
+    if kind in ("flux", "qwen_image"):  # 2×2 packed latents; text padded to max_sequence_length
         return (latent // 2) ** 2, max_sequence_length
     return (latent // transformer.config.patch_size) ** 2, clip_len + max_sequence_length
 
 
 def pipeline_spec(kind: str, folder: str, *, resolution: int, max_sequence_length: int):
-    """(TransformerSpec, {component: params}) for a FLUX / SD3 pipeline, weights unread: a local pipeline folder
-    (configs and safetensors headers), or a hub id whose facts ship with the package (known_pipeline)."""
+    """(TransformerSpec, {component: params}) for a FLUX / SD3 / Qwen-Image pipeline, weights unread: a local
+    pipeline folder (configs and safetensors headers), or a hub id whose facts ship with the package
+    (known_pipeline; FLUX.1-dev and SD3.5-Medium)."""
     if kind == "flux":
         from diffusers import FluxTransformer2DModel as cls
     elif kind == "sd3":
         from diffusers import SD3Transformer2DModel as cls
+    elif kind == "qwen_image":
+        from diffusers import QwenImageTransformer2DModel as cls
     else:
-        raise ValueError(f"kind must be 'flux' or 'sd3' for a pipeline, got {kind!r}")
+        raise ValueError(f"kind must be 'flux', 'sd3' or 'qwen_image' for a pipeline, got {kind!r}")
     facts = known_pipeline(folder)
     root = Path(folder) if folder else None
     if facts is None and (root is None or not (root / "model_index.json").is_file()):
@@ -188,7 +191,10 @@ def pipeline_spec(kind: str, folder: str, *, resolution: int, max_sequence_lengt
             clip_len = int(json.loads(tok.read_text()).get("model_max_length", clip_len))
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         transformer = cls.from_config(config)
-    latent = resolution // (2 ** (len(vae_cfg["block_out_channels"]) - 1))
+    if "temperal_downsample" in vae_cfg:  # AutoencoderKLQwenImage: 2^(stages) spatial, as QwenImagePipeline says
+        latent = resolution // (2 ** len(vae_cfg["temperal_downsample"]))
+    else:
+        latent = resolution // (2 ** (len(vae_cfg["block_out_channels"]) - 1))
     spec = transformer_spec_from_module(transformer, *_tokens(kind, transformer, latent, max_sequence_length, clip_len))
     if facts is not None:
         from diffusers import AutoencoderKL
@@ -413,9 +419,9 @@ def estimate_for(kind: str, path: Optional[str], *, dtype: torch.dtype = torch.b
                  decode_batch: Optional[int] = None, cuda_graphs: bool = False,
                  gpu_memory: Optional[float] = None, zero_stage: Optional[int] = None,
                  world_size: int = 1) -> MemoryEstimate:
-    """`estimate_memory` for a config's model: kind in {"tiny_flux", "flux", "sd3"} and its path (a local
-    pipeline folder or a known hub id for flux / sd3). Defaults follow `loading.load_adapter`; SD3 counts
-    two rows per state when its guidance scale is > 1 (CFG), FLUX one (distilled guidance)."""
+    """`estimate_memory` for a config's model: kind in {"tiny_flux", "flux", "sd3", "qwen_image"} and its path (a
+    local pipeline folder, or a known hub id for flux / sd3). Defaults follow `loading.load_adapter`; SD3 and
+    Qwen-Image count two rows per state when their guidance scale is > 1 (CFG), FLUX one (distilled guidance)."""
     common = dict(lora_rank=lora_rank, lora_targets=lora_targets, states_per_forward=states_per_forward,
                   gradient_checkpointing=gradient_checkpointing, ema=ema, reference_copy=reference_copy,
                   max_rows_per_call=max_rows_per_call, decode_batch=decode_batch, cuda_graphs=cuda_graphs,
@@ -435,8 +441,11 @@ def estimate_for(kind: str, path: Optional[str], *, dtype: torch.dtype = torch.b
     elif kind == "sd3":
         resolution, seq = resolution or 512, max_sequence_length or 256
         cfg_batches = 2 if (4.5 if guidance_scale is None else guidance_scale) > 1.0 else 1
+    elif kind == "qwen_image":
+        resolution, seq = resolution or 1024, max_sequence_length or 512
+        cfg_batches = 2 if (4.0 if guidance_scale is None else guidance_scale) > 1.0 else 1
     else:
-        raise ValueError(f"kind must be one of ['tiny_flux', 'flux', 'sd3'], got {kind!r}")
+        raise ValueError(f"kind must be one of ['tiny_flux', 'flux', 'sd3', 'qwen_image'], got {kind!r}")
     spec, parts = pipeline_spec(kind, path, resolution=resolution, max_sequence_length=seq)
     te = sum(v for k, v in parts.items() if k.startswith("text_encoder"))
     return estimate_memory(spec, dtype=dtype, vae_params=parts["vae"], text_encoder_params=te,

@@ -125,7 +125,8 @@ def dry_run(cfg: Config, gpu_memory_gib: float = 80.0):
         cuda_graphs=smp.runner == "cuda_graph", gpu_memory=gpu, **_zero_plan(cfg),
     )
     guidance = smp.guidance_scale
-    cfg_batches = 2 if m.kind == "sd3" and (4.5 if guidance is None else guidance) > 1.0 else 1
+    default_cfg = {"sd3": 4.5, "qwen_image": 4.0}  # the kinds with true CFG, and their default scales
+    cfg_batches = 2 if m.kind in default_cfg and (default_cfg[m.kind] if guidance is None else guidance) > 1.0 else 1
     nfe = nfe_per_iteration(algorithms.from_config(cfg).plan(), t.prompts_per_iteration, cfg_batches=cfg_batches)
     lines = dry_run_lines(estimate, nfe)
     problem = None

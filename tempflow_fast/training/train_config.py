@@ -49,7 +49,7 @@ def _check_steps(field: str, steps: Optional[list[int]], num_steps: int) -> None
 
 @dataclass
 class ModelConfig:
-    kind: Literal["tiny_flux", "flux", "sd3"] = "tiny_flux"  # which adapter loads `path`
+    kind: Literal["tiny_flux", "flux", "sd3", "qwen_image"] = "tiny_flux"  # which adapter loads `path`
     path: Optional[str] = None  # weights folder or hub id; None = the tiny model shipped in the package
     device: str = "auto"  # where the model runs: auto (CUDA when present) | cpu | cuda | cuda:N
     dtype: Optional[str] = None  # weights dtype; None = bf16 for flux/sd3, fp32 for tiny_flux

@@ -51,7 +51,7 @@ def test_argument_errors(tiny_dir, flux_dir):
         resolve_dtype("int8", torch.float32)
     with pytest.raises(ValueError, match="resolution must be a positive multiple of 16"):
         load_adapter("flux", str(flux_dir), dtype="float32", resolution=40)
-    assert set(MODEL_KINDS) == {"tiny_flux", "flux", "sd3"}
+    assert set(MODEL_KINDS) == {"tiny_flux", "flux", "sd3", "qwen_image"}
 
 
 def test_attention_backend_errors(tiny_dir):
