@@ -153,14 +153,16 @@ def load_adapter(kind: str, path: Optional[str] = None, *, device: Union[str, to
 
 
 def pipeline_kind(pipeline) -> str:
-    """"flux" / "sd3" for a diffusers pipeline object (by its class), else ValueError."""
+    """"flux" / "sd3" / "qwen_image" for a diffusers pipeline object (by its class), else ValueError."""
     names = {cls.__name__ for cls in type(pipeline).__mro__}
     if "FluxPipeline" in names:
         return "flux"
     if "StableDiffusion3Pipeline" in names:
         return "sd3"
+    if "QwenImagePipeline" in names:
+        return "qwen_image"
     raise ValueError(f"model must be an adapter (with velocity/decode) or a diffusers FluxPipeline / "
-                     f"StableDiffusion3Pipeline, got {type(pipeline).__name__}")
+                     f"StableDiffusion3Pipeline / QwenImagePipeline, got {type(pipeline).__name__}")
 
 
 def adapter_for_pipeline(pipeline, *, attention_backend: Optional[str] = None, gradient_checkpointing: bool = False,
@@ -179,10 +181,14 @@ def adapter_for_pipeline(pipeline, *, attention_backend: Optional[str] = None, g
         from .flux import FluxAdapter
 
         adapter = FluxAdapter(pipeline, **options)
-    else:
+    elif kind == "sd3":
         from .sd3 import SD3Adapter
 
         adapter = SD3Adapter(pipeline, **options)
+    else:
+        from .qwen_image import QwenImageAdapter
+
+        adapter = QwenImageAdapter(pipeline, **options)
     configure_transformer(pipeline.transformer, attention_backend=attention_backend,
                           gradient_checkpointing=gradient_checkpointing, compile_blocks=compile_blocks)
     return adapter

@@ -175,3 +175,15 @@ def test_save_pretrained_round_trip(folder, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back.velocity(x, torch.tensor([0.5]), back.encode_prompts(PROMPTS[:1])),
                                    m.velocity(x, torch.tensor([0.5]), m.encode_prompts(PROMPTS[:1])))
+
+
+def test_a_pipeline_object_gets_the_adapter(folder):
+    from diffusers import QwenImagePipeline
+
+    from tempflow_fast.models.loading import adapter_for_pipeline
+    from tempflow_fast.models.qwen_image import QwenImageAdapter
+
+    pipe = QwenImagePipeline.from_pretrained(folder)
+    m = adapter_for_pipeline(pipe, resolution=RESOLUTION, max_sequence_length=TEXT_LEN)
+    assert isinstance(m, QwenImageAdapter) and m.module is pipe.transformer
+    assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
