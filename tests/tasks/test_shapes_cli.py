@@ -116,3 +116,15 @@ def test_sample_out_of_vocabulary_prompt_is_one_line_listing_the_vocabulary(tmp_
     line = _one_line(capsys)
     assert "'purple'" in line and "vocabulary: a two three square squares and red green blue yellow" in line
     assert not (tmp_path / "x.png").exists()
+
+
+def test_evaluate_shows_progress_only_when_asked(capsys):
+    from tempflow_fast.models.tiny_flux import load_shipped
+    from tempflow_fast.tasks.shapes.eval_cmd import EvalSettings, evaluate
+
+    model, prompts = load_shipped(), ["a red square", "two blue squares"]
+    settings = EvalSettings(images_per_prompt=2, num_steps=2)
+    quiet = evaluate(model, prompts, settings)
+    assert capsys.readouterr().err == ""
+    assert evaluate(model, prompts, settings, progress=True) == quiet
+    assert "eval: 4 images" in capsys.readouterr().err

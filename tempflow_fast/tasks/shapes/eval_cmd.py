@@ -131,10 +131,12 @@ def images_prompts(prompts: Sequence[str], settings: EvalSettings) -> list:
     return [p for p in prompts for _ in range(settings.images_per_prompt)]
 
 
-def evaluate(model, prompts: Sequence[str], settings: EvalSettings) -> Dict[str, Dict[str, float]]:
-    """Accuracy table {category: {accuracy, correct, count}, "overall": ...} of `model` on `prompts`."""
+def evaluate(model, prompts: Sequence[str], settings: EvalSettings,
+             progress: bool = False) -> Dict[str, Dict[str, float]]:
+    """Accuracy table {category: {accuracy, correct, count}, "overall": ...} of `model` on `prompts`
+    (`progress`: generate's bar on stderr)."""
     per_image = images_prompts(prompts, settings)
-    return accuracy_by_category(correct(generate(model, prompts, settings), per_image), per_image)
+    return accuracy_by_category(correct(generate(model, prompts, settings, progress), per_image), per_image)
 
 
 def failure_table(images: torch.Tensor, per_image: Sequence[str]) -> Dict[str, Dict[str, int]]:
