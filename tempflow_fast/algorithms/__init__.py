@@ -20,18 +20,26 @@ def from_config(cfg):
         raise ValueError("config fields 'sampling.completion_solver' / 'sampling.completion_steps': they apply to the "
                          "ODE completions after a branch step (tempflow with bifurcation, g2rpo with granularities "
                          f"[1]); method {cfg.method!r} here has none")
+    mode = cfg.reward.advantage_mode
+    if mode != "composite" and cfg.method == "stepwise":
+        raise ValueError("config field 'reward.advantage_mode': 'per_component' is for flow_grpo, tempflow and g2rpo; "
+                         "stepwise's gains come from the Tweedie rewards of the composite")
     if cfg.method == "flow_grpo":
-        return FlowGRPO(group_size=cfg.flow_grpo.group_size, **common)
+        return FlowGRPO(group_size=cfg.flow_grpo.group_size, timestep_fraction=cfg.flow_grpo.timestep_fraction,
+                        advantage_mode=mode, **common)
     if cfg.method == "tempflow":
         t = cfg.tempflow
         return TempFlowGRPO(num_seeds=t.num_seeds, branches=t.branches, bifurcation_steps=t.bifurcation_steps,
                             bifurcation=t.bifurcation, noise_aware_weights=t.noise_aware_weights,
-                            seed_grouping=t.seed_grouping, adaptive_bifurcation=t.adaptive_bifurcation,
-                            adaptive_floor=t.adaptive_floor, adaptive_budget=t.adaptive_budget, **completion, **common)
+                            step_weight_scale=t.step_weight_scale, seed_grouping=t.seed_grouping, adaptive_bifurcation=t.adaptive_bifurcation,
+                            adaptive_floor=t.adaptive_floor, adaptive_budget=t.adaptive_budget, advantage_mode=mode,
+                            **completion, **common)
     if cfg.method == "g2rpo":
         g = cfg.g2rpo
         return G2RPO(branches=g.branches, branch_steps=g.branch_steps, granularities=tuple(g.granularities),
-                     **completion, **common)
+                     sigma_schedule=g.sigma_schedule, completion_stride=g.completion_stride,
+                     unbiased_std=g.unbiased_std, std_eps=g.std_eps, advantage_mode=mode, **completion, **common)
     if cfg.method == "stepwise":
-        return StepwiseFlowGRPO(group_size=cfg.stepwise.group_size, sde=cfg.stepwise.sde, **common)
+        return StepwiseFlowGRPO(group_size=cfg.stepwise.group_size, sde=cfg.stepwise.sde,
+                                timestep_fraction=cfg.stepwise.timestep_fraction, **common)
     raise ValueError(f"config field 'method': unknown method {cfg.method!r}")

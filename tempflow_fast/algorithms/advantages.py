@@ -24,12 +24,14 @@ class GroupStats:
 
 
 def normalize_in_groups(
-    values: torch.Tensor, group_ids: torch.Tensor, *, global_std: bool = False, eps: float = ADV_EPS
+    values: torch.Tensor, group_ids: torch.Tensor, *, global_std: bool = False, eps: float = ADV_EPS,
+    unbiased: bool = False,
 ) -> GroupStats:
     """A = (r - mean_group) / (std + eps); std per group, or over all values when `global_std`.
 
     Groups are given by `group_ids` (any integers). std is the population std (unbiased=False), as in
-    Flow-GRPO's per-prompt stat tracker. Groups whose values are all equal get A = 0 and are flagged.
+    Flow-GRPO's per-prompt stat tracker, or with `unbiased` the sample std (n - 1), as G²RPO's code takes
+    it (`torch.std` with eps 1e-8). Groups whose values are all equal get A = 0 and are flagged.
     """
     if values.dim() != 1 or group_ids.shape != values.shape:
         raise ValueError(
@@ -44,12 +46,13 @@ def normalize_in_groups(
     total = torch.zeros(num_groups, dtype=torch.float32, device=values.device).index_add_(0, inverse, values)
     mean = total / count
     centred = values - mean[inverse]
-    var = torch.zeros(num_groups, dtype=torch.float32, device=values.device).index_add_(0, inverse, centred * centred) / count
-    std = var.sqrt()
+    sq = torch.zeros(num_groups, dtype=torch.float32, device=values.device).index_add_(0, inverse, centred * centred)
+    # a group of one has no spread: its zero variance (not 0/0) leaves it flagged below
+    std = (sq / (count - 1).clamp(min=1) if unbiased else sq / count).sqrt()
     group_max = torch.full((num_groups,), -float("inf"), device=values.device).scatter_reduce(0, inverse, values, "amax")
     group_min = torch.full((num_groups,), float("inf"), device=values.device).scatter_reduce(0, inverse, values, "amin")
     zero_group = group_max == group_min
-    scale = values.std(unbiased=False) if global_std else std[inverse]
+    scale = values.std(unbiased=unbiased and values.numel() > 1) if global_std else std[inverse]
     adv = centred / (scale + eps)
     zero_std = zero_group[inverse]
     adv = torch.where(zero_std, torch.zeros_like(adv), adv)
@@ -57,14 +60,19 @@ def normalize_in_groups(
 
 
 def multi_granularity_advantages(
-    rewards: torch.Tensor, group_ids: torch.Tensor, *, global_std: bool = False, eps: float = ADV_EPS
+    rewards: torch.Tensor, group_ids: torch.Tensor, *, global_std: bool = False, eps: float = ADV_EPS,
+    unbiased: bool = False, weights: Optional[Sequence[float]] = None,
 ) -> GroupStats:
-    """G²RPO's MGAI: rewards (J, M) — one row per granularity λ_j — normalised per granularity within the
-    group, then summed: A_mix = Σ_j A_j. A sample is zero-signal only if every granularity had zero spread."""
+    """G²RPO's MGAI: rewards (J, M) — one row per granularity λ_j (per reward component too, with per-component
+    advantages) — normalised row by row within the group, then summed: A_mix = Σ_j w_j·A_j (w_j = 1 unless
+    `weights` gives them). A sample is zero-signal only if every row had zero spread."""
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be (granularities, samples), got shape {tuple(rewards.shape)}")
-    per = [normalize_in_groups(r, group_ids, global_std=global_std, eps=eps) for r in rewards]
-    adv = torch.stack([p.advantages for p in per]).sum(0)
+    if weights is not None and len(weights) != rewards.shape[0]:
+        raise ValueError(f"weights must have one entry per row of rewards ({rewards.shape[0]}), got {len(weights)}")
+    per = [normalize_in_groups(r, group_ids, global_std=global_std, eps=eps, unbiased=unbiased) for r in rewards]
+    rows = [p.advantages if weights is None else float(w) * p.advantages for p, w in zip(per, weights or per)]
+    adv = torch.stack(rows).sum(0)
     zero = torch.stack([p.zero_std for p in per]).all(0)
     ratio = float(sum(p.zero_std_ratio for p in per) / len(per))
     return GroupStats(adv, zero, per[0].group_mean, per[0].group_std, ratio)

@@ -5,7 +5,7 @@ advantages, and how the trained states are weighted. Adding a method touches onl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Protocol
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 
@@ -19,13 +19,20 @@ class Rewards:
     final: {λ: (B,)} reward of each trajectory's final image at granularity λ (λ=1 is the full schedule).
     tweedie: (B, T) reward of x̂0 at every state (Stepwise-Flow-GRPO), else None.
     trunk: (P·N,) reward of each ODE trunk's own image, when the plan finished its trunks, else None.
-    components: a composite reward's raw per-component scores of the final images (λ = min Λ), for logging.
+    final_components: {λ: {name: (B,)}} a composite reward's raw per-component scores of the final images at
+        every granularity λ (empty for a single reward); `components` is the λ = min Λ entry, for logging.
+    component_weights: {name: w} the composite's weights, for per-component advantages.
     """
 
     final: Dict[int, torch.Tensor]
     tweedie: Optional[torch.Tensor] = None
     trunk: Optional[torch.Tensor] = None
-    components: Dict[str, torch.Tensor] = field(default_factory=dict)
+    final_components: Dict[int, Dict[str, torch.Tensor]] = field(default_factory=dict)
+    component_weights: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def components(self) -> Dict[str, torch.Tensor]:
+        return self.final_components[min(self.final_components)] if self.final_components else {}
 
 
 @dataclass
@@ -37,6 +44,40 @@ class Credit:
     zero_std: torch.Tensor  # (M,) bool: the sample's group carried no signal
     state_weights: torch.Tensor
     stats: Dict[str, float] = field(default_factory=dict)
+    # (M,) bool: the samples the update scores (Flow-GRPO's timestep_fraction leaves the last steps out); None = all
+    trained: Optional[torch.Tensor] = None
+
+
+ADVANTAGE_MODES = ("composite", "per_component")
+
+
+def reward_rows(rewards: Rewards, granularities: Sequence[int], mode: str) -> Tuple[torch.Tensor, List[float]]:
+    """(J, B) rewards to normalise row by row and their weights: one row per granularity λ of the (composite)
+    reward, or with mode "per_component" one row per (component, λ), weighted by the component's weight, so
+    A = Σ_c w_c Σ_λ A_{c,λ} (G²RPO's code normalises HPS and CLIP separately and sums them)."""
+    if mode == "composite":
+        return torch.stack([rewards.final[lam] for lam in granularities]), [1.0] * len(granularities)
+    if mode != "per_component":
+        raise ValueError(f"reward.advantage_mode must be one of {ADVANTAGE_MODES}, got {mode!r}")
+    missing = [lam for lam in granularities if not rewards.final_components.get(lam)]
+    if missing:
+        raise ValueError("reward.advantage_mode 'per_component' needs a composite reward's per-component scores "
+                         f"at every granularity; none for λ = {missing}")
+    names = list(rewards.final_components[granularities[0]])
+    rows = [rewards.final_components[lam][name] for name in names for lam in granularities]
+    weights = [float(rewards.component_weights.get(name, 1.0)) for name in names for _ in granularities]
+    return torch.stack(rows), weights
+
+
+def trained_step_count(num_steps: int, timestep_fraction: float) -> int:
+    """Flow-GRPO's `num_train_timesteps = int(num_steps * timestep_fraction)` (scripts/train_sd3.py: main): the
+    first that many steps of every trajectory are trained; 0.99 of T = 10 trains 9, never the last (σ → 0)."""
+    if not 0.0 < timestep_fraction <= 1.0:
+        raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
+    n = int(num_steps * timestep_fraction)
+    if n < 1:
+        raise ValueError(f"timestep_fraction {timestep_fraction} of T = {num_steps} trains no step")
+    return n
 
 
 class Algorithm(Protocol):

@@ -1,5 +1,8 @@
 """Flow-GRPO (baseline): G SDE trajectories per prompt; the terminal advantage, normalised within the
-prompt's group, is broadcast to every step; every step weighs 1."""
+prompt's group, is broadcast to every trained step; every step weighs 1. As in Flow-GRPO's code
+(scripts/train_sd3.py: main, `num_train_timesteps = int(num_steps * timestep_fraction)`), the rollout is SDE at
+every step but only the first int(T·timestep_fraction) steps are trained: 0.99 trains 9 of 10, never the last
+step to σ = 0."""
 
 from __future__ import annotations
 
@@ -7,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tempflow_fast.algorithms.advantages import normalize_in_groups
-from tempflow_fast.algorithms.base import Credit, Rewards
+from tempflow_fast.algorithms.advantages import multi_granularity_advantages, normalize_in_groups
+from tempflow_fast.algorithms.base import Credit, Rewards, reward_rows, trained_step_count
 from tempflow_fast.sampling.plans import FullSDE
 
 
@@ -19,18 +22,33 @@ class FlowGRPO:
     noise_level: float = 0.7  # η
     shift: float = 1.0
     dynamic_shift: bool = False  # FLUX's resolution-dependent shift
+    timestep_fraction: float = 0.99  # trains steps 0 .. int(T·fraction) - 1
+    advantage_mode: str = "composite"  # or "per_component": each reward component normalised, then summed
     name: str = "flow_grpo"
+
+    def __post_init__(self):
+        trained_step_count(self.num_steps, self.timestep_fraction)
+
+    @property
+    def trained_steps(self) -> int:
+        return trained_step_count(self.num_steps, self.timestep_fraction)
 
     def plan(self) -> FullSDE:
         return FullSDE(self.num_steps, self.group_size, "flow", self.noise_level, shift=self.shift, dynamic_shift=self.dynamic_shift)
 
     def credit(self, result, rewards: Rewards, *, global_std: bool = False) -> Credit:
         traj = result.trajectories
-        stats = normalize_in_groups(rewards.final[1], traj.prompt, global_std=global_std)
-        per_sample = result.samples.trajectory
+        if self.advantage_mode == "composite":
+            stats = normalize_in_groups(rewards.final[1], traj.prompt, global_std=global_std)
+        else:
+            rows, weights = reward_rows(rewards, (1,), self.advantage_mode)
+            stats = multi_granularity_advantages(rows, traj.prompt, global_std=global_std, weights=weights)
+        smp = result.samples
+        per_sample = smp.trajectory
         return Credit(
             stats.advantages[per_sample],
             stats.zero_std[per_sample],
             torch.ones(len(result.states), device=per_sample.device),
             {"zero_std_ratio": stats.zero_std_ratio},
+            trained=result.states.step[smp.state] < self.trained_steps,
         )

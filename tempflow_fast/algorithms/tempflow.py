@@ -3,7 +3,8 @@
 Per prompt, N initial noises ("seeds"); each runs one ODE trunk; at every bifurcation step k, K SDE
 children leave x_k and finish by ODE, so the reward of child i scores step k alone. Advantages are
 normalised within (prompt, seed, k) with seed grouping, or within (prompt, k) without. Step weights
-are Norm(s_k·sqrt(-dt_k)), mean 1 over the trained steps. Each of the three parts can be switched off
+are Norm(s_k·sqrt(-dt_k)), mean 1 over the trained steps, or c·s_k·sqrt(-dt_k) with `step_weight_scale` = c
+(the constant of TempFlow's code: 2.25 SD3, 1.73 FLUX; step_weights.py). Each of the three parts can be switched off
 for ablations; with `bifurcation=False` the rollout is Flow-GRPO's full SDE with N·K trajectories per
 prompt (weights and grouping still apply: the seed of a full-SDE trajectory is its own noise).
 
@@ -22,8 +23,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from tempflow_fast.algorithms.advantages import normalize_in_groups
-from tempflow_fast.algorithms.base import Credit, Rewards, group_key
+from tempflow_fast.algorithms.advantages import multi_granularity_advantages, normalize_in_groups
+from tempflow_fast.algorithms.base import Credit, Rewards, group_key, reward_rows
 from tempflow_fast.algorithms.step_weights import noise_aware_weights
 from tempflow_fast.sampling.plans import Bifurcation, FullSDE
 
@@ -41,11 +42,13 @@ class TempFlowGRPO:
     completion_steps: Optional[int] = None  # None = the schedule's remaining steps
     bifurcation: bool = True
     noise_aware_weights: bool = True
+    step_weight_scale: Optional[float] = None  # None: weights mean 1 over the trained steps; c: c·std (official)
     seed_grouping: bool = True
     adaptive_bifurcation: bool = False
     adaptive_floor: float = 0.2  # share of the probability spread uniformly over the candidate steps
     adaptive_budget: int = 4  # branch steps per iteration
     adaptive_ema: float = 0.8  # decay of the running spread per step
+    advantage_mode: str = "composite"  # or "per_component": each reward component normalised, then summed
     name: str = "tempflow"
 
     SPREAD_KEY = "adaptive_spread/k{}"
@@ -111,13 +114,18 @@ class TempFlowGRPO:
             cols = (traj.prompt, traj.seed, traj.branch_step) if self.seed_grouping else (traj.prompt, traj.branch_step)
         else:
             cols = (traj.prompt,)
-        stats = normalize_in_groups(rewards.final[1], group_key(*cols), global_std=global_std)
+        if self.advantage_mode == "composite":
+            stats = normalize_in_groups(rewards.final[1], group_key(*cols), global_std=global_std)
+        else:
+            rows, w = reward_rows(rewards, (1,), self.advantage_mode)
+            stats = multi_granularity_advantages(rows, group_key(*cols), global_std=global_std, weights=w)
         per_sample = result.samples.trajectory
         steps = result.states.step
         if self.noise_aware_weights:
             trained = sorted(set(steps.tolist()))
             table = torch.zeros(self.num_steps, device=steps.device)
-            table[trained] = noise_aware_weights(result.sigmas.cpu(), self.noise_level, trained).to(steps.device)
+            table[trained] = noise_aware_weights(result.sigmas.cpu(), self.noise_level, trained,
+                                                 self.step_weight_scale).to(steps.device)
             weights = table[steps]
         else:
             weights = torch.ones(len(result.states), device=steps.device)

@@ -73,6 +73,9 @@ class RewardConfig:
     normalize: Literal["running", "batch", "none"] = "running"  # composite: per-component normalisation
     components: List["RewardConfig"] = field(default_factory=list)  # composite: the summed rewards
     async_workers: int = 1  # threads of the AsyncScorer scoring while the next segment samples; 0 = inline
+    # composite: advantages from the weighted composite (composite), or each component's raw scores normalised in
+    #   the group on their own, then summed with the weights (per_component; G²RPO's code for HPS + CLIP)
+    advantage_mode: Literal["composite", "per_component"] = "composite"
 
     def validate(self):
         if self.name in _NEEDS_PATH and not self.path:

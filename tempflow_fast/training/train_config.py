@@ -131,12 +131,21 @@ class SamplingConfig:
                                  f"sampling.max_rows_per_call = {self.max_rows_per_call}")
 
 
+def _fraction(section: str, value: float) -> None:
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"config field '{section}.timestep_fraction': must be in (0, 1], got {value}")
+
+
 @dataclass
 class FlowGRPOConfig:
     group_size: int = 24  # images per prompt, SDE at every step
+    # train the first int(T·fraction) steps of each trajectory (Flow-GRPO's train.timestep_fraction): 0.99 trains
+    # 9 of 10, never the last step to σ = 0; 1.0 trains all T
+    timestep_fraction: float = 0.99
 
     def validate(self):
         _positive("flow_grpo", group_size=self.group_size)
+        _fraction("flow_grpo", self.timestep_fraction)
 
 
 @dataclass
@@ -146,6 +155,9 @@ class TempFlowConfig:
     bifurcation_steps: Optional[list[int]] = None  # k's to branch at; None = every step 0..T-2
     bifurcation: bool = True  # off: Flow-GRPO-style full-SDE rollouts (ablation)
     noise_aware_weights: bool = True  # w_k = Norm(s_k·sqrt(-dt_k))
+    # null: the weights average 1 over the trained steps; c: w_k = c·s_k·sqrt(-dt_k), the constant of TempFlow's
+    #   code (2.25 SD3.5-M, 1.73 FLUX), which also sets the policy loss against the β·KL term
+    step_weight_scale: Optional[float] = None
     seed_grouping: bool = True  # group = (prompt, seed, k); off: (prompt, k)
     # adaptive bifurcation: each iteration branches at adaptive_budget of bifurcation_steps (None = all), drawn
     # in proportion to the running within-group reward spread per step, adaptive_floor of it spread uniformly
@@ -155,6 +167,8 @@ class TempFlowConfig:
 
     def validate(self):
         _positive("tempflow", num_seeds=self.num_seeds, branches=self.branches, adaptive_budget=self.adaptive_budget)
+        if self.step_weight_scale is not None:
+            _positive("tempflow", step_weight_scale=self.step_weight_scale)
         if not 0.0 <= self.adaptive_floor <= 1.0:
             raise ValueError(f"config field 'tempflow.adaptive_floor': must be in [0, 1], got {self.adaptive_floor}")
 
@@ -164,9 +178,17 @@ class G2RPOConfig:
     branches: int = 12  # G directions per branch step
     branch_steps: Optional[list[int]] = None  # M; None = the first half of the steps
     granularities: list[int] = field(default_factory=lambda: [1, 2, 3])  # Λ
+    # diffusers: the FlowMatchEulerDiscrete schedule (sampling.shift); linspace: σ = shift(linspace(1, 0, T+1)),
+    #   the schedule of G²RPO's code (needs a static shift)
+    sigma_schedule: Literal["diffusers", "linspace"] = "diffusers"
+    # uniform: from k+1 every λ-th step, a short last step; official: G²RPO's code, k+1 → k+2, then every λ-th
+    #   step, the remainder folded into the last step (sampling/schedules.py: granularity_indices)
+    completion_stride: Literal["uniform", "official"] = "uniform"
+    unbiased_std: bool = False  # group std with n - 1 (G²RPO's code) instead of n (Flow-GRPO's stat tracker)
+    std_eps: float = 1e-4  # A = (r - mean) / (std + eps); G²RPO's code 1e-8, Flow-GRPO's 1e-4
 
     def validate(self):
-        _positive("g2rpo", branches=self.branches)
+        _positive("g2rpo", branches=self.branches, std_eps=self.std_eps)
         if not self.granularities or min(self.granularities) < 1:
             raise ValueError(f"config field 'g2rpo.granularities': every λ must be >= 1, got {self.granularities}")
         if len(set(self.granularities)) != len(self.granularities):
@@ -177,9 +199,11 @@ class G2RPOConfig:
 class StepwiseConfig:
     group_size: int = 24  # SDE trajectories per prompt
     sde: Literal["ddim", "flow"] = "ddim"  # the paper's DDIM-inspired SDE, or Flow-GRPO's
+    timestep_fraction: float = 0.99  # as flow_grpo.timestep_fraction (DDIM-style SDE: its last step is untrained)
 
     def validate(self):
         _positive("stepwise", group_size=self.group_size)
+        _fraction("stepwise", self.timestep_fraction)
 
 
 @dataclass
@@ -198,6 +222,9 @@ class TrainConfig:
     iterations: int = 100  # rollout + update rounds
     prompts_per_iteration: int = 4  # prompt groups per iteration
     inner_epochs: int = 1  # update passes over one rollout
+    # optimizer steps per inner epoch, each on a disjoint part of the trained states (a shared state's K samples
+    #   stay together; a full-SDE trajectory's steps too); Flow-GRPO / TempFlow's configs take 2
+    optimizer_steps_per_epoch: int = 1
     learning_rate: float = 1e-4
     # learning rate per iteration (schedule.py): constant | cosine | linear decay to lr_min_ratio × learning_rate
     # at the last iteration, after lr_warmup_iterations of linear warm-up
@@ -215,7 +242,9 @@ class TrainConfig:
     states_per_forward: int = 64  # shared states per policy forward (micro-batch)
     rollout_segments: int = 1  # split each iteration's prompts into this many rollouts, scored while the next samples
     async_reward: bool = False  # score on a worker thread (overlaps reward models with sampling; GPU rewards)
-    ema_decay: float = 0.0  # 0 = no EMA
+    ema_decay: float = 0.0  # 0 = no EMA; with EMA its weights are what eval, sample and export use
+    ema_update_every: int = 1  # update the EMA after optimizer step n when (n + 1) % this == 0 (official: 8)
+    ema_warmup: bool = False  # decay min((1 + n) / (10 + n), ema_decay) at optimizer step n (official: on)
     max_nonfinite_skips: int = 10  # abort after this many skipped non-finite updates
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -223,7 +252,8 @@ class TrainConfig:
         _positive("train", iterations=self.iterations, prompts_per_iteration=self.prompts_per_iteration,
                   inner_epochs=self.inner_epochs, learning_rate=self.learning_rate, grad_clip=self.grad_clip,
                   clip_range=self.clip_range, adv_clip=self.adv_clip, states_per_forward=self.states_per_forward,
-                  rollout_segments=self.rollout_segments)
+                  rollout_segments=self.rollout_segments, optimizer_steps_per_epoch=self.optimizer_steps_per_epoch,
+                  ema_update_every=self.ema_update_every)
         if self.beta < 0:
             raise ValueError(f"config field 'train.beta': must be >= 0, got {self.beta}")
         if not 0 <= self.lr_warmup_iterations < self.iterations:
@@ -240,9 +270,9 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # evaluate held-out accuracy every N iterations (0 = only before/after)
-    num_steps: int = 10  # ODE steps for evaluation
-    images_per_prompt: int = 16  # same protocol as configs/shapes_eval.yaml
+    every: int = 0  # evaluate held-out accuracy / reward every N iterations (0 = only before/after)
+    num_steps: int = 10  # Euler ODE steps for evaluation (official: 40 SD3.5-M, 50 FLUX)
+    images_per_prompt: int = 16  # same protocol as configs/shapes_eval.yaml (official reward eval: 1)
     seed: int = 0
 
     def validate(self):
@@ -257,6 +287,9 @@ class LogConfig:
     tensorboard: bool = True  # scalars and sample grids under output_dir/tensorboard
     sample_every: int = 0  # a grid of the rollout's images, captioned by prompt, every N iterations (0 = never)
     progress: bool = True  # tqdm bar
+    # trained states per step k whose velocity is taken before and after the update, for the logged movement
+    #   velocity_change/k{k} = mean |v_after - v_before| (two extra no-grad forwards per state; 0 = off)
+    movement_states: int = 2
     # experiment tracker for scalars and captioned images: none | wandb | trackio (same API; pip install it)
     tracker: Literal["none", "wandb", "trackio"] = "none"
     project: str = "tempflow-fast"  # tracker project
@@ -266,7 +299,8 @@ class LogConfig:
     showcase_images: int = 4
 
     def validate(self):
-        _non_negative("log", sample_every=self.sample_every, showcase_prompts=self.showcase_prompts,
+        _non_negative("log", sample_every=self.sample_every, movement_states=self.movement_states,
+                      showcase_prompts=self.showcase_prompts,
                       showcase_images=self.showcase_images)
         if self.tracker != "none":
             import importlib.util
@@ -355,6 +389,17 @@ class Config:
             _check_steps("tempflow.bifurcation_steps", self.tempflow.bifurcation_steps, T)
         if self.method == "g2rpo":
             _check_steps("g2rpo.branch_steps", self.g2rpo.branch_steps, T)
+            if self.g2rpo.sigma_schedule == "linspace" and (self.sampling.dynamic_shift
+                                                            or self.sampling.schedule_from_model):
+                raise ValueError("config field 'g2rpo.sigma_schedule': 'linspace' takes the static sampling.shift; "
+                                 "set sampling.dynamic_shift and sampling.schedule_from_model false")
+        if self.reward.advantage_mode == "per_component":
+            if self.reward.name != "composite":
+                raise ValueError(f"config field 'reward.advantage_mode': 'per_component' normalises each component "
+                                 f"of a composite reward; reward.name is {self.reward.name!r}")
+            if self.method == "stepwise":
+                raise ValueError("config field 'reward.advantage_mode': 'per_component' is for flow_grpo, tempflow "
+                                 "and g2rpo (stepwise's gains come from the composite's Tweedie rewards)")
 
     def require_train_prompts(self) -> None:
         """Starting a run: data.train_prompts null means the shapes task's toy prompts, which are for the tiny

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -37,7 +38,7 @@ from tempflow_fast.training.run_dir import RunLock
 from tempflow_fast.training.schedule import learning_rate_at, set_learning_rate
 from tempflow_fast.training.train_config import Config
 from tempflow_fast.rewards.config import build_reward
-from tempflow_fast.training.update import build_update_batch, finite, policy_loss
+from tempflow_fast.training.update import build_update_batch, finite, policy_loss, split_parts
 from tempflow_fast.models.base import select_cond
 
 
@@ -128,23 +129,27 @@ def check_vocabulary(prompts: Sequence[str], vocab: Sequence[str], max_words: in
 @torch.no_grad()
 def mean_reward_eval(model, prompts: Sequence[str], reward, cfg: Config, *, rows_per_call: Optional[int] = None,
                      decode_batch: Optional[int] = None, image_format: str = "float") -> Dict:
-    """{"overall": {"accuracy": mean reward}} of ODE samples (fixed seeds) for `prompts` (non-shapes tasks).
+    """{"overall": {"accuracy": mean reward}, "reward/<name>": {"accuracy": mean raw score} per component of a
+    composite reward} of Euler ODE samples (eval.num_steps, fixed seeds) for `prompts` (non-shapes tasks), on the
+    schedule the rollouts use (sampling.shift / dynamic_shift, or the model's own with schedule_from_model), as
+    TempFlow's and Flow-GRPO's code evaluate (`eval`: ODE with sample.eval_num_steps, mean reward per key).
 
     Noise comes from a CPU generator (the same images on every device) and moves to the model's device with the
     schedule; at most `rows_per_call` images sample together and `decode_batch` decode together."""
     from tempflow_fast.models.memory import default_decode_batch
     from tempflow_fast.sampling.engine import decode_images
-    from tempflow_fast.sampling.schedules import flow_sigmas
+    from tempflow_fast.sampling.schedules import model_sigmas
     from tempflow_fast.sampling.simple import initial_noise, sample
 
     e, smp = cfg.eval, cfg.sampling
     device = next(model.module.parameters()).device
     gen = torch.Generator().manual_seed(e.seed)
-    sigmas = flow_sigmas(e.num_steps, smp.shift, image_seq_len=model.image_seq_len,
-                         dynamic_shift=smp.dynamic_shift)  # host values; `sample` puts the tensor on x's device
+    own = smp.schedule_from_model
+    sigmas = model_sigmas(model, e.num_steps, None if own else smp.shift,
+                          None if own else smp.dynamic_shift)  # host values; `sample` puts them on x's device
     per_image = [p for p in prompts for _ in range(e.images_per_prompt)]
     step = min(16, rows_per_call or 16)
-    scores = []
+    scores, components = [], {}
     was = model.module.training
     model.module.eval()
     try:
@@ -154,10 +159,22 @@ def mean_reward_eval(model, prompts: Sequence[str], reward, cfg: Config, *, rows
             x = sample(model, model.encode_prompts(chunk), noise, sigmas)
             images = decode_images(model, x, decode_batch or default_decode_batch(model), image_format)
             scores.append(reward(images, chunk).float().cpu())
+            for name, raw in getattr(reward, "last_components", {}).items():
+                components.setdefault(name, []).append(raw.float().cpu())
     finally:
         model.module.train(was)
-    mean = float(torch.cat(scores).mean())
-    return {"overall": {"accuracy": mean, "correct": 0, "count": len(per_image)}}
+    out = {"overall": {"accuracy": float(torch.cat(scores).mean()), "correct": 0, "count": len(per_image)}}
+    for name, raw in components.items():
+        out[f"reward/{name}"] = {"accuracy": float(torch.cat(raw).mean()), "correct": 0, "count": len(per_image)}
+    return out
+
+
+def eval_metrics(table: Dict) -> Dict[str, float]:
+    """The logged scalars of an eval table: heldout_accuracy (overall) and heldout/<row> for every other row
+    (shapes: categories; reward eval: each component's mean raw score)."""
+    out = {"heldout_accuracy": table["overall"]["accuracy"]}
+    out.update({f"heldout/{k}": v["accuracy"] for k, v in table.items() if k != "overall"})
+    return out
 
 
 class NonFiniteAbort(RuntimeError):
@@ -476,7 +493,8 @@ class Trainer:
             # the weights and AdamW state before each step, put back when the step leaves a non-finite weight
             self._step_snapshot = distributed.StepSnapshot(self.optimizer, [p for _, p in self.named_params])
         with self._full_parameters():
-            self.ema = EMA(self.named_params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+            self.ema = EMA(self.named_params, cfg.ema_decay, update_every=cfg.ema_update_every,
+                           warmup=cfg.ema_warmup) if cfg.ema_decay > 0 else None
 
     def _full_parameters(self, modify: bool = False):
         """Context in which the trainable parameters hold whole tensors (ZeRO-3 partitions them; collective)."""
@@ -543,12 +561,16 @@ class Trainer:
         if result.trunk_images is not None:
             trunk = score(result.trunk_images, [prompts[i] for i in result.trunk_prompt.tolist()])
 
+        weights = {getattr(r, "name", None): float(w) for r, w in getattr(self.reward, "components", ())}
+
         def collect() -> Rewards:
             done = {lam: f() for lam, f in final.items()}
             return Rewards({lam: r for lam, (r, _) in done.items()},
                            None if tweedie is None else tweedie[0]()[0].view(tweedie[1], tweedie[2]),
                            None if trunk is None else trunk()[0],
-                           components=done[min(done)][1])
+                           final_components={lam: {n: v.float().to(device) for n, v in c.items()}
+                                             for lam, (_, c) in done.items() if c},
+                           component_weights=weights)
 
         return collect
 
@@ -608,12 +630,16 @@ class Trainer:
         base = (_seed_for(self.cfg.seed, 2, iteration) if not self.dist.active
                 else _seed_for(self.cfg.seed, 2, iteration, self.dist.rank))
         results, pending = [], []
+        # a schedule the method defines itself (G²RPO's code's linspace), else the plan's own
+        rollout_sigmas = getattr(self.algorithm, "rollout_sigmas", None)
+        sigmas = rollout_sigmas() if rollout_sigmas is not None else None
         t0 = time.perf_counter()
         for j in range(n_seg):
             seg = prompts[bounds[j]:bounds[j + 1]]
             seed = base if j == 0 else _seed_for(base, j)
             r = rollout(self.model, seg, self.plan if plan is None else plan, seed=seed, runner=self.runner,
-                        decode_batch=self.cfg.sampling.decode_batch, image_format=self._image_format)
+                        decode_batch=self.cfg.sampling.decode_batch, image_format=self._image_format,
+                        sigmas=sigmas)
             results.append(r)
             pending.append(self._submit_rewards(r, seg))
         t1 = time.perf_counter()
@@ -623,7 +649,9 @@ class Trainer:
             {lam: torch.cat([r.final[lam] for r in rewards]) for lam in rewards[0].final},
             None if rewards[0].tweedie is None else torch.cat([r.tweedie for r in rewards]),
             None if rewards[0].trunk is None else torch.cat([r.trunk for r in rewards]),
-            components={k: torch.cat([r.components[k].float().cpu() for r in rewards]) for k in rewards[0].components},
+            final_components={lam: {k: torch.cat([r.final_components[lam][k] for r in rewards]) for k in c}
+                              for lam, c in rewards[0].final_components.items()},
+            component_weights=rewards[0].component_weights,
         )
         return concat_results(results), merged
 
@@ -639,6 +667,10 @@ class Trainer:
         t1 = time.perf_counter()
         # every rank's rewards, so global std and logged reward statistics cover the whole batch
         result, rewards = self.dist.global_view(result, rewards, num_prompts=len(prompts))
+        if self.dist.active and self.cfg.reward.advantage_mode == "per_component":  # every rank's components too
+            rewards = dataclasses.replace(rewards, final_components={
+                lam: {k: self.dist.all_gather_rows(v)[0] for k, v in c.items()}
+                for lam, c in rewards.final_components.items()})
         credit = self.algorithm.credit(result, rewards, global_std=cfg.global_std)
         observe = getattr(self.algorithm, "observe", None)
         if observe is not None:  # running statistics for the next iterations' plans (saved with the counters)
@@ -706,19 +738,59 @@ class Trainer:
         return float(torch.stack(stds).mean())
 
     def _update(self, result, groups, iteration: int) -> Dict[str, float]:
+        """train.inner_epochs passes over the trained states, each cut into train.optimizer_steps_per_epoch
+        disjoint parts (update.split_parts), one optimizer step per part whose loss is the mean over the part's
+        samples (on every rank together). Also measures approx-KL per step k and, on log.movement_states states
+        per k, how far the update moved the velocity (velocity_change/k{k} = mean |v_after - v_before|)."""
         cfg = self.cfg.train
-        total = self.dist.all_sum(sum(g.num_samples for g in groups))  # the loss is a mean over the global batch
         stats = _update_stats()
-        if total == 0:
+        if self.dist.all_sum(sum(g.num_samples for g in groups)) == 0:
             return stats
         gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, 3, iteration))
         sigma_max = float(result.sigmas[1])
-        n_stats = 0
-        num_micro_batches = sum(math.ceil(len(g) / cfg.states_per_forward) for g in groups)
+        T = len(result.sigmas) - 1
+        kl_per_step = {f"kl_sum/{k}": 0.0 for k in range(T)} | {f"kl_count/{k}": 0.0 for k in range(T)}
+        probe = self._movement_probe(groups)
+        v_before = self._probe_velocity(probe, result.cond) if probe is not None else None
+        n_stats = n_parts = 0
         for _epoch in range(cfg.inner_epochs):
-            step = self._begin_step(num_micro_batches, result)
-            ok = True
-            for mb in self._micro_batches(groups, gen):
+            for part in split_parts(groups, cfg.optimizer_steps_per_epoch, gen):
+                # the loss of a step is a mean over its part of the global batch
+                total = self.dist.all_sum(sum(g.num_samples for g in part))
+                if total == 0:  # fewer units than parts: every rank skips this one
+                    continue
+                n_parts += 1
+                ok, grad_norm = self._step_on(part, total, result, sigma_max, gen, stats, kl_per_step)
+                stats["padding_passes"] += self._last_padding
+                if not ok:
+                    stats["skipped_nonfinite"] += 1
+                    self._skip_nonfinite(iteration, "non-finite loss, gradient or updated weights")
+                    continue
+                self.counters.optimizer_steps += 1
+                if self.ema is not None:
+                    with self._full_parameters():
+                        self.ema.update(self.counters.optimizer_steps)
+                stats["grad_norm"] += grad_norm
+                n_stats += 1
+        self.dist.sum_into(stats, ("loss", "clip_frac", "approx_kl", "kl"))  # each rank held its share
+        for k in ("loss", "clip_frac", "approx_kl", "kl"):
+            stats[k] /= max(1, n_parts)
+        stats["grad_norm"] /= max(1, n_stats)
+        self.dist.sum_into(kl_per_step, list(kl_per_step))
+        for k in range(T):
+            if kl_per_step[f"kl_count/{k}"]:
+                stats[f"approx_kl/k{k}"] = kl_per_step[f"kl_sum/{k}"] / kl_per_step[f"kl_count/{k}"]
+        if probe is not None:
+            stats.update(self._movement(probe, v_before, self._probe_velocity(probe, result.cond), T))
+        return stats
+
+    def _step_on(self, part, total: int, result, sigma_max: float, gen, stats, kl_per_step):
+        """One optimizer step on the state groups of `part`; (applied, gradient norm)."""
+        cfg = self.cfg.train
+        num_micro_batches = sum(math.ceil(len(g) / cfg.states_per_forward) for g in part)
+        step = self._begin_step(num_micro_batches, result)
+        ok = True
+        for mb in self._micro_batches(part, gen):
                 loss, out = policy_loss(
                     self.policy, mb, cond=result.cond, sde=result.sde, noise_level=result.noise_level,
                     sigma_max=sigma_max, total_samples=total, clip_range=cfg.clip_range, adv_clip=cfg.adv_clip,
@@ -737,24 +809,55 @@ class Trainer:
                 stats["clip_frac"] += float(out.clip_frac.detach()) * share
                 stats["approx_kl"] += float(out.approx_kl.detach()) * share
                 stats["kl"] += float(out.kl.detach()) * share
-            ok, grad_norm = step.finish(ok)  # agreed by every rank
-            stats["padding_passes"] += step.padding_passes
-            self.counters.padding_passes += step.padding_passes
-            if not ok:
-                stats["skipped_nonfinite"] += 1
-                self._skip_nonfinite(iteration, "non-finite loss, gradient or updated weights")
-                continue
-            self.counters.optimizer_steps += 1
-            if self.ema is not None:
-                with self._full_parameters():
-                    self.ema.update()
-            stats["grad_norm"] += grad_norm
-            n_stats += 1
-        self.dist.sum_into(stats, ("loss", "clip_frac", "approx_kl", "kl"))  # each rank held its share
-        for k in ("loss", "clip_frac", "approx_kl", "kl"):
-            stats[k] /= cfg.inner_epochs
-        stats["grad_norm"] /= max(1, n_stats)
-        return stats
+                half_sq = (0.5 * (out.log_prob.detach().float() - mb.old_log_prob.float()) ** 2).sum(1)
+                for k in mb.step.unique().tolist():
+                    sel = mb.step == k
+                    kl_per_step[f"kl_sum/{k}"] += float(half_sq[sel].sum())
+                    kl_per_step[f"kl_count/{k}"] += float(sel.sum()) * mb.samples.shape[1]
+        ok, grad_norm = step.finish(ok)  # agreed by every rank
+        self._last_padding = step.padding_passes
+        self.counters.padding_passes += step.padding_passes
+        return ok, grad_norm
+
+    def _movement_probe(self, groups):
+        """(latents, σ, prompt row, k) of the first log.movement_states trained states of every step k (none under
+        ZeRO, whose forwards are collective), or None."""
+        n = self.cfg.log.movement_states
+        if n == 0 or self.zero is not None or not groups:
+            return None
+        picked = []
+        steps = torch.cat([g.step for g in groups])
+        for k in sorted(set(steps.tolist())):
+            left = n
+            for g in groups:
+                idx = (g.step == k).nonzero().squeeze(1)[:left]
+                if idx.numel():
+                    picked.append(g.take(idx))
+                    left -= idx.numel()
+                if left == 0:
+                    break
+        return tuple(torch.cat([getattr(g, f) for g in picked]) for f in ("latents", "sigma", "prompt", "step"))
+
+    @torch.no_grad()
+    def _probe_velocity(self, probe, cond) -> torch.Tensor:
+        x, sigma, prompt, _ = probe
+        size = self.cfg.train.states_per_forward
+        return torch.cat([self.policy.velocity(x[i:i + size], sigma[i:i + size],
+                                               select_cond(cond, prompt[i:i + size])).float()
+                          for i in range(0, x.shape[0], size)])
+
+    def _movement(self, probe, before: torch.Tensor, after: torch.Tensor, T: int) -> Dict[str, float]:
+        """velocity_change/k{k}: mean |v_after - v_before| over the probe's states of step k; velocity_change: over
+        all of them (means over ranks)."""
+        per_state = (after - before).abs().flatten(1).mean(1)
+        step = probe[3]
+        sums = {f"sum/{k}": float(per_state[step == k].sum()) for k in range(T)}
+        sums |= {f"count/{k}": float((step == k).sum()) for k in range(T)}
+        self.dist.sum_into(sums, list(sums))
+        out = {f"velocity_change/k{k}": sums[f"sum/{k}"] / sums[f"count/{k}"] for k in range(T) if sums[f"count/{k}"]}
+        total = sum(sums[f"count/{k}"] for k in range(T))
+        out["velocity_change"] = sum(sums[f"sum/{k}"] for k in range(T)) / total
+        return out
 
     def _skip_nonfinite(self, iteration: int, what: str) -> None:
         """Count a skipped update; NonFiniteAbort once more than train.max_nonfinite_skips were skipped."""
@@ -1018,7 +1121,7 @@ class Trainer:
 
         if self.eval_before is None and self.eval_fn is not None:
             self.eval_before = self._evaluate()
-            self.logger.log(0, {"heldout_accuracy": self.eval_before["overall"]["accuracy"]})
+            self.logger.log(0, eval_metrics(self.eval_before))
         # the showcase before training, kept in output_dir so a resumed run still draws before_after.png
         showcase_file = self.out / "showcase_before.pt"
         before = None
@@ -1036,7 +1139,7 @@ class Trainer:
             self.iteration = it + 1
             if (cfg.eval.every and self.eval_fn is not None and self.iteration % cfg.eval.every == 0
                     and self.iteration < cfg.train.iterations):
-                m["heldout_accuracy"] = self._evaluate()["overall"]["accuracy"]
+                m.update(eval_metrics(self._evaluate()))
             m.update(total_nfe=self.counters.nfe, total_policy_passes=self.counters.policy_passes,
                      total_wall_seconds=self.counters.wall_seconds)
             self.logger.log(self.iteration, m)
@@ -1051,7 +1154,7 @@ class Trainer:
             self.save()
         after = self._evaluate()
         if after is not None:
-            self.logger.log(self.iteration, {"heldout_accuracy": after["overall"]["accuracy"]})
+            self.logger.log(self.iteration, eval_metrics(after))
         pictures = self._pictures(before) if self.dist.is_main else []
         self.logger.close()
         if self.scorer is not None:

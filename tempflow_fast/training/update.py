@@ -3,8 +3,9 @@
 
 `build_update_batch` turns a rollout + credit into state groups: every trained state with the K samples
 that left it (K = branches for a bifurcation point, 1 for an SDE tail), minus the samples whose group
-carried no signal (zero reward spread). States are bucketed by K so each fused-loss call sees a fixed
-(N, K, D) shape. `policy_loss` runs the policy (and, with β > 0, the reference) once per state of a
+carried no signal (zero reward spread) and those the credit leaves untrained (Flow-GRPO's timestep_fraction).
+States are bucketed by K so each fused-loss call sees a fixed (N, K, D) shape. `split_parts` divides them into
+disjoint parts, one optimizer step each (train.optimizer_steps_per_epoch). `policy_loss` runs the policy (and, with β > 0, the reference) once per state of a
 micro-batch and returns the loss scaled by the micro-batch's share of all samples, so summing the
 micro-batches' losses gives the mean over every sample and trained step.
 """
@@ -34,6 +35,8 @@ class StateGroup:
     samples: torch.Tensor  # (S, K, *L) x_{i+1}
     old_log_prob: torch.Tensor  # (S, K)
     advantages: torch.Tensor  # (S, K)
+    step: torch.Tensor  # (S,) step index k
+    unit: torch.Tensor  # (S,) what split_parts keeps together: the trajectory of the state's first sample
 
     def __len__(self) -> int:
         return self.sigma.shape[0]
@@ -50,6 +53,8 @@ def build_update_batch(result, credit, *, skip_zero_std: bool = True) -> List[St
     """State groups (one per distinct K) from a RolloutResult and a Credit."""
     smp, st = result.samples, result.states
     keep = ~credit.zero_std if skip_zero_std else torch.ones_like(credit.zero_std)
+    if credit.trained is not None:
+        keep = keep & credit.trained
     idx = keep.nonzero().squeeze(1)
     if idx.numel() == 0:
         return []
@@ -76,9 +81,33 @@ def build_update_batch(result, credit, *, skip_zero_std: bool = True) -> List[St
                 samples=smp.sample[sample_idx].view(len(sid), k, *latent_shape),
                 old_log_prob=smp.old_log_prob[sample_idx].view(len(sid), k),
                 advantages=credit.advantages[sample_idx].view(len(sid), k).float(),
+                step=st.step[sid],
+                unit=smp.trajectory[sample_idx].view(len(sid), k)[:, 0],
             )
         )
     return groups
+
+
+def split_parts(groups: List[StateGroup], parts: int, gen: torch.Generator) -> List[List[StateGroup]]:
+    """`parts` disjoint lists of state groups: the units (StateGroup.unit) in a random order from `gen`, cut into
+    `parts` runs of equal count. A shared state's K samples stay together (one forward each), and so do the
+    steps of a full-SDE trajectory, as Flow-GRPO's code splits its trajectories (scripts/train_sd3.py: main,
+    `gradient_accumulation_steps = num_batches_per_epoch // 2` batches of trajectories per optimizer step)."""
+    if parts == 1:
+        return [groups]
+    units = torch.unique(torch.cat([g.unit for g in groups])) if groups else torch.empty(0, dtype=torch.long)
+    order = units[torch.randperm(len(units), generator=gen).to(units.device)]
+    part_of = {int(u): j * parts // max(1, len(order)) for j, u in enumerate(order.tolist())}
+    out = []
+    for j in range(parts):
+        chosen = []
+        for g in groups:
+            idx = torch.tensor([i for i, u in enumerate(g.unit.tolist()) if part_of[u] == j], dtype=torch.long,
+                               device=g.unit.device)
+            if idx.numel():
+                chosen.append(g.take(idx))
+        out.append(chosen)
+    return out
 
 
 def sde_mean(sde: str, x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, noise_level: float, sigma_max: float,
