@@ -34,6 +34,11 @@ ATTENTION_BACKENDS: Dict[str, Tuple[str, Optional[str]]] = {
 # update. diffusers registers `_flash_3` as a forward-only custom op (FA3's beta release has no autograd op).
 TRAINING_REFUSED: Dict[str, str] = {"flash3": "diffusers' _flash_3 backend is a forward-only custom op"}
 
+# Backends that take no attention mask (diffusers raises "`attn_mask` is not supported"), so no use to a model whose
+# text tokens are masked: Qwen-Image pads every prompt to max_sequence_length and masks the padding.
+MASK_REFUSED = frozenset({"sdpa_flash", "flash", "flash3", "sage"})
+MASKED_TEXT_KINDS = frozenset({"qwen_image"})
+
 
 class DispatchJointAttnProcessor:
     """SD3's joint (image + text) attention, as `JointAttnProcessor2_0`, through the dispatcher.
@@ -97,18 +102,19 @@ def _route_joint_attention(transformer: torch.nn.Module) -> int:
     return n
 
 
-def default_attention_backends(device, dtype) -> Tuple[Optional[str], Optional[str]]:
+def default_attention_backends(device, dtype, kind: Optional[str] = None) -> Tuple[Optional[str], Optional[str]]:
     """(update backend, rollout backend) a run gets when model.attention_backend is unset.
 
     On CUDA in bf16 / fp16: the update on torch SDPA forced to its flash kernel (`sdpa_flash`: FLUX and SD3 head
     dims fit it, no extra package), the no-grad rollouts on `native`, where torch picks cuDNN attention. Measured
     on an H200 with torch 2.11 (docs/gpu.md): cuDNN's SDPA backward faults inside a FLUX forward+backward (and gave
-    NaN gradients before), while its forward is 16-19 % faster per row than flash. Elsewhere (None, None): the
-    transformer's own default."""
+    NaN gradients before), while its forward is 16-19 % faster per row than flash. A model.kind with masked text
+    (MASKED_TEXT_KINDS: Qwen-Image) cannot use the flash kernel: its update runs on SDPA's memory-efficient kernel
+    (`sdpa_efficient`, masks and a backward). Elsewhere (None, None): the transformer's own default."""
     import torch
 
     if torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        return "sdpa_flash", "native"
+        return ("sdpa_efficient" if kind in MASKED_TEXT_KINDS else "sdpa_flash"), "native"
     return None, None
 
 
@@ -136,5 +142,8 @@ def set_attention_backend(transformer: torch.nn.Module, name: Optional[str]) -> 
     value = check_attention_backend(name)
     if not callable(getattr(transformer, "set_attention_backend", None)):
         raise ValueError(f"transformer must be a diffusers ModelMixin, got {type(transformer).__name__}")
+    if name in MASK_REFUSED and type(transformer).__name__ == "QwenImageTransformer2DModel":
+        raise ValueError(f"attention backend {name!r} takes no attention mask, which Qwen-Image's padded text needs; "
+                         f"use native, sdpa_efficient, sdpa_cudnn, xformers or flex")
     _route_joint_attention(transformer)
     transformer.set_attention_backend(value)

@@ -68,7 +68,8 @@ class ModelConfig:
     prompt_cache_size: int = 1024  # prompts whose text embeddings stay cached (LRU; FLUX: 4 MiB each, host RAM)
 
     def validate(self):
-        from tempflow_fast.models.attention import ATTENTION_BACKENDS, TRAINING_REFUSED
+        from tempflow_fast.models.attention import (ATTENTION_BACKENDS, MASK_REFUSED, MASKED_TEXT_KINDS,
+                                                    TRAINING_REFUSED)
 
         for name in ("attention_backend", "rollout_attention_backend"):
             value = getattr(self, name)
@@ -80,6 +81,11 @@ class ModelConfig:
                              f"pass ({TRAINING_REFUSED[self.attention_backend]}), so the update cannot use it; set "
                              f"model.rollout_attention_backend: {self.attention_backend} for the rollouts and a "
                              f"trainable backend (native, sdpa_flash, flash) as model.attention_backend")
+        for name in ("attention_backend", "rollout_attention_backend"):
+            if self.kind in MASKED_TEXT_KINDS and getattr(self, name) in MASK_REFUSED:
+                raise ValueError(f"config field 'model.{name}': {getattr(self, name)!r} takes no attention mask, "
+                                 f"which model.kind {self.kind} needs (its prompts are padded and masked); use "
+                                 f"native, sdpa_efficient, sdpa_cudnn, xformers or flex")
         _positive("model", prompt_cache_size=self.prompt_cache_size)
         _not_blank("model", path=self.path)
         from tempflow_fast.rewards.base import resolve_device

@@ -187,3 +187,22 @@ def test_a_pipeline_object_gets_the_adapter(folder):
     m = adapter_for_pipeline(pipe, resolution=RESOLUTION, max_sequence_length=TEXT_LEN)
     assert isinstance(m, QwenImageAdapter) and m.module is pipe.transformer
     assert not any(p.requires_grad for p in pipe.text_encoder.parameters())
+
+
+def test_attention_backends_without_masks_are_kept_off_qwen_image(model):
+    import torch as _torch
+
+    from tempflow_fast.config import load_config
+    from tempflow_fast.models.attention import default_attention_backends, set_attention_backend
+    from tempflow_fast.training.train_config import Config
+
+    # the padded text needs a mask: flash kernels refuse one, so the default update backend on a GPU differs
+    assert default_attention_backends("cuda", _torch.bfloat16, kind="qwen_image") == ("sdpa_efficient", "native")
+    assert default_attention_backends("cuda", _torch.bfloat16, kind="flux") == ("sdpa_flash", "native")
+    with pytest.raises(ValueError, match="takes no attention mask"):
+        set_attention_backend(model.module, "sdpa_flash")
+    for field in ("attention_backend", "rollout_attention_backend"):
+        with pytest.raises(ValueError, match=f"'model.{field}': 'sdpa_flash' takes no attention mask"):
+            load_config(Config, None, ["model.kind=qwen_image", f"model.{field}=sdpa_flash"])
+    load_config(Config, None, ["model.kind=qwen_image", "model.attention_backend=sdpa_efficient"])
+    load_config(Config, None, ["model.kind=flux", "model.attention_backend=sdpa_flash"])
