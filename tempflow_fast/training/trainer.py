@@ -128,7 +128,7 @@ def check_vocabulary(prompts: Sequence[str], vocab: Sequence[str], max_words: in
 
 @torch.no_grad()
 def mean_reward_eval(model, prompts: Sequence[str], reward, cfg: Config, *, rows_per_call: Optional[int] = None,
-                     decode_batch: Optional[int] = None, image_format: str = "float") -> Dict:
+                     decode_batch: Optional[int] = None, image_format: str = "float", progress: bool = False) -> Dict:
     """{"overall": {"accuracy": mean reward}, "reward/<name>": {"accuracy": mean raw score} per component of a
     composite reward} of Euler ODE samples (eval.num_steps, fixed seeds) for `prompts` (non-shapes tasks), on the
     schedule the rollouts use (sampling.shift / dynamic_shift, or the model's own with schedule_from_model), as
@@ -152,6 +152,9 @@ def mean_reward_eval(model, prompts: Sequence[str], reward, cfg: Config, *, rows
     scores, components = [], {}
     was = model.module.training
     model.module.eval()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(per_image), desc="held-out eval", unit="img", disable=not progress, leave=False)
     try:
         for i in range(0, len(per_image), step):
             chunk = per_image[i:i + step]
@@ -161,7 +164,9 @@ def mean_reward_eval(model, prompts: Sequence[str], reward, cfg: Config, *, rows
             scores.append(reward(images, chunk).float().cpu())
             for name, raw in getattr(reward, "last_components", {}).items():
                 components.setdefault(name, []).append(raw.float().cpu())
+            bar.update(len(chunk))
     finally:
+        bar.close()
         model.module.train(was)
     out = {"overall": {"accuracy": float(torch.cat(scores).mean()), "correct": 0, "count": len(per_image)}}
     for name, raw in components.items():
@@ -393,6 +398,7 @@ class Trainer:
         return make_runner(smp.runner, self.model, buckets, max_rows=max_rows)
 
     def _train_prompts(self) -> List[str]:
+        self.cfg.require_train_prompts()  # a real model never trains on the shapes task's toy prompts
         if self.cfg.data.train_prompts is None:
             from tempflow_fast.tasks.shapes.grammar import TRAIN_PROMPTS
 
@@ -429,15 +435,17 @@ class Trainer:
         prompts = read_prompts(self.cfg.data.eval_prompts, "data.eval_prompts")
         return lambda model: mean_reward_eval(
             model, prompts, self.reward, self.cfg, rows_per_call=self.runner.max_rows,
-            decode_batch=self.cfg.sampling.decode_batch, image_format=self._image_format)
+            decode_batch=self.cfg.sampling.decode_batch, image_format=self._image_format,
+            progress=self.dist.is_main and self.cfg.log.progress)
 
     def _shapes_eval(self, model) -> Dict:
         from tempflow_fast.tasks.shapes.eval_cmd import EvalSettings, evaluate, split_prompts
 
         e = self.cfg.eval
-        settings = EvalSettings(split="held_out", seeds_per_prompt=e.images_per_prompt, seed=e.seed,
+        settings = EvalSettings(split="held_out", images_per_prompt=e.images_per_prompt, seed=e.seed,
                                 num_steps=e.num_steps, shift=self.cfg.sampling.shift)
-        return evaluate(model, split_prompts("held_out"), settings)
+        return evaluate(model, split_prompts("held_out"), settings,
+                        progress=self.dist.is_main and self.cfg.log.progress)
 
     def _setup_params(self):
         cfg = self.cfg.train
@@ -591,7 +599,7 @@ class Trainer:
 
         m = self.cfg.model
         if m.attention_backend is None and m.rollout_attention_backend is None and m.kind != "tiny_flux":
-            return default_attention_backends(device, dtype)
+            return default_attention_backends(device, dtype, kind=m.kind)
         return m.attention_backend, m.rollout_attention_backend or m.attention_backend
 
     @contextlib.contextmanager
