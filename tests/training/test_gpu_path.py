@@ -13,7 +13,9 @@ from tempflow_fast.training.cli import main as train_main
 from tests.models.tiny_pipelines import RESOLUTION, TEXT_LEN, make_tiny_flux_pipeline
 
 GPU_PRESETS = ["tempflow_flux1024_hpsv3", "tempflow_sd35m_geneval", "tempflow_sd35m_pickscore", "g2rpo_flux_hps_clip",
-               "flow_grpo_sd35m"]
+               "flow_grpo_sd35m", "official/tempflow_flux", "official/tempflow_sd35m_geneval",
+               "official/tempflow_sd35m_pickscore", "official/flow_grpo_sd35m_geneval",
+               "official/flow_grpo_sd35m_pickscore", "official/g2rpo_flux_hps_clip"]
 PROMPTS = ["a photo of a cat", "a red car on a road", "two dogs playing", "a bowl of fruit"]
 
 
