@@ -19,9 +19,9 @@ Flow-GRPO (yifan123/flow_grpo: `scripts/train_sd3.py`, `config/grpo.py: geneval_
 
 What is kept from this codebase so both sides compute the same thing: the plan (branch steps, T, N, K, G), the
 schedule, the SDE math (`sampling.steppers`, `training.update.sde_mean`), the credit and its step weights, the KL
-convention, and which samples are trained (zero-spread groups skipped). TempFlow's public code also branches at
-the last step and weights steps by 1.73·std; those are method choices, not structure, and are left out. All noise
-is drawn up front in the engine's order (`engine_noise`), so with the same generator the baseline and the engine
+convention, and which samples are trained (zero-spread groups skipped, `credit.trained`). TempFlow's public code
+also branches at the last step: a method choice, not structure, left out (its 1.73·std step weights are
+`tempflow.step_weight_scale`, carried by the credit like any weights). All noise is drawn up front in the engine's order (`engine_noise`), so with the same generator the baseline and the engine
 see the same noises and give the same images; the public code draws per call, which changes no cost.
 
 `ForwardCounter` counts what goes through the transformer on either side: calls, rows, rows with gradient, and
@@ -272,6 +272,8 @@ def official_update(model, result: RolloutResult, credit, *, clip_range: float, 
     trajectories (Flow-GRPO's); the loss a mean over every row. Returns {"loss", "rows", "calls"}."""
     smp, st = result.samples, result.states
     keep = ~credit.zero_std if skip_zero_std else torch.ones_like(credit.zero_std)
+    if credit.trained is not None:  # the steps the method trains (Flow-GRPO's timestep_fraction)
+        keep = keep & credit.trained
     idx = keep.nonzero().squeeze(1)
     total = idx.numel()
     out = {"loss": 0.0, "rows": total, "calls": 0}

@@ -326,10 +326,12 @@ OFFICIAL = "official-structure"
 PHASES = ("rollout", "update", "iteration")
 # The papers' update settings for both sides: LoRA r = 32 / α = 64 on FLUX's targets, β = 0.004 in TempFlow's (exact
 # Gaussian) KL convention, rows per rollout call capped as on a GPU (ROWS_PER_CALL_CAP_CUDA), the pipeline's own
-# schedule (FLUX.1-dev's dynamic shift).
+# schedule (FLUX.1-dev's dynamic shift); the trainer's movement diagnostic off (no-grad forwards the structure
+# comparison should not count).
 OFFICIAL_TRAIN_OVERRIDES = ("train.lora.enabled=true", "train.lora.rank=32", "train.lora.alpha=64",
                             "train.beta=0.004", "train.kl_convention=gaussian", "train.clip_range=0.2",
-                            "sampling.max_rows_per_call=32", "sampling.schedule_from_model=true")
+                            "sampling.max_rows_per_call=32", "sampling.schedule_from_model=true",
+                            "log.movement_states=0")
 
 
 def _official_model(s: Settings):
