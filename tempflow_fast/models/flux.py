@@ -9,7 +9,9 @@ Follows diffusers' `FluxPipeline` exactly where it matters for the numbers:
   `guidance_scale` for every row (no classifier-free guidance batch);
 - conditioning: `FluxPipeline.encode_prompt` — CLIP pooled output → `pooled_projections`, T5
   hidden states (`max_sequence_length` tokens) → `encoder_hidden_states`;
-- decode: unpack, `latents / scaling_factor + shift_factor`, VAE decode, `x / 2 + 0.5` clamped.
+- decode: unpack, `latents / scaling_factor + shift_factor`, VAE decode, `x / 2 + 0.5` clamped;
+- schedule: the pipeline scheduler's config as `self.schedule` (sampling/schedules.py `FlowSchedule`), so the
+  engine samples on the pipeline's own dynamic-shift constants (`model_sigmas`), as `FluxPipeline` does.
 
 Weights load in `dtype` (bf16 by default) and the forward runs under autocast to it, so trainable fp32
 master weights (LoRA adapters, a full fine-tune) compute in bf16 like the frozen ones; inputs are cast to

@@ -11,7 +11,9 @@ Follows diffusers' `StableDiffusion3Pipeline` where it matters for the numbers:
   concatenated and zero-padded to the T5 width, then T5 tokens; pooled = both CLIP projections.
   The negative prompt ("" by default, Flow-GRPO's choice) is encoded once and held by the adapter,
   so `Cond` carries only the prompts' rows;
-- decode: `latents / scaling_factor + shift_factor`, VAE decode, `x / 2 + 0.5` clamped.
+- decode: `latents / scaling_factor + shift_factor`, VAE decode, `x / 2 + 0.5` clamped;
+- schedule: the pipeline scheduler's config as `self.schedule` (sampling/schedules.py `FlowSchedule`: its shift),
+  which `model_sigmas` samples on where a plan leaves the shift to the model.
 """
 
 from __future__ import annotations

@@ -181,8 +181,10 @@ def rollout(model, prompts: Sequence[str], plan, *, seed: Optional[int] = None,
     the model's default rows per call (models/memory.py); `cond` skips `model.encode_prompts`; `sigmas`
     overrides the plan's schedule (T+1 values). Images are decoded `decode_batch` at a time (default sized by
     resolution, models/memory.py) and kept as the decoder returns them ("float") or as uint8 on the host
-    ("uint8_cpu"). With `runner.segments` on, every run of plain Euler steps to σ = 0 (ODE completions, the
-    trunks after their last branch step) goes through `runner.ode_segment` in one piece.
+    ("uint8_cpu"). With `runner.segments` on, every run of plain Euler steps to σ = 0 (ODE completions with an
+    Euler-path solver, the trunks after their last branch step) goes through `runner.ode_segment` in one piece.
+    The schedule is the model's (`schedules.model_sigmas`): its scheduler's dynamic-shift constants, and its shift
+    and dynamic shift where the plan leaves them None.
     """
     if isinstance(prompts, str) or len(prompts) == 0:
         raise ValueError(f"prompts must be a non-empty list of strings, got {prompts!r}")
