@@ -165,3 +165,28 @@ def test_reward_eval_logs_each_component(tmp_path, make_trainer):
     assert eval_metrics(table) == {"heldout_accuracy": table["overall"]["accuracy"],
                                    "heldout/reward/red": table["reward/red"]["accuracy"],
                                    "heldout/reward/green": table["reward/green"]["accuracy"]}
+
+
+def test_eval_and_export_use_the_ema_weights(tmp_path, make_trainer):
+    """As the official eval and save_ckpt (ema.copy_ema_to(..., store_temp=True), then copy_temp_to)."""
+    tr = make_trainer(tmp_path, "flow_grpo", "train.ema_decay=0.5", "train.iterations=1")
+    tr.run_iteration(0)
+    name, live = tr.named_params[0]
+    seen = {}
+
+    def eval_fn(model):
+        seen["w"] = live.detach().clone()
+        return {"overall": {"accuracy": 0.0}}
+
+    tr.eval_fn = eval_fn
+    before = live.detach().clone()
+    tr._evaluate()
+    assert torch.equal(seen["w"], tr.ema.shadow[name].to(live.dtype)) and not torch.equal(seen["w"], before)
+    assert torch.equal(live.detach(), before)  # the live weights are back after the eval
+    tr.eval_fn = None
+    tr.iteration = 1
+    tr.train()
+    from tempflow_fast.models.tiny_flux import TinyFluxAdapter
+
+    exported = dict(TinyFluxAdapter.from_pretrained(tmp_path / "final").module.named_parameters())[name]
+    assert torch.equal(exported.detach(), tr.ema.shadow[name].to(exported.dtype))
