@@ -828,11 +828,14 @@ class Trainer:
         return ok, grad_norm
 
     def _movement_probe(self, groups):
-        """(latents, σ, prompt row, k) of the first log.movement_states trained states of every step k (none under
-        ZeRO, whose forwards are collective), or None."""
+        """(latents, σ, prompt row, k) of the first log.movement_states trained states of every step k (empty on a
+        rank with none: every rank still joins the sums), or None when off and under ZeRO, whose forwards are
+        collective."""
         n = self.cfg.log.movement_states
-        if n == 0 or self.zero is not None or not groups:
+        if n == 0 or self.zero is not None:
             return None
+        if not groups:
+            return (torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
         picked = []
         steps = torch.cat([g.step for g in groups])
         for k in sorted(set(steps.tolist())):
@@ -850,6 +853,8 @@ class Trainer:
     def _probe_velocity(self, probe, cond) -> torch.Tensor:
         x, sigma, prompt, _ = probe
         size = self.cfg.train.states_per_forward
+        if x.shape[0] == 0:
+            return torch.empty(0)
         return torch.cat([self.policy.velocity(x[i:i + size], sigma[i:i + size],
                                                select_cond(cond, prompt[i:i + size])).float()
                           for i in range(0, x.shape[0], size)])
@@ -857,14 +862,15 @@ class Trainer:
     def _movement(self, probe, before: torch.Tensor, after: torch.Tensor, T: int) -> Dict[str, float]:
         """velocity_change/k{k}: mean |v_after - v_before| over the probe's states of step k; velocity_change: over
         all of them (means over ranks)."""
-        per_state = (after - before).abs().flatten(1).mean(1)
+        per_state = (after - before).abs().flatten(1).mean(1) if before.numel() else torch.empty(0)
         step = probe[3]
         sums = {f"sum/{k}": float(per_state[step == k].sum()) for k in range(T)}
         sums |= {f"count/{k}": float((step == k).sum()) for k in range(T)}
         self.dist.sum_into(sums, list(sums))
         out = {f"velocity_change/k{k}": sums[f"sum/{k}"] / sums[f"count/{k}"] for k in range(T) if sums[f"count/{k}"]}
         total = sum(sums[f"count/{k}"] for k in range(T))
-        out["velocity_change"] = sum(sums[f"sum/{k}"] for k in range(T)) / total
+        if total:
+            out["velocity_change"] = sum(sums[f"sum/{k}"] for k in range(T)) / total
         return out
 
     def _skip_nonfinite(self, iteration: int, what: str) -> None:
