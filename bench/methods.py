@@ -205,13 +205,13 @@ def _diagnostics(metrics: List[dict]) -> Dict[str, float]:
     return out
 
 
-def step_spread(metrics: List[dict]) -> Dict[int, float]:
-    """{k: mean over logged iterations of reward_std/k{k}}."""
+def step_spread(metrics: List[dict], prefix: str = "reward_std/k") -> Dict[int, float]:
+    """{k: mean over logged iterations of <prefix>{k}} (reward_std/k, approx_kl/k, velocity_change/k)."""
     acc: Dict[int, List[float]] = {}
     for m in metrics:
         for key, v in m.items():
-            if key.startswith("reward_std/k"):
-                acc.setdefault(int(key[len("reward_std/k"):]), []).append(float(v))
+            if key.startswith(prefix):
+                acc.setdefault(int(key[len(prefix):]), []).append(float(v))
     return {k: sum(v) / len(v) for k, v in sorted(acc.items())}
 
 
@@ -346,6 +346,19 @@ def report(out: Path, methods: Sequence[str], seeds: Sequence[int], *, target: O
         for name, v in spreads.items():
             lines.append(f"| {METHODS[name][0]} | " + " | ".join(f"{v[k]:.3f}" if k in v else "—" for k in ks) + " |")
 
+    for prefix, title, fmt in (("approx_kl/k", "Approx-KL per trained step (mean over iterations)", ".1e"),
+                               ("velocity_change/k", "Velocity movement per update, mean |v_after - v_before| per "
+                                "trained step (mean over iterations)", ".2e")):
+        per_step = {name: step_spread(d["metrics"], prefix) for name, d in data.items()}
+        per_step = {k: v for k, v in per_step.items() if v}
+        if per_step:
+            ks = sorted({k for v in per_step.values() for k in v})
+            lines += ["", f"## {title}", "", "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
+                      "|---|" + "---|" * len(ks)]
+            for name, v in per_step.items():
+                lines.append(f"| {METHODS[name][0]} | " + " | ".join(f"{v[k]:{fmt}}" if k in v else "—" for k in ks)
+                             + " |")
+
     pngs = write_plots(out, data)
     lines += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in pngs), ""]
     text = "\n".join(lines)
@@ -371,6 +384,70 @@ def run_grid(out: Path, *, methods: Sequence[str], seeds: Sequence[int], iterati
                              reward=reward, eval_fn=eval_fn)
             log(f"[methods] {name} seed {seed}: {status} ({time.perf_counter() - t0:.0f} s)")
     return report(out, methods, seeds, target=target, command=command)
+
+
+# --movement: how far one iteration moves each variant, per step k (issue 17: approx-KL alone misreads it)
+MOVEMENT_VARIANTS: Dict[str, tuple] = {
+    "flow_grpo": ("Flow-GRPO, k = 0..8 trained", "flow_grpo", ["flow_grpo.group_size=24"]),
+    "flow_grpo_k0_3": ("Flow-GRPO, k = 0..3 trained", "flow_grpo",
+                       ["flow_grpo.group_size=24", "flow_grpo.timestep_fraction=0.4"]),
+    "tempflow": ("TempFlow-GRPO, k = 0..3", "tempflow", ["tempflow.num_seeds=4", "tempflow.branches=6"]),
+}
+
+
+def movement(out: Path, *, iterations: int = 3, seed: int = 0, states: int = 4, quick: bool = False,
+             log=print) -> str:
+    """Each variant of MOVEMENT_VARIANTS from the shipped base model for `iterations` iterations (its shapes
+    preset, no eval): per iteration the pooled approx-KL, approx-KL and mean |Δv| per trained step k (on `states`
+    states per k), the gradient norm and |Δθ| (L2 norm of the weights' change). Returns a markdown table of the
+    means over iterations."""
+    import torch
+
+    from tempflow_fast.config import load_config
+    from tempflow_fast.training.train_config import Config
+    from tempflow_fast.training.trainer import Trainer
+
+    rows = []
+    for name, (label, method, overrides) in MOVEMENT_VARIANTS.items():
+        cfg = load_config(Config, PRESETS[method], [
+            f"method={method}", f"output_dir={out / name}", f"seed={seed}", f"train.iterations={iterations}",
+            "log.tensorboard=false", "log.progress=false", "log.sample_every=0", "log.showcase_prompts=0",
+            f"log.movement_states={states}", "checkpoint.every=0", *overrides, *(QUICK_OVERRIDES if quick else [])])
+        trainer = Trainer(cfg, eval_fn=lambda model: None, overwrite=True)
+        per_it = []
+        try:
+            for it in range(iterations):
+                before = [p.detach().clone() for _, p in trainer.named_params]
+                m = trainer.run_iteration(it)
+                m["delta_theta"] = float(torch.sqrt(sum(((p.detach() - b) ** 2).sum()
+                                                        for (_, p), b in zip(trainer.named_params, before))))
+                per_it.append(m)
+        finally:
+            trainer.close()
+        rows.append((label, per_it))
+        log(f"[methods] movement {name}: {iterations} iterations")
+    ks = sorted({int(k.split("/k")[1]) for _, its in rows for m in its for k in m if k.startswith("approx_kl/k")})
+
+    def mean(its, key):
+        vals = [m[key] for m in its if key in m]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    lines = [f"Means over {iterations} iterations from the base model, seed {seed}, each variant's shapes preset "
+             f"(2 inner epochs: the first scores the rollout policy itself). ‖Δθ‖: L2 norm of the weights' change "
+             f"per iteration; KL k: approx-KL of the samples of step k; Δv k: mean |v_after - v_before| on {states} "
+             f"trained states of step k.", "",
+             "| variant | approx-KL (pooled) | grad norm | ‖Δθ‖ | " + " | ".join(f"KL k={k}" for k in ks) + " | "
+             + " | ".join(f"Δv k={k}" for k in ks) + " |", "|---|---|---|---|" + "---|" * (2 * len(ks))]
+    for label, its in rows:
+        kl = [mean(its, f"approx_kl/k{k}") for k in ks]
+        dv = [mean(its, f"velocity_change/k{k}") for k in ks]
+        cells = [f"{mean(its, 'approx_kl'):.1e}", f"{mean(its, 'grad_norm'):.4f}", f"{mean(its, 'delta_theta'):.4f}"]
+        cells += ["—" if math.isnan(v) else f"{v:.1e}" for v in kl] + ["—" if math.isnan(v) else f"{v:.2e}" for v in dv]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "movement.md").write_text(text + "\n")
+    return text
 
 
 def write_results_md(text: str, out: Path, path: Path) -> Path:
@@ -399,6 +476,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override (all runs)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the report from finished evals")
+    ap.add_argument("--movement", action="store_true",
+                    help="instead of the grid: per-step approx-KL, |Δv| per step, grad norm and |Δθ| of Flow-GRPO "
+                         "(k = 0..8 and k = 0..3 trained) and TempFlow over --iterations (default 3) from the base "
+                         "model; writes OUT/movement.md")
     ap.add_argument("--no-results-md", action="store_true", help="do not write the results markdown (full mode)")
     ap.add_argument("--results-md", default=str(ROOT / "docs" / "results.md"),
                     help="where full mode writes the report (figures go to the same path without .md)")
@@ -408,6 +489,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.movement:
+        print(movement(Path(args.out), iterations=args.iterations or (1 if args.quick else 3), quick=args.quick))
+        return
     seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
     iterations = args.iterations if args.iterations is not None else (2 if args.quick else 60)
     eval_every = args.eval_every if args.eval_every is not None else (1 if args.quick else 10)

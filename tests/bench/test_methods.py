@@ -69,6 +69,8 @@ def test_quick_runs_every_method_and_writes_the_report(tmp_path):
     m = [json.loads(l) for l in (out / "runs" / "tempflow_adaptive" / "seed0" / "metrics.jsonl").read_text().splitlines()]
     assert any(k.startswith("adaptive_spread/") for k in m[-2])
     assert "per bifurcation step" in text
+    # per-step approx-KL and velocity movement, not one pooled approx-KL
+    assert "## Approx-KL per trained step" in text and "## Velocity movement per update" in text
     # full mode's docs/results.md: the report with the figures copied beside it
     md = methods.write_results_md(text, out, tmp_path / "docs" / "results.md")
     assert "python bench/methods.py --quick" in md.read_text() and "](results/accuracy_curves.png)" in md.read_text()
@@ -85,6 +87,18 @@ def test_quick_runs_every_method_and_writes_the_report(tmp_path):
     text3 = (run / "evals.jsonl").read_text()
     assert text3.startswith(head) and [json.loads(l)["iteration"] for l in text3.splitlines()] == [0, 1, 2, 3]
     assert json.loads((run / "summary.json").read_text())["iterations"] == 3
+
+
+def test_movement_table_per_step(tmp_path):
+    text = methods.movement(tmp_path / "mv", iterations=1, quick=True, states=1, log=lambda *_: None)
+    lines = text.splitlines()
+    assert lines[2].startswith("| variant | approx-KL (pooled) | grad norm | ‖Δθ‖ | KL k=0")
+    assert all(l.count("|") == lines[2].count("|") for l in lines[2:])
+    rows = {l.split(" | ")[0].strip("| "): l for l in lines[4:]}
+    assert set(rows) == {label for label, _, _ in methods.MOVEMENT_VARIANTS.values()}
+    # quick settings, T = 4: Flow-GRPO trains k = 0..2, its k ≤ 3 variant (fraction 0.4) only k = 0
+    assert rows["Flow-GRPO, k = 0..3 trained"].count("—") == 4
+    assert (tmp_path / "mv" / "movement.md").read_text().strip() == text
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
