@@ -851,13 +851,18 @@ class Trainer:
 
     @torch.no_grad()
     def _probe_velocity(self, probe, cond) -> torch.Tensor:
+        """v of the probe's states as the rollouts compute it (eval mode, the rollout attention backend, the
+        segment runner), so compiled blocks and captured graphs are reused rather than built again."""
         x, sigma, prompt, _ = probe
-        size = self.cfg.train.states_per_forward
         if x.shape[0] == 0:
             return torch.empty(0)
-        return torch.cat([self.policy.velocity(x[i:i + size], sigma[i:i + size],
-                                               select_cond(cond, prompt[i:i + size])).float()
-                          for i in range(0, x.shape[0], size)])
+        was = self.model.module.training
+        self.model.module.eval()
+        try:
+            with self._rollout_attention():
+                return self.runner(x, sigma, cond, prompt).float()
+        finally:
+            self.model.module.train(was)
 
     def _movement(self, probe, before: torch.Tensor, after: torch.Tensor, T: int) -> Dict[str, float]:
         """velocity_change/k{k}: mean |v_after - v_before| over the probe's states of step k; velocity_change: over
