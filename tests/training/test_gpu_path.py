@@ -110,9 +110,15 @@ def test_rollout_attention_backend_is_used_for_rollouts_only(tmp_path, flux_dir,
     seen = []
     monkeypatch.setattr(attention, "set_attention_backend", lambda t, name: seen.append(name))
     trainer = _trainer(tmp_path, flux_dir, "model.dtype=float32", "model.attention_backend=native",
-                       "model.rollout_attention_backend=sdpa_efficient")
+                       "model.rollout_attention_backend=sdpa_efficient", "log.movement_states=0")
     trainer.run_iteration(0)
     assert seen == ["sdpa_efficient", "native"]
+    # the velocity-movement probe runs as the rollouts do, before and after the update
+    seen.clear()
+    trainer = _trainer(tmp_path / "probe", flux_dir, "model.dtype=float32", "model.attention_backend=native",
+                       "model.rollout_attention_backend=sdpa_efficient", "log.movement_states=1")
+    trainer.run_iteration(0)
+    assert seen == ["sdpa_efficient", "native"] * 3
 
 
 def test_compile_blocks_never_hits_the_recompile_limit(tmp_path, flux_dir, monkeypatch):
@@ -153,7 +159,7 @@ def test_eval_builds_noise_and_sigmas_on_the_models_device(tmp_path):
     """Everything the eval hands the model lives on the model's device (meta here: no CUDA needed to see it)."""
     from tempflow_fast.config import load_config
     from tempflow_fast.training.train_config import Config
-    from tempflow_fast.training.trainer import mean_reward_eval
+    from tempflow_fast.tasks.reward_eval import mean_reward_eval
 
     class MetaModel:
         latent_shape, image_seq_len = (4, 3), 4
