@@ -58,11 +58,12 @@ def say(message: str) -> None:
 
 def load_model(device):
     from tempflow_fast.models import tiny_flux
+    from tempflow_fast.tasks.shapes.task import new_model
 
     try:
         return tiny_flux.load_shipped(device), "tiny_flux (shipped weights)"
     except (ValueError, FileNotFoundError, ModuleNotFoundError):
-        model = tiny_flux.TinyFluxAdapter.create(seed=0)
+        model = new_model(seed=0)
         model.module.to(device)
         return model, "tiny_flux (random weights)"
 

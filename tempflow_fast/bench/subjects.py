@@ -160,6 +160,7 @@ def _time(fn: Callable[[int], object], s: Settings, telemetry: GpuTelemetry, lab
 def load_model(s: Settings):
     """(model adapter on s.device, label for the `shape` column)."""
     from tempflow_fast.models import tiny_flux
+    from tempflow_fast.tasks.shapes.task import new_model
 
     if s.model_path:
         from tempflow_fast.models.loading import load_adapter
@@ -168,13 +169,13 @@ def load_model(s: Settings):
         model = load_adapter(s.model_kind, s.model_path, device=s.device, dtype=s.dtype, resolution=s.resolution)
         return model, f"{s.model_kind} {Path(s.model_path).name}"
     if s.quick:
-        model = tiny_flux.TinyFluxAdapter.create(seed=0, transformer_config=QUICK_TRANSFORMER)
+        model = new_model(seed=0, transformer_config=QUICK_TRANSFORMER)
         model.module.to(s.device)
         return model, "tiny_flux 1+1 layers (random)"
     try:
         return tiny_flux.load_shipped(s.device), "tiny_flux (shipped)"
     except (ValueError, FileNotFoundError):
-        model = tiny_flux.TinyFluxAdapter.create(seed=0)
+        model = new_model(seed=0)
         model.module.to(s.device)
         return model, "tiny_flux (random)"
 

@@ -427,11 +427,9 @@ def estimate_for(kind: str, path: Optional[str], *, dtype: torch.dtype = torch.b
                   max_rows_per_call=max_rows_per_call, decode_batch=decode_batch, cuda_graphs=cuda_graphs,
                   gpu_memory=gpu_memory, zero_stage=zero_stage, world_size=world_size)
     if kind == "tiny_flux":
-        from .tiny_flux import IMAGE_SIZE, PATCH, TinyFluxAdapter, load, shipped_weights_dir
+        from .tiny_flux import IMAGE_SIZE, PATCH, load
 
-        # The shipped model has the default architecture; count a fresh one if its weights are absent.
-        shipped = shipped_weights_dir() / "tiny_flux_config.json"
-        adapter = load(path) if path or shipped.is_file() else TinyFluxAdapter.create()
+        adapter = load(path)  # the shipped model when path is None
         spec = transformer_spec_from_module(adapter.module.transformer, (IMAGE_SIZE // PATCH) ** 2, adapter.max_words)
         # The tiny model trains its word encoder with the transformer: count it as transformer weights.
         spec.params = sum(p.numel() for p in adapter.module.parameters())

@@ -45,18 +45,6 @@ DEFAULT_TRANSFORMER_CONFIG = dict(
 )
 
 
-def default_vocab() -> Tuple[str, ...]:
-    from tempflow_fast.tasks.shapes.grammar import VOCAB
-
-    return VOCAB
-
-
-def default_max_words() -> int:
-    from tempflow_fast.tasks.shapes.grammar import MAX_WORDS
-
-    return MAX_WORDS
-
-
 class WordTextEncoder(nn.Module):
     """Token ids (B, L) → (encoder_hidden_states (B, L, D), pooled (B, P)); id 0 is padding."""
 
@@ -136,12 +124,15 @@ class TinyFluxAdapter:
         self._index = {w: i for i, w in enumerate(self.vocab)}
 
     @classmethod
-    def create(cls, seed: int = 0, transformer_config: Optional[dict] = None,
-               vocab: Optional[Sequence[str]] = None, max_words: Optional[int] = None,
-               text_dim: int = 64) -> "TinyFluxAdapter":
-        """A freshly initialised model (deterministic in `seed`)."""
-        vocab = tuple(vocab or default_vocab())
-        max_words = int(max_words or default_max_words())
+    def create(cls, seed: int = 0, transformer_config: Optional[dict] = None, *, vocab: Sequence[str],
+               max_words: int, text_dim: int = 64) -> "TinyFluxAdapter":
+        """A freshly initialised model (deterministic in `seed`) reading the words `vocab` (index 0: padding), at
+        most `max_words` per prompt. The vocabulary is the task's (tasks/shapes/task.py: new_model); a saved
+        model carries its own in its config (`from_pretrained`)."""
+        vocab = tuple(vocab)
+        if len(vocab) < 2:
+            raise ValueError(f"vocab must hold the padding entry and at least one word, got {vocab!r}")
+        max_words = int(max_words)
         config = dict(DEFAULT_TRANSFORMER_CONFIG, **(transformer_config or {}))
         with torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -211,7 +202,7 @@ class TinyFluxAdapter:
         transformer_config = {k: v for k, v in config["transformer"].items() if not k.startswith("_")}
         transformer_config["axes_dims_rope"] = tuple(transformer_config["axes_dims_rope"])
         text = config["text_encoder"]
-        adapter = cls.create(0, transformer_config, text["vocab"], text["max_words"], text["dim"])
+        adapter = cls.create(0, transformer_config, vocab=text["vocab"], max_words=text["max_words"], text_dim=text["dim"])
         from .loading import check_finite_weights
 
         state = load_file(str(directory / WEIGHTS_NAME))

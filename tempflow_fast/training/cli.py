@@ -127,7 +127,10 @@ def dry_run(cfg: Config, gpu_memory_gib: float = 80.0):
     guidance = smp.guidance_scale
     default_cfg = {"sd3": 4.5, "qwen_image": 4.0}  # the kinds with true CFG, and their default scales
     cfg_batches = 2 if m.kind in default_cfg and (default_cfg[m.kind] if guidance is None else guidance) > 1.0 else 1
-    nfe = nfe_per_iteration(algorithms.from_config(cfg).plan(), t.prompts_per_iteration, cfg_batches=cfg_batches)
+    algorithm = algorithms.from_config(cfg)
+    plan = algorithm.plan()  # None: a forward-process method (DiffusionNFT), whose rollout is plain ODE sampling
+    nfe = (algorithm.rollout_nfe(t.prompts_per_iteration, cfg_batches) if plan is None
+           else nfe_per_iteration(plan, t.prompts_per_iteration, cfg_batches=cfg_batches))
     lines = dry_run_lines(estimate, nfe)
     problem = None
     if estimate.max_rows_per_call < 1:

@@ -10,7 +10,9 @@ from typing import Literal, Optional
 
 from tempflow_fast.rewards.config import RewardConfig
 
-METHODS = ("flow_grpo", "tempflow", "g2rpo", "stepwise")
+METHODS = ("flow_grpo", "tempflow", "g2rpo", "stepwise", "mixgrpo", "diffusion_nft")
+TASKS = ("shapes", "compressibility", "prompts")
+JPEG_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility")
 
 
 def _positive(section: str, **values) -> None:
@@ -213,6 +215,47 @@ class StepwiseConfig:
 
 
 @dataclass
+class MixGRPOConfig:
+    """MixGRPO (Li et al. 2025, arXiv:2507.21802; its code's finetune_flux_grpo_MixGRPO.sh): SDE inside a window of
+    w steps, ODE elsewhere; the window moves by s steps every τ iterations and starts over at step 0 after the
+    last (roll back)."""
+
+    group_size: int = 12  # G images per prompt, all from one initial noise (its init_same_noise)
+    window_size: int = 4  # w, SDE (and trained) steps per window
+    shift_interval: int = 25  # τ, iterations before the window moves
+    window_stride: int = 1  # s, steps the window moves by
+    unbiased_std: bool = True  # group std with n - 1 (its code: torch.std)
+    std_eps: float = 1e-8  # A = (r - mean) / (std + eps), its code's
+
+    def validate(self):
+        _positive("mixgrpo", group_size=self.group_size, window_size=self.window_size,
+                  shift_interval=self.shift_interval, window_stride=self.window_stride, std_eps=self.std_eps)
+
+
+@dataclass
+class DiffusionNFTConfig:
+    """DiffusionNFT (Zheng et al. 2025, arXiv:2509.16117; algorithms/diffusion_nft.py): ODE samples of an old policy,
+    trained on the forward process by the negative-aware flow-matching loss."""
+
+    group_size: int = 24  # K images per prompt, ODE samples of the old policy from independent noises
+    guidance_strength: float = 1.0  # β: implicit policies v± = v_old ± β·(v_θ - v_old)
+    # noise levels per image and update: int(T·fraction) of the schedule's T σ's, drawn without replacement (its
+    #   code: a permutation of the sampler's timesteps, the first num_train_timesteps = int(T·0.99))
+    timestep_fraction: float = 0.99
+    # the old policy after each iteration: θ_old ← η·θ_old + (1 - η)·θ with η = min(old_decay_rate·i,
+    #   old_decay_max), i the optimizer steps so far (its decay_type 1)
+    old_decay_rate: float = 0.001
+    old_decay_max: float = 0.5
+
+    def validate(self):
+        _positive("diffusion_nft", group_size=self.group_size, guidance_strength=self.guidance_strength)
+        _fraction("diffusion_nft", self.timestep_fraction)
+        _non_negative("diffusion_nft", old_decay_rate=self.old_decay_rate)
+        if not 0.0 <= self.old_decay_max < 1.0:
+            raise ValueError(f"config field 'diffusion_nft.old_decay_max': must be in [0, 1), got {self.old_decay_max}")
+
+
+@dataclass
 class LoraConfig:
     enabled: bool = False  # LoRA through peft; off = full fine-tune
     rank: int = 32
@@ -276,14 +319,25 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # evaluate held-out accuracy / reward every N iterations (0 = only before/after)
+    every: int = 0  # held-out eval and probe every N iterations (0 = only before/after)
     num_steps: int = 10  # Euler ODE steps for evaluation (official: 40 SD3.5-M, 50 FLUX)
-    images_per_prompt: int = 16  # same protocol as configs/shapes_eval.yaml (official reward eval: 1)
+    # held-out images per prompt; null = the task's default: shapes 64 (as configs/shapes_eval.yaml), compressibility
+    #   and prompt files 16 (official reward eval: 1)
+    images_per_prompt: Optional[int] = None
     seed: int = 0
+    # the probe set: the trained reward of ODE samples (num_steps) of fixed train prompts × fixed noises, logged as
+    #   probe_reward before training, every `every` iterations and at the end; prompts spread over the task's
+    #   categories; null = the task's default (shapes, compressibility: 24; prompt files: 0 = off)
+    probe_prompts: Optional[int] = None
+    probe_images: int = 8  # probe images per prompt
 
     def validate(self):
         _non_negative("eval", every=self.every)
-        _positive("eval", images_per_prompt=self.images_per_prompt)
+        if self.images_per_prompt is not None:
+            _positive("eval", images_per_prompt=self.images_per_prompt)
+        if self.probe_prompts is not None:
+            _non_negative("eval", probe_prompts=self.probe_prompts)
+        _positive("eval", probe_images=self.probe_images)
         if self.num_steps < 2:
             raise ValueError(f"config field 'eval.num_steps': must be >= 2, got {self.num_steps}")
 
@@ -336,6 +390,11 @@ class DataConfig:
     eval_prompts: Optional[str] = None
     # shapes task: draw training prompts category by category (each GenEval category equally often)
     balance_categories: bool = False
+    # what the run trains on and how it is measured (tempflow_fast/tasks): shapes (the grammar's prompts, held-out
+    #   accuracy) | compressibility (the same prompts, a JPEG reward, held-out mean reward) | prompts (the prompt
+    #   files above, held-out mean reward); null = prompts when data.train_prompts is set or model.kind is not
+    #   tiny_flux, else compressibility when reward.name is a JPEG reward, else shapes (Config.task_name)
+    task: Optional[Literal["shapes", "compressibility", "prompts"]] = None
 
     def validate(self):
         _not_blank("data", train_prompts=self.train_prompts, eval_prompts=self.eval_prompts)
@@ -369,7 +428,7 @@ class DistributedConfig:
 
 @dataclass
 class Config:
-    method: Literal["flow_grpo", "tempflow", "g2rpo", "stepwise"] = "tempflow"
+    method: Literal["flow_grpo", "tempflow", "g2rpo", "stepwise", "mixgrpo", "diffusion_nft"] = "tempflow"
     output_dir: str = "runs/default"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -381,6 +440,8 @@ class Config:
     tempflow: TempFlowConfig = field(default_factory=TempFlowConfig)
     g2rpo: G2RPOConfig = field(default_factory=G2RPOConfig)
     stepwise: StepwiseConfig = field(default_factory=StepwiseConfig)
+    mixgrpo: MixGRPOConfig = field(default_factory=MixGRPOConfig)
+    diffusion_nft: DiffusionNFTConfig = field(default_factory=DiffusionNFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -399,13 +460,53 @@ class Config:
                                                             or self.sampling.schedule_from_model):
                 raise ValueError("config field 'g2rpo.sigma_schedule': 'linspace' takes the static sampling.shift; "
                                  "set sampling.dynamic_shift and sampling.schedule_from_model false")
+        task = self.task_name()
+        if task in ("shapes", "compressibility"):
+            if self.data.train_prompts is not None:
+                raise ValueError(f"config field 'data.task': {task!r} trains on the shapes grammar's prompts; "
+                                 f"data.train_prompts must be null (or data.task: prompts)")
+            if self.model.kind != "tiny_flux":
+                raise ValueError(f"config field 'data.task': {task!r} is for the tiny shapes model (model.kind "
+                                 f"tiny_flux), got model.kind {self.model.kind!r}")
+        if task == "compressibility" and self.reward.name not in JPEG_REWARDS:
+            raise ValueError(f"config field 'reward.name': the compressibility task trains {' or '.join(JPEG_REWARDS)}, "
+                             f"got {self.reward.name!r}")
+        if task == "prompts" and self.data.balance_categories:
+            raise ValueError("config field 'data.balance_categories': needs a task with categories (shapes, "
+                             "compressibility); a prompt file has none")
+        if self.method == "diffusion_nft" and self.distributed.backend == "deepspeed":
+            raise ValueError("config field 'distributed.backend': diffusion_nft keeps an old policy beside the "
+                             "trained weights, which the ZeRO engine does not shard; use ddp")
         if self.reward.advantage_mode == "per_component":
             if self.reward.name != "composite":
                 raise ValueError(f"config field 'reward.advantage_mode': 'per_component' normalises each component "
                                  f"of a composite reward; reward.name is {self.reward.name!r}")
             if self.method == "stepwise":
-                raise ValueError("config field 'reward.advantage_mode': 'per_component' is for flow_grpo, tempflow "
-                                 "and g2rpo (stepwise's gains come from the composite's Tweedie rewards)")
+                raise ValueError("config field 'reward.advantage_mode': 'per_component' is for flow_grpo, tempflow, "
+                                 "g2rpo and mixgrpo (stepwise's gains come from the composite's Tweedie rewards)")
+            if self.method == "diffusion_nft":
+                raise ValueError("config field 'reward.advantage_mode': 'per_component' is for flow_grpo, tempflow, "
+                                 "g2rpo and mixgrpo (diffusion_nft turns the composite's advantage into one "
+                                 "optimality probability)")
+
+    @classmethod
+    def from_yaml(cls, path=None, overrides=()) -> "Config":
+        """A preset (YAML file) plus dotted overrides, e.g. Config.from_yaml("configs/shapes_tempflow.yaml",
+        ["train.iterations=2"]): the same loading and checks as `tempflow-fast train --config ... --set ...`."""
+        from tempflow_fast.config import load_config
+
+        return load_config(cls, path, list(overrides))
+
+    def task_name(self) -> str:
+        """data.task, or the task the other fields imply (DataConfig.task): prompts for a prompt file or a model other
+        than the tiny FLUX, compressibility for a JPEG reward, else shapes."""
+        if self.data.task is not None:
+            return self.data.task
+        if self.data.train_prompts is not None or self.model.kind != "tiny_flux":
+            return "prompts"
+        if self.reward.name in JPEG_REWARDS:
+            return "compressibility"
+        return "shapes"
 
     def require_train_prompts(self) -> None:
         """Starting a run: data.train_prompts null means the shapes task's toy prompts, which are for the tiny

@@ -30,6 +30,10 @@ from tempflow_fast.config import config_to_dict
 from tempflow_fast.images import to_uint8, to_unit_float
 from tempflow_fast.sampling.engine import concat_results, rollout
 from tempflow_fast.sampling.runners import DEFAULT_BUCKETS, EagerRunner, buckets_within, make_runner
+from tempflow_fast.tasks import build_task
+from tempflow_fast.tasks.base import EvalRun, read_prompts, round_robin
+from tempflow_fast.tasks.reward_eval import reward_scores
+from tempflow_fast.tasks.stats import mean_interval
 from tempflow_fast.training import checkpoint as ckpt
 from tempflow_fast.training import distributed, run_dir
 from tempflow_fast.training.ema import EMA
@@ -37,28 +41,8 @@ from tempflow_fast.training.metrics_log import MetricsLogger
 from tempflow_fast.training.run_dir import RunLock
 from tempflow_fast.training.schedule import learning_rate_at, set_learning_rate
 from tempflow_fast.training.train_config import Config
-from tempflow_fast.rewards.config import build_reward
 from tempflow_fast.training.update import build_update_batch, finite, policy_loss, split_parts
 from tempflow_fast.models.base import select_cond
-
-
-def read_prompts(path: str, field_name: str) -> List[str]:
-    """Prompts from a .txt (one per line) or .jsonl (objects with a "prompt" field)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"config field {field_name!r}: no such file {path!r}")
-    lines = [l.strip() for l in p.read_text().splitlines() if l.strip()]
-    if p.suffix == ".jsonl":
-        try:
-            prompts = [json.loads(l)["prompt"] for l in lines]
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"config field {field_name!r}: {path!r} must hold one JSON object with a "
-                             f"'prompt' field per line ({err})") from None
-    else:
-        prompts = lines
-    if not prompts:
-        raise ValueError(f"config field {field_name!r}: {path!r} holds no prompts")
-    return prompts
 
 
 def check_device(spec: str, field_name: str) -> None:
@@ -126,60 +110,23 @@ def check_vocabulary(prompts: Sequence[str], vocab: Sequence[str], max_words: in
                              f"the model does not know; its vocabulary: {', '.join(words)}")
 
 
-@torch.no_grad()
-def mean_reward_eval(model, prompts: Sequence[str], reward, cfg: Config, *, rows_per_call: Optional[int] = None,
-                     decode_batch: Optional[int] = None, image_format: str = "float", progress: bool = False) -> Dict:
-    """{"overall": {"accuracy": mean reward}, "reward/<name>": {"accuracy": mean raw score} per component of a
-    composite reward} of Euler ODE samples (eval.num_steps, fixed seeds) for `prompts` (non-shapes tasks), on the
-    schedule the rollouts use (sampling.shift / dynamic_shift, or the model's own with schedule_from_model), as
-    TempFlow's and Flow-GRPO's code evaluate (`eval`: ODE with sample.eval_num_steps, mean reward per key).
-
-    Noise comes from a CPU generator (the same images on every device) and moves to the model's device with the
-    schedule; at most `rows_per_call` images sample together and `decode_batch` decode together."""
-    from tempflow_fast.models.memory import default_decode_batch
-    from tempflow_fast.sampling.engine import decode_images
-    from tempflow_fast.sampling.schedules import model_sigmas
-    from tempflow_fast.sampling.simple import initial_noise, sample
-
-    e, smp = cfg.eval, cfg.sampling
-    device = next(model.module.parameters()).device
-    gen = torch.Generator().manual_seed(e.seed)
-    own = smp.schedule_from_model
-    sigmas = model_sigmas(model, e.num_steps, None if own else smp.shift,
-                          None if own else smp.dynamic_shift)  # host values; `sample` puts them on x's device
-    per_image = [p for p in prompts for _ in range(e.images_per_prompt)]
-    step = min(16, rows_per_call or 16)
-    scores, components = [], {}
-    was = model.module.training
-    model.module.eval()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(per_image), desc="held-out eval", unit="img", disable=not progress, leave=False)
-    try:
-        for i in range(0, len(per_image), step):
-            chunk = per_image[i:i + step]
-            noise = initial_noise(model, len(chunk), gen).to(device)
-            x = sample(model, model.encode_prompts(chunk), noise, sigmas)
-            images = decode_images(model, x, decode_batch or default_decode_batch(model), image_format)
-            scores.append(reward(images, chunk).float().cpu())
-            for name, raw in getattr(reward, "last_components", {}).items():
-                components.setdefault(name, []).append(raw.float().cpu())
-            bar.update(len(chunk))
-    finally:
-        bar.close()
-        model.module.train(was)
-    out = {"overall": {"accuracy": float(torch.cat(scores).mean()), "correct": 0, "count": len(per_image)}}
-    for name, raw in components.items():
-        out[f"reward/{name}"] = {"accuracy": float(torch.cat(raw).mean()), "correct": 0, "count": len(per_image)}
-    return out
-
-
 def eval_metrics(table: Dict) -> Dict[str, float]:
-    """The logged scalars of an eval table: heldout_accuracy (overall) and heldout/<row> for every other row
-    (shapes: categories; reward eval: each component's mean raw score)."""
+    """The logged scalars of an eval table: heldout_accuracy (overall), its 95% interval heldout_accuracy_ci_low /
+    _ci_high when the table has one, and heldout/<row> for every other row (shapes: categories; reward eval: each
+    component's mean raw score)."""
     out = {"heldout_accuracy": table["overall"]["accuracy"]}
+    if "ci95" in table["overall"]:
+        out["heldout_accuracy_ci_low"], out["heldout_accuracy_ci_high"] = table["overall"]["ci95"]
     out.update({f"heldout/{k}": v["accuracy"] for k, v in table.items() if k != "overall"})
     return out
+
+
+def probe_metrics(probe: Optional[Dict]) -> Dict[str, float]:
+    """The logged scalars of a probe: probe_reward and its 95% interval probe_reward_ci_low / _ci_high."""
+    if probe is None:
+        return {}
+    return {"probe_reward": probe["mean"], "probe_reward_ci_low": probe["ci95"][0],
+            "probe_reward_ci_high": probe["ci95"][1]}
 
 
 class NonFiniteAbort(RuntimeError):
@@ -218,6 +165,20 @@ def _cast_floating(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modu
     return module
 
 
+class _GuardedReward:
+    """The trainer's reward for evaluations and the probe: a failure is RewardFailure (one line, as in training);
+    every other attribute (a composite's last_components) is the reward's own."""
+
+    def __init__(self, trainer: "Trainer"):
+        self._trainer = trainer
+
+    def __call__(self, images, prompts):
+        return self._trainer._reward_call(self._trainer.reward, images, prompts)
+
+    def __getattr__(self, name):
+        return getattr(self._trainer.reward, name)
+
+
 def _seed_for(*parts: int) -> int:
     """A deterministic 63-bit seed from integers (no Python hash randomisation)."""
     h = 1469598103934665603
@@ -227,12 +188,15 @@ def _seed_for(*parts: int) -> int:
 
 
 class Trainer:
-    """Runs `cfg`. `model`, `reward`, `train_prompts`, `eval_fn` default to the shapes task."""
+    """Runs `cfg` on a task (tempflow_fast/tasks/base.py). `task` defaults to the one the config names
+    (`data.task`, or derived: Config.task_name); `reward`, `train_prompts` and `eval_fn` to the task's."""
 
     def __init__(self, cfg: Config, *, model=None, reward=None, train_prompts: Optional[Sequence[str]] = None,
-                 eval_fn=None, resume: bool = False, overwrite: bool = False,
+                 eval_fn=None, task=None, resume: bool = False, overwrite: bool = False,
                  dist: Optional[distributed.DistContext] = None):
-        """`resume`: continue from the newest loadable checkpoint in output_dir (a different run's is refused);
+        """`task`: what the run trains on and how it is measured (a tempflow_fast.tasks.base.Task); `eval_fn`:
+        model → eval table, in place of the task's evaluation.
+        `resume`: continue from the newest loadable checkpoint in output_dir (a different run's is refused);
         `overwrite`: a new run in a folder that holds an earlier one, whose outputs are removed first. Without
         either, output_dir must be empty or new. Every check that reads no weights runs before the model loads:
         a bad value raises ValueError naming its config field."""
@@ -250,7 +214,8 @@ class Trainer:
         # torchrun's environment when present (training/distributed.py), else one process
         self.dist = dist if dist is not None else distributed.from_environment()
         self.out = Path(cfg.output_dir)
-        self.train_prompts = list(train_prompts) if train_prompts is not None else self._train_prompts()
+        self.task = task if task is not None else build_task(cfg)
+        self.train_prompts = list(train_prompts) if train_prompts is not None else self.task.train_prompts()
         if not self.train_prompts:
             raise ValueError("train_prompts is empty")
         self._check_before_loading(model, reward)
@@ -275,10 +240,11 @@ class Trainer:
         self._checkpoint = self._checkpoint_to_resume() if resume else None
         torch.manual_seed(cfg.seed)
         self.model = self._adapter_for(model) if model is not None else self._load_model()
-        self.reward = reward if reward is not None else build_reward(cfg.reward)
+        self.reward = reward if reward is not None else self.task.build_reward(cfg.reward)
         self._cache_text(self.train_prompts)
-        self.eval_metric: Optional[str] = "held-out accuracy"
-        self.eval_fn = eval_fn if eval_fn is not None else self._default_eval()
+        self.eval_metric: Optional[str] = self.task.metric or ("held-out accuracy" if eval_fn is not None else None)
+        self.eval_fn = eval_fn if eval_fn is not None else (self._task_eval if self.task.metric is not None else None)
+        self._probe_set = self._probe_prompts()
         # real pipelines hand rewards uint8 images on the host (images.py); the tiny model's 16 px ones stay as is
         self._image_format = "uint8_cpu" if getattr(self.model, "vae", None) is not None else "float"
         self.scorer = None
@@ -291,6 +257,7 @@ class Trainer:
         self.counters = Counters()
         self.iteration = 0
         self.eval_before: Optional[Dict] = None
+        self.probe_before: Optional[Dict] = None
         if resume:
             self._resume()
         self.logger = MetricsLogger(self.out, tensorboard=cfg.log.tensorboard,
@@ -318,7 +285,7 @@ class Trainer:
             for field_name, device in reward_devices(cfg.reward):
                 check_device(device, field_name)
         eval_prompts = None
-        if cfg.data.eval_prompts is not None:
+        if cfg.data.eval_prompts is not None:  # read (and checked) whatever the task does with it
             eval_prompts = read_prompts(cfg.data.eval_prompts, "data.eval_prompts")
         vocab = model_vocabulary(model, cfg.model) if (model is not None or cfg.model.kind == "tiny_flux") else None
         if vocab is not None:
@@ -397,14 +364,6 @@ class Trainer:
         buckets = smp.buckets if smp.buckets is not None else buckets_within(DEFAULT_BUCKETS, max_rows)
         return make_runner(smp.runner, self.model, buckets, max_rows=max_rows)
 
-    def _train_prompts(self) -> List[str]:
-        self.cfg.require_train_prompts()  # a real model never trains on the shapes task's toy prompts
-        if self.cfg.data.train_prompts is None:
-            from tempflow_fast.tasks.shapes.grammar import TRAIN_PROMPTS
-
-            return list(TRAIN_PROMPTS)
-        return read_prompts(self.cfg.data.train_prompts, "data.train_prompts")
-
     def _cache_text(self, prompts: Sequence[str]) -> None:
         """Real pipelines (model.text_encoders): "keep" / "offload" encode each iteration's new prompts when they
         are first used and keep at most model.prompt_cache_size of them (offloaded encoders visit the device for
@@ -423,29 +382,51 @@ class Trainer:
         if m.text_encoders == "offload":
             self.model.offload_text_encoders("cpu")
 
-    def _default_eval(self):
-        """Shapes task: held-out accuracy by category. Otherwise: mean reward on data.eval_prompts, or none."""
-        if self.cfg.data.train_prompts is None and self.cfg.reward.name == "shapes" and self.cfg.model.kind == "tiny_flux":
-            self.eval_metric = "held-out accuracy"
-            return self._shapes_eval
-        if self.cfg.data.eval_prompts is None:
-            self.eval_metric = None
+    def _eval_run(self) -> EvalRun:
+        return EvalRun(_GuardedReward(self), rows_per_call=self.runner.max_rows,
+                       decode_batch=self.cfg.sampling.decode_batch, image_format=self._image_format,
+                       progress=self.dist.is_main and self.cfg.log.progress)
+
+    def _task_eval(self, model) -> Optional[Dict]:
+        """The task's held-out evaluation (shapes: accuracy by category; otherwise the mean reward)."""
+        return self.task.evaluate(model, self._eval_run())
+
+    def _probe_prompts(self) -> List[str]:
+        """eval.probe_prompts train prompts (null: the task's default), spread over the task's categories."""
+        n = self.cfg.eval.probe_prompts
+        n = getattr(self.task, "default_probe_prompts", 0) if n is None else n
+        return round_robin(self.task.category_pools(self.train_prompts), n)
+
+    @torch.no_grad()
+    def _probe(self) -> Optional[Dict]:
+        """The trained reward of the probe set (EMA weights when on): ODE samples (eval.num_steps) of the fixed
+        probe prompts × eval.probe_images fixed noises. {"mean", "ci95" (prompts held fixed), "count", "scores"}."""
+        if not self._probe_set:
             return None
-        self.eval_metric = "held-out reward"
-        prompts = read_prompts(self.cfg.data.eval_prompts, "data.eval_prompts")
-        return lambda model: mean_reward_eval(
-            model, prompts, self.reward, self.cfg, rows_per_call=self.runner.max_rows,
-            decode_batch=self.cfg.sampling.decode_batch, image_format=self._image_format,
-            progress=self.dist.is_main and self.cfg.log.progress)
-
-    def _shapes_eval(self, model) -> Dict:
-        from tempflow_fast.tasks.shapes.eval_cmd import EvalSettings, evaluate, split_prompts
-
         e = self.cfg.eval
-        settings = EvalSettings(split="held_out", images_per_prompt=e.images_per_prompt, seed=e.seed,
-                                num_steps=e.num_steps, shift=self.cfg.sampling.shift)
-        return evaluate(model, split_prompts("held_out"), settings,
-                        progress=self.dist.is_main and self.cfg.log.progress)
+        if self.ema is not None:
+            self._swap_ema()
+        try:
+            scores, per_image, _ = reward_scores(
+                self.model, self._probe_set, _GuardedReward(self), self.cfg, images_per_prompt=e.probe_images,
+                seed=_seed_for(e.seed, 6), rows_per_call=self.runner.max_rows, decode_batch=self.cfg.sampling.decode_batch,
+                image_format=self._image_format, progress=self.dist.is_main and self.cfg.log.progress, desc="probe")
+        finally:
+            if self.ema is not None:
+                self._swap_ema()
+        mean, low, high = mean_interval(scores, per_image)
+        return {"mean": mean, "ci95": [low, high], "count": len(per_image), "prompts": len(self._probe_set),
+                "scores": scores.tolist()}
+
+    def _probe_change(self, after: Optional[Dict]) -> Optional[Dict]:
+        """After minus before on the same probe images (paired): {"mean", "ci95"}."""
+        before = self.probe_before
+        if before is None or after is None or len(before["scores"]) != len(after["scores"]):
+            return None
+        per_image = [p for p in self._probe_set for _ in range(self.cfg.eval.probe_images)]
+        diff = torch.tensor(after["scores"]) - torch.tensor(before["scores"])
+        mean, low, high = mean_interval(diff, per_image if len(per_image) == len(diff) else None)
+        return {"mean": mean, "ci95": [low, high]}
 
     def _setup_params(self):
         cfg = self.cfg.train
@@ -503,6 +484,9 @@ class Trainer:
         with self._full_parameters():
             self.ema = EMA(self.named_params, cfg.ema_decay, update_every=cfg.ema_update_every,
                            warmup=cfg.ema_warmup) if cfg.ema_decay > 0 else None
+        # DiffusionNFT's old policy (the rollout's, and v_old of its loss): a copy of the trainable weights
+        self._old_weights = [p.detach().clone() for _, p in self.named_params] \
+            if getattr(self.algorithm, "forward_process", False) else None
 
     def _full_parameters(self, modify: bool = False):
         """Context in which the trainable parameters hold whole tensors (ZeRO-3 partitions them; collective)."""
@@ -535,12 +519,7 @@ class Trainer:
         if self.cfg.data.train_prompts is not None:
             raise ValueError("config field 'data.balance_categories': needs the shapes task's prompts "
                              "(data.train_prompts must be null)")
-        from tempflow_fast.tasks.shapes.grammar import CATEGORIES, parse
-
-        by = {c: [] for c in CATEGORIES}
-        for p in self.train_prompts:
-            by[parse(p).category].append(p)
-        return [by[c] for c in CATEGORIES if by[c]]
+        return self.task.category_pools(self.train_prompts)
 
     # --- one iteration ------------------------------------------------------------------------
 
@@ -664,6 +643,8 @@ class Trainer:
         return concat_results(results), merged
 
     def run_iteration(self, iteration: int) -> Dict[str, float]:
+        if getattr(self.algorithm, "forward_process", False):
+            return self._forward_process_iteration(iteration)
         cfg = self.cfg.train
         t0 = time.perf_counter()
         prompts = self.dist.shard(self.prompts_for(iteration))
@@ -737,6 +718,156 @@ class Trainer:
         self.counters.images += result.stats.total_images
         self.counters.wall_seconds += t3 - t0
         return m
+
+    # --- DiffusionNFT: rollout by ODE with the old policy, update on the forward process -------------------
+
+    @contextlib.contextmanager
+    def _old_policy(self):
+        """The old policy's weights in the trainable parameters (pointer swap, no copy), the live ones after."""
+        params = [p for _, p in self.named_params]
+        live = [p.data for p in params]
+        for p, old in zip(params, self._old_weights):
+            p.data = old
+        try:
+            yield
+        finally:
+            for p, data in zip(params, live):
+                p.data = data
+
+    def _forward_process_iteration(self, iteration: int) -> Dict[str, float]:
+        """One DiffusionNFT iteration (algorithms/diffusion_nft.py, steps 1-6): K ODE images per prompt from the old
+        policy, their optimality probabilities, train.inner_epochs passes over (image, noise level) rows cut into
+        train.optimizer_steps_per_epoch disjoint parts of images (one optimizer step each), then the soft update of
+        the old policy."""
+        from tempflow_fast.algorithms.diffusion_nft import forward_process, nft_loss, optimality, train_times
+        from tempflow_fast.models.memory import default_decode_batch
+        from tempflow_fast.sampling.engine import decode_images
+        from tempflow_fast.sampling.schedules import model_sigmas
+        from tempflow_fast.sampling.simple import initial_noise, sample
+
+        cfg, alg = self.cfg.train, self.algorithm
+        t0 = time.perf_counter()
+        prompts = self.dist.shard(self.prompts_for(iteration))
+        K, T = alg.group_size, alg.num_steps
+        rows = torch.arange(len(prompts)).repeat_interleave(K)
+        per_image = [prompts[i] for i in rows.tolist()]
+        device = next(self.model.module.parameters()).device
+        sigmas = model_sigmas(self.model, T, alg.shift, alg.dynamic_shift)
+        base = (_seed_for(self.cfg.seed, 2, iteration) if not self.dist.active
+                else _seed_for(self.cfg.seed, 2, iteration, self.dist.rank))
+        gen = torch.Generator().manual_seed(base)
+        cond = self.model.encode_prompts(prompts)
+        step = self.runner.max_rows or len(per_image)
+        self.model.module.eval()
+        latents = []
+        with torch.no_grad(), self._old_policy(), self._rollout_attention():
+            for i in range(0, len(per_image), step):
+                noise = initial_noise(self.model, min(step, len(per_image) - i), gen).to(device)
+                latents.append(sample(self.model, select_cond(cond, rows[i:i + step].to(device)), noise, sigmas))
+        x0 = torch.cat(latents)
+        images = decode_images(self.model, x0, self.cfg.sampling.decode_batch or default_decode_batch(self.model),
+                               self._image_format)
+        self._last_result, self._last_prompts, self._last_images = None, prompts, (images, rows)
+        t1 = time.perf_counter()
+        scored = images if images.dtype != torch.uint8 or getattr(self.reward, "accepts_uint8", False) \
+            else to_unit_float(images)
+        rewards = self._reward_call(self.reward, scored, per_image).float().cpu()
+        t2 = time.perf_counter()
+        r, stats = optimality(rewards, rows, cfg.adv_clip, global_std=cfg.global_std)
+        if not self.dist.all_true(distributed.all_finite([x0])):
+            self._skip_nonfinite(iteration, "the rollout's latents are not finite (the model's outputs overflow)")
+            return {"reward_mean": float(rewards.mean()), "reward_group_std": float("nan"),
+                    "zero_std_ratio": stats.zero_std_ratio, "learning_rate": learning_rate_at(cfg, iteration),
+                    "seconds_rollout": t1 - t0, "seconds_reward": t2 - t1, "seconds_update": 0.0,
+                    **_update_stats(), "skipped_nonfinite": 1}
+        self.model.module.train()
+        lr = learning_rate_at(cfg, iteration)
+        set_learning_rate(self.optimizer.param_groups, lr)
+        ugen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, 3, iteration))
+        m_times = alg.times_per_image
+        total = len(per_image) * m_times
+        out = _update_stats() | {"old_deviation": 0.0}
+        n_parts = n_stats = 0
+        for _epoch in range(cfg.inner_epochs):
+            times = train_times(sigmas, len(per_image), m_times, ugen)  # (N, m)
+            order = torch.randperm(len(per_image), generator=ugen)
+            parts = [order[j * len(order) // cfg.optimizer_steps_per_epoch:(j + 1) * len(order)
+                           // cfg.optimizer_steps_per_epoch] for j in range(cfg.optimizer_steps_per_epoch)]
+            for part in parts:
+                if part.numel() == 0:
+                    continue
+                img = part.repeat_interleave(m_times)  # (image, noise level) rows of this step
+                t = times[part].reshape(-1)
+                noise = torch.randn((img.numel(), *x0.shape[1:]), generator=ugen).to(device)
+                rows_total = self.dist.all_sum(img.numel())
+                size = cfg.states_per_forward
+                step_ctx = self._begin_step(-(-img.numel() // size), None)
+                ok = True
+                n_parts += 1
+                for a in range(0, img.numel(), size):
+                    idx, tb = img[a:a + size].to(device), t[a:a + size].to(device)
+                    x_t = forward_process(x0[idx], tb, noise[a:a + size])
+                    c = select_cond(cond, rows.to(device)[idx])
+                    with torch.no_grad():
+                        with self._old_policy():
+                            v_old = self.policy.velocity(x_t, tb, c)
+                        v_ref = self.reference(x_t, tb, c) if self.reference is not None else None
+                    v = self.policy.velocity(x_t, tb, c)
+                    res = nft_loss(v, v_old, x_t, x0[idx], tb, r.to(device)[idx], beta=alg.guidance_strength,
+                                   adv_clip=cfg.adv_clip, v_ref=v_ref, kl_beta=cfg.beta)
+                    loss = res.loss * (idx.numel() / rows_total)
+                    out["policy_passes"] += idx.numel()
+                    self.counters.policy_passes += idx.numel()
+                    self.counters.samples_scored += idx.numel()
+                    if not finite(loss):
+                        ok = False
+                        step_ctx.discard(loss)
+                        break
+                    step_ctx.backward(loss)
+                    share = idx.numel() / rows_total
+                    out["loss"] += float(loss.detach())
+                    out["kl"] += float(res.kl) * share
+                    out["old_deviation"] += float(res.old_deviation) * share
+                ok, grad_norm = step_ctx.finish(ok)
+                if not ok:
+                    out["skipped_nonfinite"] += 1
+                    self._skip_nonfinite(iteration, "non-finite loss, gradient or updated weights")
+                    continue
+                self.counters.optimizer_steps += 1
+                if self.ema is not None:
+                    self.ema.update(self.counters.optimizer_steps)
+                out["grad_norm"] += grad_norm
+                n_stats += 1
+        self.dist.sum_into(out, ("loss", "kl", "old_deviation"))
+        for k in ("loss", "kl", "old_deviation"):
+            out[k] /= max(1, n_parts)
+        out["grad_norm"] /= max(1, n_stats)
+        eta = alg.old_decay(self.counters.optimizer_steps)
+        with torch.no_grad():
+            for (_, p), old in zip(self.named_params, self._old_weights):
+                old.mul_(eta).add_(p.detach().to(old.dtype), alpha=1.0 - eta)
+        t3 = time.perf_counter()
+        nfe = len(per_image) * T
+        self.counters.nfe += nfe
+        self.counters.images += len(per_image)
+        self.counters.wall_seconds += t3 - t0
+        return {
+            "reward_mean": float(rewards.mean()),
+            "reward_group_std": float(torch.stack([rewards[rows == i].std(unbiased=False)
+                                                   for i in range(len(prompts))]).mean()),
+            "zero_std_ratio": stats.zero_std_ratio,
+            "optimality_mean": float(r.mean()),
+            "old_decay": eta,
+            "learning_rate": lr,
+            "trained_states": total,
+            "trained_samples": total,
+            "seconds_rollout": t1 - t0,
+            "seconds_reward": t2 - t1,
+            "seconds_credit": 0.0,
+            "seconds_update": t3 - t2,
+            "nfe/trunk": nfe, "nfe_total": nfe, "images/trunk": len(per_image), "images_total": len(per_image),
+            **out,
+        }
 
     @staticmethod
     def _group_std(r: torch.Tensor, result) -> float:
@@ -926,6 +1057,9 @@ class Trainer:
             "data_position": self.iteration * self.cfg.train.prompts_per_iteration,
             "counters": self.counters.__dict__,
             "eval_before": self.eval_before,
+            "probe_before": self.probe_before,
+            "old_policy": None if self._old_weights is None else
+            {n: w.detach() for (n, _), w in zip(self.named_params, self._old_weights)},
             "world_size": self.dist.world_size,
         }
         root = self.out / "checkpoints"
@@ -993,6 +1127,13 @@ class Trainer:
         self.iteration = st["iteration"]
         self.counters = Counters(**st["counters"])
         self.eval_before = st["eval_before"]
+        self.probe_before = st.get("probe_before")  # checkpoints written before the probe existed have none
+        if self._old_weights is not None:
+            if st.get("old_policy") is None:
+                raise ValueError(f"--resume: checkpoint {str(path)!r} has no old policy (method diffusion_nft keeps one)")
+            with torch.no_grad():
+                for (n, _), old in zip(self.named_params, self._old_weights):
+                    old.copy_(st["old_policy"][n])
         print(f"[tempflow-fast] resumed from {path} (iteration {self.iteration})", flush=True)
 
     # --- export -------------------------------------------------------------------------------
@@ -1034,19 +1175,17 @@ class Trainer:
             self.model.module.train(was)
 
     def _verdicts(self, images: torch.Tensor, prompts: Sequence[str]) -> Optional[List[bool]]:
-        """The shapes detector's per-image verdict (green / red frames), None for other rewards."""
-        from tempflow_fast.tasks.shapes.detector import ShapesReward, correct
-
-        if not isinstance(self.reward, ShapesReward):
-            return None
-        return correct(to_unit_float(images, "cpu"), list(prompts)).tolist()
+        """The task's per-image verdict (green / red frames; shapes: the detector's), or None."""
+        return self.task.annotate(images, list(prompts))
 
     def _write_samples(self, iteration: int) -> None:
         """samples/iter-N.png (and TensorBoard / the tracker): this iteration's images, one row per prompt."""
         from tempflow_fast.training.visuals import prompt_grid
 
         result, prompts = self._last_result, self._last_prompts
-        if result.trunk_images is not None:
+        if result is None:  # a forward-process rollout: its ODE images
+            images, rows = self._last_images
+        elif result.trunk_images is not None:
             images, rows = result.trunk_images, result.trunk_prompt
         else:
             images, rows = result.images[1], result.trajectories.prompt
@@ -1063,12 +1202,8 @@ class Trainer:
         n = self.cfg.log.showcase_prompts
         if self.cfg.data.eval_prompts is not None:
             pool = read_prompts(self.cfg.data.eval_prompts, "data.eval_prompts")
-        elif self.eval_metric == "held-out accuracy" and self.eval_fn is not None:
-            from tempflow_fast.tasks.shapes.eval_cmd import split_prompts
-
-            pool = split_prompts("held_out")
         else:
-            pool = self.train_prompts
+            pool = self.task.eval_prompts() or self.train_prompts
         step = max(1, len(pool) // max(n, 1))
         return list(pool[::step][:n])
 
@@ -1138,9 +1273,15 @@ class Trainer:
         cfg = self.cfg
         from tqdm.auto import tqdm
 
+        first = {}
         if self.eval_before is None and self.eval_fn is not None:
             self.eval_before = self._evaluate()
-            self.logger.log(0, eval_metrics(self.eval_before))
+            first.update(eval_metrics(self.eval_before) if self.eval_before is not None else {})
+        if self.iteration == 0 and self.probe_before is None:
+            self.probe_before = self._probe()
+            first.update(probe_metrics(self.probe_before))
+        if first:
+            self.logger.log(0, first)
         # the showcase before training, kept in output_dir so a resumed run still draws before_after.png
         showcase_file = self.out / "showcase_before.pt"
         before = None
@@ -1149,16 +1290,22 @@ class Trainer:
                 before = torch.load(showcase_file, weights_only=True)
             elif self.iteration == 0:
                 before = self._showcase()
-                torch.save(before, showcase_file)
+                try:
+                    torch.save(before, showcase_file)
+                except OSError as err:  # only a resumed run's picture needs it; the checkpoint writes report disk faults
+                    showcase_file.unlink(missing_ok=True)
+                    print(f"[tempflow-fast] could not keep the showcase for a resumed run's before_after.png: {err}",
+                          flush=True)
         bar = tqdm(range(self.iteration, cfg.train.iterations), initial=self.iteration, total=cfg.train.iterations,
                    desc=f"{cfg.method}", unit="it", disable=not cfg.log.progress or not self.dist.is_main,
                    dynamic_ncols=True)
         for it in bar:
             m = self.run_iteration(it)
             self.iteration = it + 1
-            if (cfg.eval.every and self.eval_fn is not None and self.iteration % cfg.eval.every == 0
-                    and self.iteration < cfg.train.iterations):
-                m.update(eval_metrics(self._evaluate()))
+            if cfg.eval.every and self.iteration % cfg.eval.every == 0 and self.iteration < cfg.train.iterations:
+                if self.eval_fn is not None:
+                    m.update(eval_metrics(self._evaluate()))
+                m.update(probe_metrics(self._probe()))
             m.update(total_nfe=self.counters.nfe, total_policy_passes=self.counters.policy_passes,
                      total_wall_seconds=self.counters.wall_seconds)
             self.logger.log(self.iteration, m)
@@ -1172,8 +1319,9 @@ class Trainer:
         if not (cfg.checkpoint.every and self.iteration % cfg.checkpoint.every == 0):
             self.save()
         after = self._evaluate()
-        if after is not None:
-            self.logger.log(self.iteration, eval_metrics(after))
+        probe_after = self._probe()
+        if after is not None or probe_after is not None:
+            self.logger.log(self.iteration, {**(eval_metrics(after) if after else {}), **probe_metrics(probe_after)})
         pictures = self._pictures(before) if self.dist.is_main else []
         self.logger.close()
         if self.scorer is not None:
@@ -1183,8 +1331,11 @@ class Trainer:
         self.export(self.out / "final")
         if self.ema is not None:
             self._swap_ema()
+        without_scores = lambda probe: None if probe is None else {k: v for k, v in probe.items() if k != "scores"}
         summary = {"before": self.eval_before, "after": after, "counters": self.counters.__dict__,
                    "iterations": self.iteration, "method": cfg.method, "eval_metric": self.eval_metric,
+                   "task": getattr(self.task, "name", None), "probe_before": without_scores(self.probe_before),
+                   "probe_after": without_scores(probe_after), "probe_change": self._probe_change(probe_after),
                    "pictures": [str(p) for p in pictures]}
         if self.dist.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
@@ -1193,17 +1344,24 @@ class Trainer:
         return summary
 
 
+def _ci(row: Dict) -> str:
+    return f"[{row['ci95'][0]:.3f}, {row['ci95'][1]:.3f}]" if row and "ci95" in row else ""
+
+
 def format_summary(summary: Dict) -> str:
     before, after, c = summary["before"], summary["after"], summary["counters"]
     metric = summary.get("eval_metric") or "held-out accuracy"
     lines = []
     if before is not None and after is not None:
         cats = [k for k in before if k != "overall"] + ["overall"]
-        lines += [f"{metric:<18} {'before':>7} {'after':>7} {'change':>7}", "-" * 42]
+        with_ci = "ci95" in after.get("overall", {})
+        lines += [f"{metric:<18} {'before':>7} {'after':>7} {'change':>7}"
+                  + ("   95% interval before → after" if with_ci else ""), "-" * (72 if with_ci else 42)]
         for k in cats:
             if k in before and k in after:
                 b, a = before[k]["accuracy"], after[k]["accuracy"]
-                lines.append(f"{k:<18} {b:>7.3f} {a:>7.3f} {a - b:>+7.3f}")
+                cell = f"   {_ci(before[k])} → {_ci(after[k])}" if with_ci else ""
+                lines.append(f"{k:<18} {b:>7.3f} {a:>7.3f} {a - b:>+7.3f}{cell}")
     lines += [
         "",
         f"method: {summary['method']}, iterations: {summary['iterations']}",
@@ -1214,6 +1372,13 @@ def format_summary(summary: Dict) -> str:
         f"skipped non-finite updates: {c['skipped_nonfinite']}",
         f"wall time (train loop): {c['wall_seconds']:.1f} s",
     ]
+    pb, pa, dp = summary.get("probe_before"), summary.get("probe_after"), summary.get("probe_change")
+    if pb is not None and pa is not None:
+        line = (f"probe reward (the trained reward, {pa['prompts']} train prompts × {pa['count'] // pa['prompts']} "
+                f"fixed noises, ODE): before {pb['mean']:.3f} {_ci(pb)} after {pa['mean']:.3f} {_ci(pa)}")
+        if dp is not None:
+            line += f", change {dp['mean']:+.3f} [{dp['ci95'][0]:+.3f}, {dp['ci95'][1]:+.3f}] (same images, paired)"
+        lines.append(line)
     if summary.get("pictures"):
         lines.append("pictures: " + ", ".join(summary["pictures"]))
     if before is not None and after is not None:

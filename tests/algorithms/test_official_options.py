@@ -8,7 +8,7 @@ from tempflow_fast.algorithms import FlowGRPO, G2RPO, StepwiseFlowGRPO, TempFlow
 from tempflow_fast.algorithms.advantages import multi_granularity_advantages, normalize_in_groups
 from tempflow_fast.algorithms.base import Rewards, reward_rows, trained_step_count
 from tempflow_fast.algorithms.step_weights import flow_sde_noise_std, noise_aware_weights
-from tempflow_fast.models.tiny_flux import TinyFluxAdapter
+from tempflow_fast.tasks.shapes.task import new_model
 from tempflow_fast.sampling.engine import rollout
 from tempflow_fast.sampling.schedules import flow_sigmas, granularity_calls, granularity_indices, linspace_sigmas
 from tempflow_fast.training.ema import EMA
@@ -18,7 +18,7 @@ SMALL = dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention
 
 @pytest.fixture(scope="module")
 def model():
-    return TinyFluxAdapter.create(seed=0, transformer_config=SMALL)
+    return new_model(seed=0, transformer_config=SMALL)
 
 
 @pytest.mark.parametrize("T, fraction, n", [(10, 0.99, 9), (10, 1.0, 10), (16, 0.99, 15), (10, 0.5, 5)])

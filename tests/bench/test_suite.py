@@ -13,12 +13,12 @@ from tempflow_fast.bench import telemetry
 from tempflow_fast.bench.cli import main
 from tempflow_fast.bench.results import COLUMNS
 from tempflow_fast.bench.subjects import QUICK_TRANSFORMER, SUBJECTS, Settings
-from tempflow_fast.models.tiny_flux import TinyFluxAdapter
+from tempflow_fast.tasks.shapes.task import new_model
 
 
 def test_quick_suite_writes_one_schema(tmp_path, capsys):
     # a model given by path, as a user would bench their own checkpoint
-    TinyFluxAdapter.create(seed=0, transformer_config=QUICK_TRANSFORMER).save_pretrained(tmp_path / "my-model")
+    new_model(seed=0, transformer_config=QUICK_TRANSFORMER).save_pretrained(tmp_path / "my-model")
     out = tmp_path / "suite"
     rc = main([*SUBJECTS, "--quick", "--reps", "1", "--warmup", "0", "--threads", "1",
                "--ops-providers", "fused-torch,unfused-eager", "--plans", "tempflow_2x3x4", "--out", str(out),

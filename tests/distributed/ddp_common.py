@@ -54,7 +54,7 @@ def small_overrides(method, out, *extra):
 def make_trainer(run_dir, method, scenario, extra, ctx, resume=False):
     """A Trainer on the small random tiny FLUX for `scenario` (module docstring) in process context `ctx`."""
     from tempflow_fast.config import load_config
-    from tempflow_fast.models.tiny_flux import TinyFluxAdapter
+    from tempflow_fast.tasks.shapes.task import new_model
     from tempflow_fast.training import trainer as trainer_mod
     from tempflow_fast.training.train_config import Config
 
@@ -66,7 +66,7 @@ def make_trainer(run_dir, method, scenario, extra, ctx, resume=False):
     else:
         raise ValueError(f"unknown scenario {scenario!r}")
     cfg = load_config(Config, None, small_overrides(method, run_dir, *extra))
-    return trainer_mod.Trainer(cfg, model=TinyFluxAdapter.create(seed=0, transformer_config=SMALL), reward=reward,
+    return trainer_mod.Trainer(cfg, model=new_model(seed=0, transformer_config=SMALL), reward=reward,
                                train_prompts=prompts, eval_fn=no_eval, resume=resume, dist=ctx)
 
 

@@ -8,7 +8,7 @@ import torch
 from tempflow_fast.models.flux import FLUX_LORA_TARGETS
 from tempflow_fast.models.loading import MODEL_KINDS, load_adapter, lora_defaults, resolve_dtype
 from tempflow_fast.models.memory import dry_run_lines, estimate_for, estimate_memory, nfe_per_iteration, pipeline_spec
-from tempflow_fast.models.tiny_flux import TinyFluxAdapter
+from tempflow_fast.tasks.shapes.task import new_model
 from tempflow_fast.sampling.engine import rollout
 from tempflow_fast.sampling.plans import Bifurcation, SingularSDE
 from tests.models.tiny_pipelines import RESOLUTION, TEXT_LEN, make_tiny_flux_pipeline, make_tiny_sd3_pipeline
@@ -22,7 +22,7 @@ def flux_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "model"
-    TinyFluxAdapter.create(seed=1).save_pretrained(path)
+    new_model(seed=1).save_pretrained(path)
     return path
 
 
@@ -33,7 +33,7 @@ def _flux(flux_dir, **kw):
 
 def test_tiny_flux_kind_loads_by_path(tiny_dir):
     m = load_adapter("tiny_flux", str(tiny_dir))
-    ref = TinyFluxAdapter.create(seed=1)
+    ref = new_model(seed=1)
     for (n, p), (_, q) in zip(m.module.named_parameters(), ref.module.named_parameters()):
         torch.testing.assert_close(p, q, atol=0, rtol=0, msg=n)
 

@@ -7,6 +7,7 @@ from diffusers import FluxTransformer2DModel
 
 from tempflow_fast.models.base import FlowModelAdapter, select_cond
 from tempflow_fast.models.tiny_flux import TinyFluxAdapter, pack, unpack
+from tempflow_fast.tasks.shapes.task import new_model
 from tempflow_fast.tasks.shapes.render import render
 
 PROMPTS = ["two red squares", "a blue square above a yellow square", "green squares"]
@@ -14,7 +15,7 @@ PROMPTS = ["two red squares", "a blue square above a yellow square", "green squa
 
 @pytest.fixture(scope="module")
 def model():
-    return TinyFluxAdapter.create(seed=3)
+    return new_model(seed=3)
 
 
 def test_interface_and_shapes(model):
@@ -73,7 +74,7 @@ def test_save_load_roundtrip(model, tmp_path):
     s = torch.tensor([0.9, 0.4, 0.05])
     assert torch.equal(model.velocity(x, s, cond), loaded.velocity(x, s, loaded.encode_prompts(PROMPTS)))
     assert loaded.vocab == model.vocab
-    fresh = TinyFluxAdapter.create(seed=4)
+    fresh = new_model(seed=4)
     assert not torch.equal(fresh.velocity(x, s, fresh.encode_prompts(PROMPTS)), model.velocity(x, s, cond))
 
 

@@ -15,7 +15,7 @@ from tempflow_fast.algorithms import FlowGRPO, G2RPO, TempFlowGRPO
 from tempflow_fast.algorithms.base import Rewards
 from tempflow_fast.algorithms.step_weights import flow_sde_noise_std
 from tempflow_fast.models.base import select_cond
-from tempflow_fast.models.tiny_flux import TinyFluxAdapter
+from tempflow_fast.tasks.shapes.task import new_model
 from tempflow_fast.sampling.engine import rollout
 from tempflow_fast.training.update import build_update_batch, policy_loss
 from tests.parity.official_math import (clipped_loss, g2rpo_advantages, kl_term, relative_error, sde_step,
@@ -30,7 +30,7 @@ G2RPO_CLIP = 4e-5  # its steps k <= 2 are all high-noise ones: ratios within 2e-
 
 def models(perturb: float = 0.02):
     """(rollout policy, current policy = rollout policy moved by `perturb`·std of each weight, reference)."""
-    old = TinyFluxAdapter.create(seed=0, transformer_config=SMALL)
+    old = new_model(seed=0, transformer_config=SMALL)
     policy = copy.deepcopy(old)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():

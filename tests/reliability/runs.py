@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from tempflow_fast.config import load_config
-from tempflow_fast.models.tiny_flux import TinyFluxAdapter
+from tempflow_fast.tasks.shapes.task import new_model
 from tempflow_fast.training.cli import main as train_main
 from tempflow_fast.training.train_config import Config
 from tempflow_fast.training.trainer import Trainer
@@ -18,7 +18,7 @@ SMALL = dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention
 # every iteration
 CLI_BASE = ["method=flow_grpo", "train.iterations=1", "train.prompts_per_iteration=1", "flow_grpo.group_size=3",
             "sampling.num_steps=3", "log.progress=false", "log.tensorboard=false", "eval.images_per_prompt=1",
-            "eval.num_steps=2", "checkpoint.every=1", "train.learning_rate=1e-3", "train.clip_range=0.2"]
+            "eval.num_steps=2", "eval.probe_prompts=2", "eval.probe_images=1", "checkpoint.every=1", "train.learning_rate=1e-3", "train.clip_range=0.2"]
 
 
 def cli_args(out, *extra):
@@ -58,12 +58,13 @@ def small_config(out, *extra):
     return load_config(Config, None, [
         f"output_dir={out}", "method=flow_grpo", "train.iterations=2", "train.prompts_per_iteration=2",
         "flow_grpo.group_size=4", "sampling.num_steps=4", "log.progress=false", "log.tensorboard=false",
-        "train.learning_rate=1e-3", "train.clip_range=0.2", "checkpoint.every=1", *extra])
+        "train.learning_rate=1e-3", "train.clip_range=0.2", "checkpoint.every=1", "eval.probe_prompts=2",
+        "eval.probe_images=1", *extra])
 
 
 def small_trainer(out, *extra, reward=None, **kwargs):
     """A Trainer on a small random tiny FLUX (seed 0) and the brightness reward."""
-    model = TinyFluxAdapter.create(seed=0, transformer_config=SMALL)
+    model = new_model(seed=0, transformer_config=SMALL)
     return Trainer(small_config(out, *extra), model=model, reward=reward or BrightnessReward(), eval_fn=no_eval,
                    **kwargs)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tempflow_fast.models import tiny_flux
-from tempflow_fast.models.tiny_flux import TinyFluxAdapter
+from tempflow_fast.tasks.shapes.task import new_model
 from tempflow_fast.ops.testing import require
 from tempflow_fast.rewards import RewardHTTPServer
 from tempflow_fast.training import trainer as trainer_mod
@@ -100,7 +100,6 @@ def test_a_model_whose_outputs_overflow_is_caught_at_the_rollout(tmp_path):
 NAN_REWARD_RUN = """
 import sys
 import tempflow_fast.ops as ops
-from tempflow_fast.training import trainer as trainer_mod
 from tempflow_fast.training.cli import main
 
 
@@ -114,7 +113,9 @@ class NaNReward:
         return r
 
 
-trainer_mod.build_reward = lambda cfg: NaNReward()
+from tempflow_fast.tasks.shapes.task import ShapesTask
+
+ShapesTask.build_reward = lambda self, cfg: NaNReward()
 print("backend", ops.active_backend(sys.argv[2]), flush=True)
 sets = ["output_dir=" + sys.argv[1], "model.device=" + sys.argv[2], "method=flow_grpo", "train.iterations=3",
         "train.prompts_per_iteration=1", "flow_grpo.group_size=3", "sampling.num_steps=3", "log.progress=false",
@@ -168,14 +169,16 @@ def test_a_reward_that_raises_stops_the_run_in_one_line(tmp_path, capsys, monkey
         def __call__(self, images, prompts):
             raise RuntimeError("the scorer's GPU fell off the bus")
 
-    monkeypatch.setattr(trainer_mod, "build_reward", lambda cfg: Broken())
+    from tempflow_fast.tasks.shapes.task import ShapesTask
+
+    monkeypatch.setattr(ShapesTask, "build_reward", lambda self, cfg: Broken())
     assert train_cli(tmp_path / "run") == 1
     line = one_line_error(capsys)
     assert "the reward 'broken' failed" in line and "fell off the bus" in line, line
 
 
 def _nan_model(folder):
-    model = TinyFluxAdapter.create(seed=0, transformer_config=SMALL)
+    model = new_model(seed=0, transformer_config=SMALL)
     with torch.no_grad():
         next(model.module.parameters()).view(-1)[3] = float("nan")
     model.save_pretrained(folder)

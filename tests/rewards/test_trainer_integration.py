@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tempflow_fast.config import load_config
-from tempflow_fast.models.tiny_flux import TinyFluxAdapter
+from tempflow_fast.tasks.shapes.task import new_model
 from tempflow_fast.rewards import RewardConfig, RewardHTTPServer, build_reward
 from tempflow_fast.training.train_config import Config
 from tempflow_fast.training.trainer import Trainer
@@ -27,7 +27,7 @@ def _train(out, reward):
         "method=flow_grpo", f"output_dir={out}", "train.iterations=2", "train.prompts_per_iteration=2",
         "log.progress=false", "log.tensorboard=false", "sampling.num_steps=4", "flow_grpo.group_size=4",
         "train.learning_rate=1e-3", "train.clip_range=0.2"])
-    model = TinyFluxAdapter.create(seed=0, transformer_config=SMALL)
+    model = new_model(seed=0, transformer_config=SMALL)
     trainer = Trainer(cfg, model=model, reward=reward, eval_fn=lambda m: {"overall": {"accuracy": 0.0}})
     summary = trainer.train()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -83,7 +83,7 @@ def test_a_split_draws_each_meaning_once_and_is_deterministic():
 
 def test_cli_writes_files_the_trainer_and_reward_server_read(tmp_path, capsys):
     from tempflow_fast.rewards.server_client import load_prompt_metadata
-    from tempflow_fast.training.trainer import read_prompts
+    from tempflow_fast.tasks.base import read_prompts
 
     out = tmp_path / "prompts"
     assert cli.main(["prompts", "geneval", "--out", str(out), "--train-per-category", "20",

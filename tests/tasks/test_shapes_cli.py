@@ -21,12 +21,14 @@ def test_shipped_weights_are_packaged_and_load():
 
 
 def test_eval_reproduces_recorded_accuracy(tmp_path, capsys):
-    # The recorded numbers were measured with configs/shapes_eval.yaml; eval is deterministic.
+    # The recorded numbers were measured with configs/shapes_eval.yaml at 16 images per prompt; eval is deterministic.
     record = json.loads((shipped_weights_dir() / "pretrain.json").read_text())
     out = tmp_path / "eval.json"
-    assert cli.main(["eval", "--config", str(REPO / "configs" / "shapes_eval.yaml"), "--json", str(out)]) == 0
+    assert cli.main(["eval", "--config", str(REPO / "configs" / "shapes_eval.yaml"), "--set",
+                     "eval.images_per_prompt=16", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "overall" in printed and "position" in printed
+    assert "overall" in printed and "position" in printed and "95% interval" in printed
+    assert "pass@24" not in printed  # 16 images per prompt cannot show pass@24
     result = json.loads(out.read_text())
     got, want = result["accuracy"], record["held_out_accuracy"]
     assert got["overall"]["count"] == want["overall"]["count"] == 21 * 16
@@ -128,3 +130,21 @@ def test_evaluate_shows_progress_only_when_asked(capsys):
     assert capsys.readouterr().err == ""
     assert evaluate(model, prompts, settings, progress=True) == quiet
     assert "eval: 4 images" in capsys.readouterr().err
+
+
+def test_eval_prints_intervals_and_pass_at_24(tmp_path, capsys):
+    """The eval's default protocol (64 images per prompt) prints pass@24 per category; here 24 images of 2 steps
+    keep it short: the table's numbers agree with the JSON and with the per-prompt verdicts."""
+    out = tmp_path / "eval.json"
+    args = ["eval", "--config", str(REPO / "configs" / "shapes_eval.yaml"), "--set", "eval.images_per_prompt=24",
+            "--set", "eval.num_steps=2", "--json", str(out), "--no-progress"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    table = json.loads(out.read_text())["accuracy"]
+    assert "pass@24" in printed and "95% interval" in printed
+    for category, row in table.items():
+        low, high = row["ci95"]
+        assert 0.0 <= low <= row["accuracy"] <= high <= 1.0, category
+        assert row["accuracy"] <= row["pass@24"] <= 1.0, category  # k = all 24 images: any correct image counts
+        if category != "overall":
+            assert f"{row['pass@24']:.3f}" in printed.split(category, 1)[1].splitlines()[0]

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from tempflow_fast import cli
 from tempflow_fast.models.tiny_flux import WEIGHTS_NAME, TinyFluxAdapter
+from tempflow_fast.tasks.shapes.task import new_model
 from tempflow_fast.tasks.shapes import grammar
 from tempflow_fast.tasks.shapes.pretrain import sample_batch_prompts
 
@@ -61,7 +62,7 @@ def test_init_continues_from_the_given_weights(tmp_path, source):
     from tempflow_fast.models.tiny_flux import load
 
     if source == "folder":
-        start = TinyFluxAdapter.create(seed=5)
+        start = new_model(seed=5)
         start.save_pretrained(tmp_path / "start")
         init = str(tmp_path / "start")
     else:
@@ -71,7 +72,7 @@ def test_init_continues_from_the_given_weights(tmp_path, source):
     assert cli.main(argv) == 0
     after = load_file(str(tmp_path / "out" / "step_00001" / WEIGHTS_NAME))
     before = start.module.state_dict()
-    fresh = TinyFluxAdapter.create(seed=0).module.state_dict()  # what --seed 0 alone would start from
+    fresh = new_model(seed=0).module.state_dict()  # what --seed 0 alone would start from
     assert after.keys() == before.keys()
     assert all(torch.allclose(after[k], before[k], rtol=0, atol=1e-8) for k in after)  # one step of lr 1e-12
     assert any(not torch.allclose(after[k], fresh[k]) for k in after)

@@ -1,6 +1,5 @@
 import pytest
-
-from tempflow_fast.models.tiny_flux import TinyFluxAdapter
+from tempflow_fast.tasks.shapes.task import new_model
 
 SMALL = dict(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=32)
 
@@ -18,7 +17,7 @@ def no_eval(model):
 
 @pytest.fixture
 def small_model():
-    return TinyFluxAdapter.create(seed=0, transformer_config=SMALL)
+    return new_model(seed=0, transformer_config=SMALL)
 
 
 def small_overrides(method, out, *extra):
@@ -27,7 +26,7 @@ def small_overrides(method, out, *extra):
         "log.progress=false", "log.tensorboard=false", "sampling.num_steps=4",
         "tempflow.num_seeds=2", "tempflow.branches=3", "flow_grpo.group_size=4", "g2rpo.branches=3",
         "g2rpo.granularities=[1,2]", "stepwise.group_size=3", "train.learning_rate=1e-3", "train.clip_range=0.2",
-        *extra,
+        "eval.probe_prompts=2", "eval.probe_images=1", *extra,
     ]
 
 
@@ -40,7 +39,7 @@ def make_trainer():
 
     def make(out, method, *extra, resume=False):
         cfg = load_config(Config, None, small_overrides(method, out, *extra))
-        model = TinyFluxAdapter.create(seed=0, transformer_config=SMALL)
+        model = new_model(seed=0, transformer_config=SMALL)
         return Trainer(cfg, model=model, reward=BrightnessReward(), eval_fn=no_eval, resume=resume)
 
     return make

@@ -11,7 +11,8 @@ from tempflow_fast.algorithms.advantages import multi_granularity_advantages, no
 from tempflow_fast.algorithms.base import group_key
 from tempflow_fast.rewards.composite import CompositeReward
 from tempflow_fast.sampling.schedules import linspace_sigmas
-from tempflow_fast.training.trainer import eval_metrics, mean_reward_eval
+from tempflow_fast.tasks.reward_eval import mean_reward_eval
+from tempflow_fast.training.trainer import eval_metrics
 from tempflow_fast.training.update import build_update_batch, split_parts
 
 
@@ -125,7 +126,7 @@ def test_per_step_kl_and_velocity_movement(tmp_path, make_trainer):
 
 def test_g2rpo_official_options_in_the_trainer(tmp_path, make_trainer):
     from tempflow_fast.config import load_config
-    from tempflow_fast.models.tiny_flux import TinyFluxAdapter
+    from tempflow_fast.tasks.shapes.task import new_model
     from tempflow_fast.training.train_config import Config
     from tempflow_fast.training.trainer import Trainer
     from tests.training.conftest import SMALL, no_eval, small_overrides
@@ -133,7 +134,7 @@ def test_g2rpo_official_options_in_the_trainer(tmp_path, make_trainer):
     cfg = load_config(Config, None, small_overrides(
         "g2rpo", tmp_path, "g2rpo.sigma_schedule=linspace", "sampling.shift=3.0", "g2rpo.completion_stride=official",
         "g2rpo.unbiased_std=true", "g2rpo.std_eps=1e-8", "reward.advantage_mode=per_component", *COMPOSITE_CFG))
-    tr = Trainer(cfg, model=TinyFluxAdapter.create(seed=0, transformer_config=SMALL), reward=composite(),
+    tr = Trainer(cfg, model=new_model(seed=0, transformer_config=SMALL), reward=composite(),
                  eval_fn=no_eval)
     prompts = tr.prompts_for(0)
     result, rewards = tr._rollout(prompts, 0)
@@ -162,7 +163,10 @@ def test_reward_eval_logs_each_component(tmp_path, make_trainer):
     assert set(table) == {"overall", "reward/red", "reward/green"} and table["overall"]["count"] == 4
     assert table["overall"]["accuracy"] == pytest.approx(table["reward/red"]["accuracy"]
                                                          + 0.5 * table["reward/green"]["accuracy"], rel=1e-5)
+    low, high = table["overall"]["ci95"]
+    assert low < table["overall"]["accuracy"] < high
     assert eval_metrics(table) == {"heldout_accuracy": table["overall"]["accuracy"],
+                                   "heldout_accuracy_ci_low": low, "heldout_accuracy_ci_high": high,
                                    "heldout/reward/red": table["reward/red"]["accuracy"],
                                    "heldout/reward/green": table["reward/green"]["accuracy"]}
 

@@ -4,14 +4,13 @@ samples; the merged result is the concatenation of the segments, and async scori
 import threading
 
 import torch
-
-from tempflow_fast.models.tiny_flux import TinyFluxAdapter
+from tempflow_fast.tasks.shapes.task import new_model
 from tempflow_fast.sampling.engine import concat_results, rollout
 from tempflow_fast.sampling.plans import Bifurcation
 
 
 def test_concat_results_offsets_rows():
-    model = TinyFluxAdapter.create(seed=0, transformer_config=dict(num_layers=1, num_single_layers=1,
+    model = new_model(seed=0, transformer_config=dict(num_layers=1, num_single_layers=1,
                                                                    num_attention_heads=2, attention_head_dim=32))
     plan = Bifurcation(num_steps=4, seeds_per_prompt=2, branches=2, bifurcation_steps=(0, 1))
     a = rollout(model, ["a red square"], plan, seed=1)

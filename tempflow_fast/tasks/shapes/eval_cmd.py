@@ -1,8 +1,11 @@
 """`tempflow-fast eval`: accuracy of a tiny-FLUX model on the shapes task, overall and per category.
 
-Every prompt of the chosen split is sampled `images_per_prompt` times from fixed initial noises
+Every prompt of the chosen split is sampled `images_per_prompt` times (default 64) from fixed initial noises
 (one generator seeded with `eval.seed`, drawn in prompt-major order) with a T-step Euler ODE, so
-the result is deterministic; the detector scores each image. Prints a table and writes JSON.
+the result is deterministic; the detector scores each image. Prints a table and writes JSON: per category the
+accuracy with its 95% interval (Wilson's, over the category's images; the overall, a mean of categories, combines
+them: tasks/stats.py) and pass@k (k = `eval.pass_k`, default 24: the share of prompts with at least one correct
+image among k, the unbiased estimator from all `images_per_prompt` images).
 
     tempflow-fast eval --config configs/shapes_eval.yaml --set model.path=runs/x
 
@@ -27,6 +30,8 @@ from tempflow_fast.config import config_to_dict, load_config
 from tempflow_fast.sampling.schedules import flow_sigmas
 from tempflow_fast.sampling.simple import sample
 
+from tempflow_fast.tasks.stats import mean_of_intervals, pass_at_k, wilson_interval
+
 from .detector import FAILURE_MODES, accuracy_by_category, correct, detect, failure_modes
 from .grammar import CATEGORIES, HELD_OUT_PROMPTS, TRAIN_PROMPTS, parse
 from .model_folder import load_model
@@ -41,7 +46,8 @@ class ModelConfig:
 @dataclass
 class EvalSettings:
     split: str = "held_out"  # which prompts: "held_out" (never trained on) or "train"
-    images_per_prompt: int = 16  # images per prompt, each from its own fixed initial noise (train: eval.images_per_prompt)
+    images_per_prompt: int = 64  # images per prompt, each from its own fixed initial noise (train: eval.images_per_prompt)
+    pass_k: int = 24  # k of pass@k: share of prompts with a correct image among k (needs images_per_prompt >= k)
     seed: int = 0  # seed of the generator all initial noises are drawn from
     num_steps: int = 10  # T, Euler ODE steps
     shift: float = 1.0  # static schedule shift (1 = plain linear sigmas, as in pretraining's eval)
@@ -57,7 +63,7 @@ class EvalSettings:
     def validate(self) -> None:
         if self.split not in ("held_out", "train"):
             raise ValueError(f"split must be 'held_out' or 'train', got {self.split!r}")
-        for name in ("images_per_prompt", "num_steps", "batch_size"):
+        for name in ("images_per_prompt", "num_steps", "batch_size", "pass_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.shift <= 0:
@@ -133,10 +139,41 @@ def images_prompts(prompts: Sequence[str], settings: EvalSettings) -> list:
 
 def evaluate(model, prompts: Sequence[str], settings: EvalSettings,
              progress: bool = False) -> Dict[str, Dict[str, float]]:
-    """Accuracy table {category: {accuracy, correct, count}, "overall": ...} of `model` on `prompts`
-    (`progress`: generate's bar on stderr)."""
+    """`accuracy_table` of `model` on `prompts` (`progress`: generate's bar on stderr)."""
     per_image = images_prompts(prompts, settings)
-    return accuracy_by_category(correct(generate(model, prompts, settings, progress), per_image), per_image)
+    return accuracy_table(correct(generate(model, prompts, settings, progress), per_image), per_image, settings.pass_k)
+
+
+def accuracy_table(correctness: torch.Tensor, per_image: Sequence[str], pass_k: int = 24) -> Dict[str, Dict]:
+    """`accuracy_by_category` with, per row, "ci95": [low, high] (categories: Wilson over their images; overall:
+    the category intervals combined, clipped to [0, 1]; "image_ci95": Wilson over all images) and, when every
+    prompt has at least `pass_k` images, f"pass@{pass_k}": the mean over the category's prompts of the unbiased
+    pass@k (overall: the mean of categories, as the accuracy)."""
+    table = accuracy_by_category(correctness, per_image)
+    hits: Dict[str, list] = {}
+    for ok, prompt in zip(correctness.bool().tolist(), per_image):
+        hits.setdefault(prompt, []).append(ok)
+    by_category: Dict[str, list] = {}
+    for prompt, oks in hits.items():
+        by_category.setdefault(parse(prompt).category, []).append(oks)
+    rows = []
+    with_pass = min(len(oks) for oks in hits.values()) >= pass_k
+    key = f"pass@{pass_k}"
+    for name in CATEGORIES:
+        if name not in table:
+            continue
+        row = table[name]
+        row["ci95"] = list(wilson_interval(row["correct"], row["count"]))
+        rows.append((row["accuracy"], *row["ci95"]))
+        if with_pass:
+            row[key] = sum(pass_at_k(len(oks), sum(oks), pass_k) for oks in by_category[name]) / len(by_category[name])
+    overall = table["overall"]
+    _, low, high = mean_of_intervals(rows)
+    overall["ci95"] = [max(0.0, low), min(1.0, high)]
+    overall["image_ci95"] = list(wilson_interval(overall["correct"], overall["count"]))
+    if with_pass:
+        overall[key] = sum(table[c][key] for c in CATEGORIES if c in table) / len(rows)
+    return table
 
 
 def failure_table(images: torch.Tensor, per_image: Sequence[str]) -> Dict[str, Dict[str, int]]:
@@ -155,16 +192,33 @@ def format_failures(table: Dict[str, Dict[str, int]]) -> str:
     return "\n".join(lines)
 
 
+def _interval(row: Dict, key: str = "ci95") -> str:
+    return f"[{row[key][0]:.3f}, {row[key][1]:.3f}]" if key in row else ""
+
+
 def format_table(table: Dict[str, Dict[str, float]]) -> str:
-    lines = [f"{'category':<18} {'accuracy':>8} {'correct / images':>17}", "-" * 45]
+    """The accuracy table: per category accuracy, its 95% interval, pass@k (when measured), correct / images."""
+    overall = table["overall"]
+    pass_key = next((k for k in overall if k.startswith("pass@")), None)
+    pass_head = f" {pass_key:>8}" if pass_key else ""
+    lines = [f"{'category':<18} {'accuracy':>8} {'95% interval':>16}{pass_head} {'correct / images':>17}",
+             "-" * (62 + len(pass_head))]
     for name in CATEGORIES:
         if name in table:
             row = table[name]
-            lines.append(f"{name:<18} {row['accuracy']:>8.3f} {row['correct']:>8d} / {row['count']:<6d}")
-    overall = table["overall"]
-    lines.append("-" * 45)
-    lines.append(f"{'overall':<18} {overall['accuracy']:>8.3f}   (mean of categories, as GenEval)")
-    lines.append(f"{'all images':<18} {overall['image_accuracy']:>8.3f} {overall['correct']:>8d} / {overall['count']:<6d}")
+            cell = f" {row[pass_key]:>8.3f}" if pass_key else ""
+            lines.append(f"{name:<18} {row['accuracy']:>8.3f} {_interval(row):>16}{cell} "
+                         f"{row['correct']:>8d} / {row['count']:<6d}")
+    lines.append("-" * (62 + len(pass_head)))
+    cell = f" {overall[pass_key]:>8.3f}" if pass_key else ""
+    lines.append(f"{'overall':<18} {overall['accuracy']:>8.3f} {_interval(overall):>16}{cell}   "
+                 f"(mean of categories, as GenEval)")
+    lines.append(f"{'all images':<18} {overall['image_accuracy']:>8.3f} {_interval(overall, 'image_ci95'):>16}"
+                 f"{' ' * len(pass_head)} {overall['correct']:>8d} / {overall['count']:<6d}")
+    if pass_key:
+        lines.append(f"{pass_key}: share of a category's prompts with at least one correct image among "
+                     f"{pass_key[5:]} (unbiased, from all images); 95% intervals: Wilson over images (overall: "
+                     f"combined over categories)")
     return "\n".join(lines)
 
 
@@ -224,7 +278,7 @@ def _run(model, cfg: ShapesEvalConfig, out_path: Optional[str], progress: bool =
     start = time.time()
     per_image = images_prompts(prompts, cfg.eval)
     images = generate(model, prompts, cfg.eval, progress=progress)
-    table = accuracy_by_category(correct(images, per_image), per_image)
+    table = accuracy_table(correct(images, per_image), per_image, cfg.eval.pass_k)
     seconds = time.time() - start
     print(f"shapes eval: model {cfg.model.path or 'shipped'}, split {cfg.eval.split} ({len(prompts)} prompts "
           f"× {cfg.eval.images_per_prompt} images), T={cfg.eval.num_steps} Euler ODE, shift {cfg.eval.shift}")

@@ -30,6 +30,7 @@ from tempflow_fast.models.tiny_flux import TinyFluxAdapter
 
 from .grammar import CATEGORIES, TRAIN_PROMPTS, prompts_by_category
 from .render import render
+from .task import new_model
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,7 +76,7 @@ def rectified_flow_loss(model: TinyFluxAdapter, images: torch.Tensor, prompts: l
 
 def _initial_model(args: argparse.Namespace) -> TinyFluxAdapter:
     if args.init is None:
-        return TinyFluxAdapter.create(seed=args.seed)
+        return new_model(seed=args.seed)
     from .model_folder import load_model
 
     try:
