@@ -1,4 +1,5 @@
-"""The methods compared on the shapes task, with the TempFlow ablations and adaptive bifurcation.
+"""The methods compared on the shapes task and the JPEG compressibility task, with the TempFlow ablations and
+adaptive bifurcation, MixGRPO and DiffusionNFT.
 
 Trains every method from the shipped base model at equal group size (24 images per prompt group where the
 method allows) and equal iterations, over several run seeds (Flow-GRPO and Stepwise, whose whole-trajectory
@@ -14,8 +15,14 @@ Resumable per run: each (method, seed) trains in OUT/runs/<method>/seed<s>; a ru
 skipped, a run with a checkpoint resumes from it (checkpoints every E iterations), and a finished run
 shorter than asked (a grid rerun with more --iterations) continues from its last checkpoint.
 
-    python bench/methods.py --out runs/methods                     # the full grid (hours on 2 CPU cores)
-    python bench/methods.py --quick --out /tmp/methods_quick       # CI: every method runs, report is written
+Tasks (--tasks): shapes (held-out accuracy; OUT itself) and compressibility (the same prompts and presets with
+reward.name jpeg_compressibility, held-out mean reward; OUT/compressibility). Every run also logs the probe reward
+(the trained reward on fixed train prompts × fixed noises, with its 95% interval) at each eval point; the report
+tabulates it against model calls.
+
+    python bench/methods.py --out runs/methods                     # the full grid on shapes (hours on 2 CPU cores)
+    python bench/methods.py --out runs/methods --tasks compressibility
+    python bench/methods.py --quick --out /tmp/methods_quick       # CI: every method on both tasks, reports written
 """
 
 from __future__ import annotations
@@ -39,6 +46,15 @@ PRESETS = {
     "tempflow": ROOT / "configs" / "shapes_tempflow.yaml",
     "g2rpo": ROOT / "configs" / "shapes_g2rpo.yaml",
     "stepwise": ROOT / "configs" / "shapes_stepwise.yaml",
+    "mixgrpo": ROOT / "configs" / "shapes_mixgrpo.yaml",
+    "diffusion_nft": ROOT / "configs" / "shapes_diffusion_nft.yaml",
+}
+
+# task -> (overrides on every method's preset, label of the held-out metric, sub-folder of OUT)
+TASKS: Dict[str, tuple] = {
+    "shapes": ([], "held-out accuracy", ""),
+    "compressibility": (["data.task=compressibility", "reward.name=jpeg_compressibility", "reward.shapes_score=strict"],
+                        "held-out reward (-kB of the JPEG)", "compressibility"),
 }
 
 # name -> (label, preset method, overrides). Group size 24 per prompt group where the method has one.
@@ -60,18 +76,23 @@ METHODS: Dict[str, tuple] = {
                           ["tempflow.num_seeds=4", "tempflow.branches=6", "tempflow.bifurcation_steps=null",
                            "tempflow.adaptive_bifurcation=true", "tempflow.adaptive_budget=4",
                            "tempflow.adaptive_floor=0.2"]),
+    # the papers' window (w = 4, moved by 1 every 25 iterations) and β, decay; groups of 24 as the rows above
+    "mixgrpo": ("MixGRPO", "mixgrpo", ["mixgrpo.group_size=24"]),
+    "diffusion_nft": ("DiffusionNFT", "diffusion_nft", ["diffusion_nft.group_size=24"]),
 }
 
 # Iterations relative to --iterations. Model calls per iteration on the shapes presets (4 prompts, T = 10):
 # Flow-GRPO and Stepwise 24 x 10 x 4 = 960; TempFlow 4 x 6 branches at k in {0..3} = 3040; G2RPO 3400 (L={1})
-# and 5512 (L={1,2,3}). At 3x, Flow-GRPO and Stepwise spend 2880 per --iterations step, about TempFlow's budget.
-ITERATION_SCALE: Dict[str, int] = {"flow_grpo": 3, "stepwise": 3}
+# and 5512 (L={1,2,3}); MixGRPO (1 + 24 x 9) x 4 = 868 with its first window; DiffusionNFT 24 x 10 x 4 = 960. At
+# 3x, Flow-GRPO, Stepwise, MixGRPO and DiffusionNFT spend 2600-2880 per --iterations step, about TempFlow's budget.
+ITERATION_SCALE: Dict[str, int] = {"flow_grpo": 3, "stepwise": 3, "mixgrpo": 3, "diffusion_nft": 3}
 
 # --quick: small groups, few steps, a tiny eval; only checks that every method runs and the report is made
 QUICK_OVERRIDES = [
     "train.prompts_per_iteration=2", "sampling.num_steps=4", "eval.num_steps=4", "eval.images_per_prompt=1",
     "flow_grpo.group_size=4", "tempflow.num_seeds=2", "tempflow.branches=2", "tempflow.bifurcation_steps=[0,1]",
     "tempflow.adaptive_budget=1", "g2rpo.branches=2", "g2rpo.branch_steps=null", "stepwise.group_size=4",
+    "mixgrpo.group_size=4", "diffusion_nft.group_size=4", "eval.probe_prompts=2", "eval.probe_images=1",
 ]
 
 
@@ -87,7 +108,7 @@ class EvalRecorder:
         table = self.inner(model)
         t = self.trainer
         row = {"iteration": t.iteration, "nfe": t.counters.nfe, "wall_seconds": t.counters.wall_seconds,
-               "accuracy": table["overall"]["accuracy"],
+               "accuracy": table["overall"]["accuracy"], "ci95": table["overall"].get("ci95"),
                "categories": {k: v["accuracy"] for k, v in table.items() if k != "overall"}}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -95,17 +116,17 @@ class EvalRecorder:
 
 
 def method_overrides(name: str, *, seed: int, iterations: int, eval_every: int, out: Path,
-                     quick: bool = False, extra: Sequence[str] = ()) -> List[str]:
+                     quick: bool = False, extra: Sequence[str] = (), task: str = "shapes") -> List[str]:
     _, method, overrides = METHODS[name]
     return [f"method={method}", f"output_dir={out}", f"seed={seed}", f"train.iterations={iterations}",
             f"eval.every={eval_every}", f"checkpoint.every={eval_every}", "checkpoint.keep_last=1",
             "log.tensorboard=false", "log.progress=false", "log.sample_every=0",
-            *overrides, *(QUICK_OVERRIDES if quick else []), *extra]
+            *TASKS[task][0], *overrides, *(QUICK_OVERRIDES if quick else []), *extra]
 
 
 def run_one(name: str, seed: int, out: Path, *, iterations: int, eval_every: int, quick: bool = False,
             extra: Sequence[str] = (), model_factory: Optional[Callable] = None, reward=None,
-            eval_fn=None) -> str:
+            eval_fn=None, task: str = "shapes") -> str:
     """Train (method, seed) into `out`, resuming when a checkpoint exists. Returns 'done', 'resumed' or 'skipped'."""
     from tempflow_fast.config import load_config
     from tempflow_fast.training import checkpoint as ckpt
@@ -119,7 +140,7 @@ def run_one(name: str, seed: int, out: Path, *, iterations: int, eval_every: int
         summary.unlink()  # finished, but shorter than asked: continue from its last checkpoint
     preset = PRESETS[METHODS[name][1]]
     cfg = load_config(Config, preset, method_overrides(name, seed=seed, iterations=iterations, eval_every=eval_every,
-                                                       out=out, quick=quick, extra=extra))
+                                                       out=out, quick=quick, extra=extra, task=task))
     resume = ckpt.latest_checkpoint(out / "checkpoints") is not None
     evals = out / "evals.jsonl"
     if not resume:  # a fresh start: no logs from an attempt that never reached a checkpoint
@@ -185,8 +206,27 @@ def collect(out: Path, methods: Sequence[str], seeds: Sequence[int]) -> Dict[str
                 "acc": _mean_std([r["accuracy"] for r in rows]),
                 "categories": {c: _mean_std([r["categories"].get(c, float("nan")) for r in rows]) for c in cats},
             })
-        data[name] = {"points": points, "metrics": [m for ms in metrics.values() for m in ms], "seeds": sorted(runs)}
+        probes: Dict[int, List[tuple]] = {}
+        for rows in metrics.values():
+            for it, (nfe, value) in probe_points(rows).items():
+                probes.setdefault(it, []).append((nfe, value))
+        probe = [{"iteration": it, "n": len(v), "nfe": _mean_std([n for n, _ in v])[0],
+                  "reward": _mean_std([x for _, x in v])} for it, v in sorted(probes.items())]
+        data[name] = {"points": points, "metrics": [m for ms in metrics.values() for m in ms], "seeds": sorted(runs),
+                      "probe": probe}
     return data
+
+
+def probe_points(rows: List[dict]) -> Dict[int, tuple]:
+    """{iteration: (cumulative model calls, probe_reward)} of one run's metrics.jsonl rows: the probe before training
+    (iteration 0, no calls yet), at every eval point and after the last iteration (its calls from that iteration's
+    row)."""
+    nfe = {0: 0}
+    for r in rows:
+        if "total_nfe" in r:
+            nfe[r["iteration"]] = r["total_nfe"]
+    return {r["iteration"]: (nfe.get(r["iteration"], float("nan")), r["probe_reward"]) for r in rows
+            if "probe_reward" in r}
 
 
 def calls_to_target(points: List[dict], target: float) -> Optional[float]:
@@ -215,7 +255,7 @@ def step_spread(metrics: List[dict], prefix: str = "reward_std/k") -> Dict[int, 
     return {k: sum(v) / len(v) for k, v in sorted(acc.items())}
 
 
-def write_plots(out: Path, data: Dict[str, dict]) -> List[Path]:
+def write_plots(out: Path, data: Dict[str, dict], metric: str = "held-out accuracy") -> List[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,7 +275,7 @@ def write_plots(out: Path, data: Dict[str, dict]) -> List[Path]:
             ax.fill_between(xs, [a - s for a, s in zip(acc, std)], [a + s for a, s in zip(acc, std)], alpha=0.12)
     for ax, label in zip(axes, ("iterations", "model calls (rollout NFE)", "train-loop wall seconds")):
         ax.set_xlabel(label)
-        ax.set_ylabel("held-out accuracy")
+        ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -263,24 +303,25 @@ def write_plots(out: Path, data: Dict[str, dict]) -> List[Path]:
 
 
 def report(out: Path, methods: Sequence[str], seeds: Sequence[int], *, target: Optional[float] = None,
-           command: str = "") -> str:
+           command: str = "", task: str = "shapes") -> str:
     """The markdown report (also written to OUT/report.md) and the PNGs next to it."""
     data = collect(out, methods, seeds)
-    lines = ["# Methods on the shapes task", ""]
+    metric = TASKS[task][1]
+    lines = [f"# Methods on the {task} task", ""]
     if command:
         lines += ["Command:", "", "```", command, "```", ""]
-    lines += [f"Seeds: {', '.join(map(str, seeds))}. Cells: held-out accuracy, mean ± std over seeds "
+    lines += [f"Seeds: {', '.join(map(str, seeds))}. Cells: {metric}, mean ± std over seeds "
               "(sample std; 0 with one seed). Runs train one after another on the same machine; wall seconds "
               "depend on its load at the time, model calls do not.", ""]
 
     its = sorted({p["iteration"] for d in data.values() for p in d["points"]})
-    lines += ["## Held-out accuracy vs iterations", "",
+    lines += [f"## {metric[0].upper() + metric[1:]} vs iterations", "",
               "| method | seeds run | " + " | ".join(str(i) for i in its) + " |", "|---|---|" + "---|" * len(its)]
     for name, d in data.items():
         by = {p["iteration"]: p for p in d["points"]}
         lines.append(f"| {METHODS[name][0]} | {len(d['seeds'])} | " + " | ".join(_fmt(*by[i]["acc"]) if i in by else "—" for i in its) + " |")
 
-    lines += ["", "## Held-out accuracy vs model calls and wall seconds", "",
+    lines += ["", f"## {metric[0].upper() + metric[1:]} vs model calls and wall seconds", "",
               "Model calls: cumulative rollout NFE; wall: cumulative train-loop seconds (eval excluded); both "
               "means over seeds.", "",
               "| method | iteration | model calls | wall s | accuracy |", "|---|---|---|---|---|"]
@@ -313,7 +354,7 @@ def report(out: Path, methods: Sequence[str], seeds: Sequence[int], *, target: O
     if not targets or math.isnan(targets[-1]):
         lines.append("No target: Flow-GRPO has no trained eval points and no --target was given.")
     else:
-        lines += [f"Targets: {', '.join(f'{t:.3f}' for t in targets)} held-out accuracy ({target_note}); the base "
+        lines += [f"Targets: {', '.join(f'{t:.3f}' for t in targets)} {metric} ({target_note}); the base "
                   f"model starts at {start_acc:.3f}. Model calls: mean cumulative rollout NFE at the first eval point "
                   "whose seed-mean accuracy reaches the target.", ""]
         if not math.isnan(start_acc) and targets[-1] <= start_acc:
@@ -337,6 +378,15 @@ def report(out: Path, methods: Sequence[str], seeds: Sequence[int], *, target: O
         lines.append(f"| {METHODS[name][0]} | {g['reward_mean']:.3f} | {g['reward_group_std']:.3f} | "
                      f"{g['zero_std_ratio']:.3f} | {g['clip_frac']:.4f} |")
 
+    if any(d["probe"] for d in data.values()):
+        lines += ["", "## Probe reward vs model calls", "",
+                  "The trained reward of ODE samples of fixed train prompts × fixed noises (eval.probe_prompts × "
+                  "eval.probe_images), mean ± std over seeds at each eval point; model calls: mean cumulative rollout "
+                  "NFE there.", "", "| method | iteration | model calls | probe reward |", "|---|---|---|---|"]
+        for name, d in data.items():
+            for p in d["probe"]:
+                lines.append(f"| {METHODS[name][0]} | {p['iteration']} | {p['nfe']:.0f} | {_fmt(*p['reward'])} |")
+
     spreads = {name: step_spread(d["metrics"]) for name, d in data.items()}
     spreads = {k: v for k, v in spreads.items() if v}
     if spreads:
@@ -359,7 +409,7 @@ def report(out: Path, methods: Sequence[str], seeds: Sequence[int], *, target: O
                 lines.append(f"| {METHODS[name][0]} | " + " | ".join(f"{v[k]:{fmt}}" if k in v else "—" for k in ks)
                              + " |")
 
-    pngs = write_plots(out, data)
+    pngs = write_plots(out, data, metric)
     lines += ["", "Plots: " + ", ".join(f"`{p.name}`" for p in pngs), ""]
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
@@ -368,12 +418,21 @@ def report(out: Path, methods: Sequence[str], seeds: Sequence[int], *, target: O
 
 # --- the grid -----------------------------------------------------------------------------------------
 
+def task_folder(out: Path, task: str) -> Path:
+    """Where a task's grid lives: OUT for shapes, OUT/<task> for the others."""
+    return out / TASKS[task][2] if TASKS[task][2] else out
+
+
 def run_grid(out: Path, *, methods: Sequence[str], seeds: Sequence[int], iterations: int, eval_every: int,
              quick: bool = False, extra: Sequence[str] = (), model_factory=None, reward=None, eval_fn=None,
-             target: Optional[float] = None, command: str = "", log=print) -> str:
+             target: Optional[float] = None, command: str = "", log=print, task: str = "shapes") -> str:
+    """Every (method, seed) of one task, then its report (the task's folder: `task_folder`)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}")
+    out = task_folder(out, task)
     out.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         for name in methods:
@@ -381,9 +440,9 @@ def run_grid(out: Path, *, methods: Sequence[str], seeds: Sequence[int], iterati
             status = run_one(name, seed, out / "runs" / name / f"seed{seed}",
                              iterations=iterations * ITERATION_SCALE.get(name, 1),
                              eval_every=eval_every, quick=quick, extra=extra, model_factory=model_factory,
-                             reward=reward, eval_fn=eval_fn)
-            log(f"[methods] {name} seed {seed}: {status} ({time.perf_counter() - t0:.0f} s)")
-    return report(out, methods, seeds, target=target, command=command)
+                             reward=reward, eval_fn=eval_fn, task=task)
+            log(f"[methods] {task} {name} seed {seed}: {status} ({time.perf_counter() - t0:.0f} s)")
+    return report(out, methods, seeds, target=target, command=command, task=task)
 
 
 # --movement: how far one iteration moves each variant, per step k (issue 17: approx-KL alone misreads it)
@@ -466,7 +525,11 @@ def write_results_md(text: str, out: Path, path: Path) -> Path:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/methods", help="output folder (one sub-folder per method and seed)")
-    ap.add_argument("--quick", action="store_true", help="one seed, 2 iterations, small groups, tiny eval")
+    ap.add_argument("--quick", action="store_true",
+                    help="one seed, 2 iterations, small groups, tiny eval; every task unless --tasks says otherwise")
+    ap.add_argument("--tasks", default=None,
+                    help="comma-separated: shapes (OUT), compressibility (OUT/compressibility); default shapes, "
+                         "--quick: both")
     ap.add_argument("--seeds", type=int, default=None, help="run seeds 0..N-1 (default 3; --quick: 1)")
     ap.add_argument("--iterations", type=int, default=None, help="iterations per run (default 60; --quick: 2)")
     ap.add_argument("--eval-every", type=int, default=None, help="eval/checkpoint interval (default 10; --quick: 1)")
@@ -496,18 +559,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     iterations = args.iterations if args.iterations is not None else (2 if args.quick else 60)
     eval_every = args.eval_every if args.eval_every is not None else (1 if args.quick else 10)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    tasks = [t.strip() for t in (args.tasks or ("shapes,compressibility" if args.quick else "shapes")).split(",")
+             if t.strip()]
     command = "OMP_NUM_THREADS=1 python bench/methods.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     out = Path(args.out)
-    if args.report_only:
-        text = report(out, methods, seeds, target=args.target, command=command)
-    else:
-        text = run_grid(out, methods=methods, seeds=seeds, iterations=iterations, eval_every=eval_every,
-                        quick=args.quick, extra=args.set, target=args.target, command=command)
-    print(text)
-    if not args.quick and not args.no_results_md:
-        path = write_results_md(text, out, Path(args.results_md))
-        print(f"[methods] wrote {path} and its figures in {path.with_suffix('')}")
+    for task in tasks:
+        if args.report_only:
+            text = report(task_folder(out, task), methods, seeds, target=args.target, command=command, task=task)
+        else:
+            text = run_grid(out, methods=methods, seeds=seeds, iterations=iterations, eval_every=eval_every,
+                            quick=args.quick, extra=args.set, target=args.target, command=command, task=task)
+        print(text)
+        if not args.quick and not args.no_results_md and task == "shapes":
+            path = write_results_md(text, out, Path(args.results_md))
+            print(f"[methods] wrote {path} and its figures in {path.with_suffix('')}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 
 from tempflow_fast.algorithms.tempflow import TempFlowGRPO
 from tempflow_fast.config import load_config
-from tempflow_fast.models.tiny_flux import TinyFluxAdapter
+from tempflow_fast.tasks.shapes.task import new_model
 from tempflow_fast.training.train_config import Config
 from tempflow_fast.training.trainer import Trainer
 
@@ -41,7 +41,7 @@ def fake_eval(model):
 
 
 def small_model():
-    return TinyFluxAdapter.create(seed=0, transformer_config=SMALL)
+    return new_model(seed=0, transformer_config=SMALL)
 
 
 TEST_OVERRIDES = ["train.learning_rate=1e-3", "train.inner_epochs=1", "stepwise.group_size=3"]
@@ -87,6 +87,25 @@ def test_quick_runs_every_method_and_writes_the_report(tmp_path):
     text3 = (run / "evals.jsonl").read_text()
     assert text3.startswith(head) and [json.loads(l)["iteration"] for l in text3.splitlines()] == [0, 1, 2, 3]
     assert json.loads((run / "summary.json").read_text())["iterations"] == 3
+
+
+def test_quick_runs_every_method_on_the_compressibility_task(tmp_path):
+    """--quick's second task: every method trains one iteration (Flow-GRPO-like ones 3) with the task's own JPEG
+    reward and held-out mean-reward eval, in OUT/compressibility, and its report tabulates reward and probe."""
+    out = tmp_path / "grid"
+    text = methods.run_grid(out, methods=list(methods.METHODS), seeds=[0], iterations=1, eval_every=1, quick=True,
+                            extra=TEST_OVERRIDES, model_factory=small_model, log=lambda *_: None,
+                            command="python bench/methods.py --quick", task="compressibility")
+    assert methods.task_folder(out, "compressibility") == out / "compressibility"
+    for name, (label, _, _) in methods.METHODS.items():
+        run = out / "compressibility" / "runs" / name / "seed0"
+        rows = [json.loads(l) for l in (run / "evals.jsonl").read_text().splitlines()]
+        assert rows[0]["accuracy"] < 0 and rows[0]["ci95"][0] <= rows[0]["accuracy"] <= rows[0]["ci95"][1], name
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["task"] == "compressibility" and summary["eval_metric"] == "held-out reward (kB)", name
+        assert label in text
+    assert text.startswith("# Methods on the compressibility task") and "## Probe reward vs model calls" in text
+    assert "held-out reward (-kB of the JPEG)" in text
 
 
 def test_movement_table_per_step(tmp_path):
