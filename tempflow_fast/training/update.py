@@ -35,8 +35,8 @@ class StateGroup:
     samples: torch.Tensor  # (S, K, *L) x_{i+1}
     old_log_prob: torch.Tensor  # (S, K)
     advantages: torch.Tensor  # (S, K)
-    step: torch.Tensor  # (S,) step index k
-    unit: torch.Tensor  # (S,) what split_parts keeps together: the trajectory of the state's first sample
+    step: Optional[torch.Tensor] = None  # (S,) step index k (per-step statistics)
+    unit: Optional[torch.Tensor] = None  # (S,) what split_parts keeps together: the trajectory of its first sample
 
     def __len__(self) -> int:
         return self.sigma.shape[0]
@@ -46,7 +46,8 @@ class StateGroup:
         return self.samples.shape[0] * self.samples.shape[1]
 
     def take(self, index: torch.Tensor) -> "StateGroup":
-        return StateGroup(*(getattr(self, f).index_select(0, index) for f in self.__dataclass_fields__))
+        return StateGroup(*(None if getattr(self, f) is None else getattr(self, f).index_select(0, index)
+                            for f in self.__dataclass_fields__))
 
 
 def build_update_batch(result, credit, *, skip_zero_std: bool = True) -> List[StateGroup]:
