@@ -137,11 +137,13 @@ def test_eval_prints_intervals_and_pass_at_24(tmp_path, capsys):
     keep it short: the table's numbers agree with the JSON and with the per-prompt verdicts."""
     out = tmp_path / "eval.json"
     args = ["eval", "--config", str(REPO / "configs" / "shapes_eval.yaml"), "--set", "eval.images_per_prompt=24",
-            "--set", "eval.num_steps=2", "--json", str(out), "--no-progress"]
+            "--set", "eval.num_steps=2", "--set", "words=true", "--json", str(out), "--no-progress"]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
-    table = json.loads(out.read_text())["accuracy"]
+    result = json.loads(out.read_text())
+    table = result["accuracy"]
     assert "pass@24" in printed and "95% interval" in printed
+    assert "per word" in printed and set(result["words"]) >= {"red", "blue", "a", "two"}
     for category, row in table.items():
         low, high = row["ci95"]
         assert 0.0 <= low <= row["accuracy"] <= high <= 1.0, category

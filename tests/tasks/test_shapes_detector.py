@@ -156,3 +156,17 @@ def test_failure_mode_oversized_and_empty():
     assert detector.failure_modes(detector.detect(blob), ["a red square", "red squares"]) == ["oversized"] * 2
     blank = torch.zeros(2, 3, 16, 16)
     assert detector.failure_modes(detector.detect(blank), ["red squares", "two red squares"]) == ["too few"] * 2
+
+
+def test_word_table_on_ground_truth_renders(ground_truth):
+    """Every word holds whenever the prompt says it; colours and counts appear otherwise only as the grammar allows,
+    and a relation never holds when its opposite was asked (renders keep the squares apart)."""
+    prompts, _, det = ground_truth
+    table = detector.word_table(det, prompts)
+    words = set(grammar.COLORS) | {"a", "two", "three"} | set(grammar.RELATIONS)
+    assert set(table) == words
+    assert all(row["asked"] == 1.0 and row["asked_images"] > 0 for row in table.values())
+    for relation in grammar.RELATIONS:
+        assert table[relation]["otherwise"] == 0.0 and table[relation]["otherwise_images"] > 0
+    assert all(table[c]["otherwise"] == 0.0 for c in grammar.COLORS)  # a render never adds an unasked colour
+    assert table["two"]["otherwise"] == 0.0  # a colour asked once or three times is never drawn twice

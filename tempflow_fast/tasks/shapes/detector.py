@@ -182,6 +182,52 @@ def failure_modes(det: Detections, prompts: Sequence[str]) -> List[str]:
     return out
 
 
+def word_table(det: Detections, prompts: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """Does the model know each word on its own (issue 19, item 2)? Per word of the grammar, how often the image
+    has what the word asks for when the prompt says it ("asked"), against how often it has it when the prompt says
+    something else in its place ("otherwise", the model's base rate, what chance is here):
+
+    - a colour c: at least one square of c; otherwise = prompts that do not mention c;
+    - a number n ("a" = 1, "two", "three"; a colour asked with a count, not ``colors`` prompts): exactly n squares
+      of that colour; otherwise = that colour asked with another count;
+    - a relation r (``position`` images whose two colours have one square each): the first square is r of the
+      second; otherwise = the same squares when the prompt asks the opposite relation (left of ↔ right of).
+
+    {word: {"asked", "asked_images", "otherwise", "otherwise_images"}}, rates in [0, 1] (NaN without images)."""
+    if det.counts.shape[0] != len(prompts):
+        raise ValueError(f"detections have {det.counts.shape[0]} rows but prompts has {len(prompts)}")
+    from .grammar import MIRROR, NUMBERS, RELATIONS
+
+    counts = det.counts.cpu()
+    specs = [parse(p) for p in prompts]
+    tally: Dict[str, list] = {}  # word -> [asked hits, asked n, otherwise hits, otherwise n]
+
+    def add(word: str, asked: bool, hit: bool) -> None:
+        row = tally.setdefault(word, [0, 0, 0, 0])
+        row[0 if asked else 2] += int(hit)
+        row[1 if asked else 3] += 1
+
+    number_words = {1: "a", **{n: w for w, n in NUMBERS.items()}}
+    for i, spec in enumerate(specs):
+        asked_colours = {spec.colour} if spec.counts is None else {c for c, n in enumerate(spec.counts) if n > 0}
+        for c, name in enumerate(COLORS):
+            add(name, c in asked_colours, bool(counts[i, c] >= 1))
+        if spec.counts is not None:
+            for c, n in enumerate(spec.counts):
+                if n > 0:
+                    for m, word in number_words.items():
+                        add(word, m == n, bool(counts[i, c] == m))
+        if spec.relation is not None and counts[i, spec.first] == 1 and counts[i, spec.second] == 1:
+            offset = det.centroids[i, spec.second].cpu() - det.centroids[i, spec.first].cpu()
+            for r in RELATIONS:
+                if r in (spec.relation, MIRROR[spec.relation]):
+                    axis, sign = _RELATION_AXIS[r]
+                    add(r, r == spec.relation, bool(float(offset[axis]) * sign > SIDE / 2))
+    rate = lambda hits, n: hits / n if n else float("nan")
+    return {w: {"asked": rate(a, na), "asked_images": na, "otherwise": rate(o, no), "otherwise_images": no}
+            for w, (a, na, o, no) in tally.items()}
+
+
 def accuracy_by_category(correctness: torch.Tensor, prompts: Sequence[str]) -> Dict[str, Dict[str, float]]:
     """{category: {"accuracy", "correct", "count"}} plus "overall".
 

@@ -32,7 +32,7 @@ from tempflow_fast.sampling.simple import sample
 
 from tempflow_fast.tasks.stats import mean_of_intervals, pass_at_k, wilson_interval
 
-from .detector import FAILURE_MODES, accuracy_by_category, correct, detect, failure_modes
+from .detector import FAILURE_MODES, accuracy_by_category, correct, detect, failure_modes, word_table
 from .grammar import CATEGORIES, HELD_OUT_PROMPTS, TRAIN_PROMPTS, parse
 from .model_folder import load_model
 
@@ -77,6 +77,7 @@ class ShapesEvalConfig:
     output_json: Optional[str] = None  # where to write the result JSON; None = print only
     threads: int = 0  # torch CPU threads, 0 = torch's default; 1 is far faster on a shared, busy CPU
     failures: bool = False  # also print why images fail, per category (detector.failure_modes)
+    words: bool = False  # also print, per word, how often its requirement holds when asked vs otherwise (word_table)
 
     def validate(self) -> None:
         if self.threads < 0:
@@ -185,6 +186,15 @@ def failure_table(images: torch.Tensor, per_image: Sequence[str]) -> Dict[str, D
     return {c: table[c] for c in CATEGORIES if c in table}
 
 
+def format_words(table: Dict[str, Dict[str, float]]) -> str:
+    """The word table: rate when the prompt says the word, rate otherwise (the base rate), their difference."""
+    lines = [f"{'word':<10} {'asked':>7} {'images':>7} {'otherwise':>10} {'images':>7} {'lift':>7}", "-" * 53]
+    for word, row in table.items():
+        lines.append(f"{word:<10} {row['asked']:>7.3f} {row['asked_images']:>7d} {row['otherwise']:>10.3f} "
+                     f"{row['otherwise_images']:>7d} {row['asked'] - row['otherwise']:>+7.3f}")
+    return "\n".join(lines)
+
+
 def format_failures(table: Dict[str, Dict[str, int]]) -> str:
     lines = [f"{'category':<18}" + "".join(f"{m:>14}" for m in FAILURE_MODES), "-" * (18 + 14 * len(FAILURE_MODES))]
     for name, row in table.items():
@@ -287,11 +297,18 @@ def _run(model, cfg: ShapesEvalConfig, out_path: Optional[str], progress: bool =
     if failures is not None:
         print("\nimages by failure mode (the first that applies):")
         print(format_failures(failures))
+    words = word_table(detect(images), per_image) if cfg.words else None
+    if words is not None:
+        print("\nper word: its requirement holds when the prompt says it (asked) vs when the prompt says something "
+              "else in its place (otherwise: the base rate)")
+        print(format_words(words))
     print(f"time: {seconds:.1f} s ({torch.get_num_threads()} threads)")
     if out_path:
         result = {"config": config_to_dict(cfg), "accuracy": table, "seconds": round(seconds, 2)}
         if failures is not None:
             result["failures"] = failures
+        if words is not None:
+            result["words"] = words
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         Path(out_path).write_text(json.dumps(result, indent=1))
         print(f"wrote {out_path}")
