@@ -84,3 +84,27 @@ def test_bad_init_names_the_argument(tmp_path, capsys):
     assert err.startswith(f"tempflow-fast pretrain-shapes: --init {str(tmp_path / 'nowhere')!r}: no such folder")
     assert err.count("\n") == 1 and "(or 'shipped')" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_larger_fresh_model_and_a_cosine_decay(tmp_path, capsys):
+    """Issue 19, item 2's knobs: a fresh init with more blocks and heads, and a learning rate that decays by cosine
+    from --lr to --lr × --min-lr-ratio at the last step; neither changes an --init model's architecture."""
+    import argparse
+
+    from tempflow_fast.tasks.shapes.pretrain import lr_factor
+
+    out = tmp_path / "big"
+    argv = ["pretrain-shapes", "--out", str(out), "--steps", "2", "--batch-size", "4", "--warmup", "1",
+            "--save-every", "2", "--threads", "1", "--no-progress", "--layers", "3", "--heads", "6",
+            "--lr-schedule", "cosine", "--min-lr-ratio", "0.1"]
+    assert cli.main(argv) == 0
+    model = TinyFluxAdapter.from_pretrained(out / "step_00002")
+    config = model.module.transformer.config
+    assert (config.num_layers, config.num_attention_heads, config.num_single_layers) == (3, 6, 2)
+    args = argparse.Namespace(warmup=10, steps=111, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert [round(lr_factor(s, args), 4) for s in (0, 9, 10, 60, 110)] == [0.1, 1.0, 1.0, 0.55, 0.1]
+    args.lr_schedule = "constant"
+    assert lr_factor(110, args) == 1.0
+    capsys.readouterr()
+    assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "x"), "--init", "shipped", "--layers", "3"]) == 2
+    assert "--layers" in capsys.readouterr().err and not (tmp_path / "x").exists()

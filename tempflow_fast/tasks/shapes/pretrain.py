@@ -10,6 +10,11 @@ dependent float reductions). Checkpoints go to `<out>/step_<n>/` in `TinyFluxAda
 optimizer and warm-up: supervised fine-tuning on ground-truth renders, the reference an RL run on the same
 model and budget can be held against (docs/shapes-rl-tuning.md, fourth round).
 
+A fresh init can be larger than the shipped architecture (`--layers`, `--single-layers`, `--heads`, `--head-dim`:
+diffusers' num_layers, num_single_layers, num_attention_heads, attention_head_dim), and a long run can decay its
+learning rate (`--lr-schedule cosine`: from --lr after the warm-up to --lr × --min-lr-ratio at the last step) —
+docs/testbed.md, issue 19's base-model retraining.
+
 A progress bar on stderr counts the steps; the loss lines go to stdout and loss.jsonl; the last line names the
 folder of the final weights. A bad argument is one line on stderr and exit status 2.
 """
@@ -26,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tempflow_fast.models.tiny_flux import TinyFluxAdapter
+from tempflow_fast.models.tiny_flux import DEFAULT_TRANSFORMER_CONFIG, TinyFluxAdapter
 
 from .grammar import CATEGORIES, TRAIN_PROMPTS, prompts_by_category
 from .render import render
@@ -47,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="rendered image-prompt pairs per step (default 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate")
     p.add_argument("--warmup", type=int, default=100, help="linear learning-rate warm-up steps")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="after the warm-up: constant, or cosine decay to --lr × --min-lr-ratio at the last step")
+    p.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine: the last step's share of --lr")
+    for flag, key in ARCHITECTURE.items():
+        p.add_argument(flag, type=int, default=None,
+                       help=f"fresh init only: the transformer's {key} (shipped: {DEFAULT_TRANSFORMER_CONFIG[key]})")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every this many steps (and at the end)")
@@ -56,6 +67,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (0 = torch's default); 1 is far faster on a shared, busy CPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
+
+
+# flag -> FluxTransformer2DModel config key a fresh init may change
+ARCHITECTURE = {"--layers": "num_layers", "--single-layers": "num_single_layers", "--heads": "num_attention_heads",
+                "--head-dim": "attention_head_dim"}
+
+
+def lr_factor(step: int, args: argparse.Namespace) -> float:
+    """The learning rate of 0-based `step` as a share of --lr: linear warm-up, then constant or cosine."""
+    warm = min(1.0, (step + 1) / args.warmup)
+    if args.lr_schedule == "constant" or step < args.warmup:
+        return warm
+    progress = min(1.0, (step - args.warmup) / max(1, args.steps - 1 - args.warmup))
+    return args.min_lr_ratio + (1.0 - args.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def sample_batch_prompts(rng: np.random.Generator, n: int) -> list:
@@ -75,8 +100,13 @@ def rectified_flow_loss(model: TinyFluxAdapter, images: torch.Tensor, prompts: l
 
 
 def _initial_model(args: argparse.Namespace) -> TinyFluxAdapter:
+    architecture = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key in ARCHITECTURE.items()}
+    architecture = {k: v for k, v in architecture.items() if v is not None}
     if args.init is None:
-        return new_model(seed=args.seed)
+        return new_model(seed=args.seed, transformer_config=architecture)
+    if architecture:
+        raise ValueError(f"{', '.join(f for f, k in ARCHITECTURE.items() if k in architecture)} shape a fresh init; "
+                         f"--init {args.init} brings its own architecture")
     from .model_folder import load_model
 
     try:
@@ -89,6 +119,12 @@ def _check(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "save_every", "log_every", "warmup", "lr"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for flag in ARCHITECTURE:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and value <= 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
+    if not 0.0 <= args.min_lr_ratio <= 1.0:
+        raise ValueError(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
 
@@ -119,7 +155,7 @@ def _train(model: TinyFluxAdapter, args: argparse.Namespace, argv) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     model.module.train()
     opt = torch.optim.AdamW(model.module.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / args.warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, args))
     meta = {"command": "tempflow-fast pretrain-shapes " + " ".join(argv or sys.argv[1:]), **vars(args)}
     (out / "run.json").write_text(json.dumps(meta, indent=1))
     log = open(out / "loss.jsonl", "a")
