@@ -212,9 +212,20 @@ def collect(out: Path, methods: Sequence[str], seeds: Sequence[int]) -> Dict[str
                 probes.setdefault(it, []).append((nfe, value))
         probe = [{"iteration": it, "n": len(v), "nfe": _mean_std([n for n, _ in v])[0],
                   "reward": _mean_std([x for _, x in v])} for it, v in sorted(probes.items())]
+        per_seed = {s: sorted({r["iteration"]: r for r in rows}.values(), key=lambda r: r["iteration"])
+                    for s, rows in runs.items()}
         data[name] = {"points": points, "metrics": [m for ms in metrics.values() for m in ms], "seeds": sorted(runs),
-                      "probe": probe}
+                      "probe": probe, "per_seed": per_seed}
     return data
+
+
+def seed_calls_to_target(per_seed: Dict[int, List[dict]], target: float) -> List[Optional[float]]:
+    """Per seed, the model calls at its first eval point whose accuracy reaches `target` (None: never)."""
+    out = []
+    for rows in per_seed.values():
+        hit = next((r["nfe"] for r in rows if r["accuracy"] >= target - 1e-12), None)
+        out.append(hit)
+    return out
 
 
 def probe_points(rows: List[dict]) -> Dict[int, tuple]:
@@ -280,6 +291,25 @@ def write_plots(out: Path, data: Dict[str, dict], metric: str = "held-out accura
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     p = out / "accuracy_curves.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, d in data.items():
+        if d["probe"]:
+            xs = [p["nfe"] for p in d["probe"]]
+            mean = [p["reward"][0] for p in d["probe"]]
+            std = [p["reward"][1] for p in d["probe"]]
+            ax.plot(xs, mean, marker="o", ms=3, label=METHODS[name][0])
+            ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.12)
+    ax.set_xlabel("model calls (rollout NFE)")
+    ax.set_ylabel("probe reward (trained reward, fixed prompts × noises)")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = out / "probe_reward_curves.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
     paths.append(p)
@@ -368,6 +398,19 @@ def report(out: Path, methods: Sequence[str], seeds: Sequence[int], *, target: O
             for t, ref in zip(targets, refs):
                 c = calls_to_target(d["points"], t)
                 cells += ["not reached" if c is None else f"{c:.0f}", "—" if c is None or not ref else f"{c / ref:.2f}"]
+            lines.append(f"| {METHODS[name][0]} | " + " | ".join(cells) + " |")
+        lines += ["", "Per seed (each seed's first eval point at the target): mean ± std of the model calls over the "
+                  "seeds that reach it, and how many do; a method whose seeds do not all reach a target has no "
+                  "interval that compares.", "",
+                  "| method | " + " | ".join(f"calls to {t:.3f} (seeds reaching)" for t in targets) + " |",
+                  "|---|" + "---|" * len(targets)]
+        for name, d in data.items():
+            cells = []
+            for t in targets:
+                hits = seed_calls_to_target(d["per_seed"], t)
+                reached = [h for h in hits if h is not None]
+                cells.append(f"{_fmt(*_mean_std(reached), digits=0)} ({len(reached)}/{len(hits)})" if reached
+                             else f"not reached (0/{len(hits)})")
             lines.append(f"| {METHODS[name][0]} | " + " | ".join(cells) + " |")
 
     lines += ["", "## Diagnostics (means over all logged iterations and seeds)", "",
@@ -513,7 +556,7 @@ def write_results_md(text: str, out: Path, path: Path) -> Path:
     """The report as `path` (docs/results.md), its PNGs copied next to it into `path` without suffix (docs/results/)."""
     figures = path.with_suffix("")
     figures.mkdir(parents=True, exist_ok=True)
-    names = ("accuracy_curves.png", "reward_std_per_step.png")
+    names = ("accuracy_curves.png", "probe_reward_curves.png", "reward_std_per_step.png")
     for name in names:
         shutil.copyfile(out / name, figures / name)
     plots = "\n".join(f"![{n[:-4]}]({figures.name}/{n})" for n in names)

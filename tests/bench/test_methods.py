@@ -63,6 +63,7 @@ def test_quick_runs_every_method_and_writes_the_report(tmp_path):
     assert "vs model calls" in text and "ratio to Flow-GRPO" in text and "| Flow-GRPO |" in text
     assert (out / "report.md").read_text() == text
     assert (out / "accuracy_curves.png").stat().st_size > 0 and (out / "reward_std_per_step.png").stat().st_size > 0
+    assert (out / "probe_reward_curves.png").stat().st_size > 0 and "(seeds reaching)" in text
     # TempFlow runs log the reward spread per branch step; the adaptive run its running spread
     m = [json.loads(l) for l in (out / "runs" / "tempflow" / "seed0" / "metrics.jsonl").read_text().splitlines()]
     assert {"reward_std/k0", "reward_std/k1"} <= set(m[1])
