@@ -1245,7 +1245,7 @@ class Trainer:
     def _pictures(self, before: Optional[torch.Tensor]) -> List[Path]:
         """before_after.png (showcase before vs after training) and reward_curve.png (from metrics.jsonl)."""
         from tempflow_fast.training.metrics_log import lines_up_to
-        from tempflow_fast.training.visuals import before_after, line_chart
+        from tempflow_fast.training.visuals import before_after, line_chart, running_mean
 
         written = []
         after = self._showcase() if before is not None else None
@@ -1258,12 +1258,20 @@ class Trainer:
             self.logger.log_image(self.iteration, "before_after", grid)
             written.append(self.out / "before_after.png")
         rows = [json.loads(l) for l in lines_up_to(self.out / "metrics.jsonl", self.iteration)]
-        series = {"training reward (mean)": [(r["iteration"], r["reward_mean"]) for r in rows if "reward_mean" in r]}
-        held = [(r["iteration"], r["heldout_accuracy"]) for r in rows if "heldout_accuracy" in r]
+        reward = [(r["iteration"], r["reward_mean"]) for r in rows if "reward_mean" in r]
+        window = max(1, min(10, len(reward) // 5))
+        series = {"training reward (mean per iteration)": reward,
+                  f"training reward, running mean of {window}": running_mean(reward, window)}
+        interval = lambda r, k: (r["iteration"], r[k], r.get(f"{k}_ci_low", r[k]), r.get(f"{k}_ci_high", r[k]))  # noqa: E731
+        probe = [interval(r, "probe_reward") for r in rows if "probe_reward" in r]
+        held = [interval(r, "heldout_accuracy") for r in rows if "heldout_accuracy" in r]
+        if probe:
+            series["probe reward (fixed prompts and noises, 95% interval)"] = probe
         if held:
-            series[self.eval_metric or "held-out"] = held
-        if series["training reward (mean)"]:
-            chart = line_chart(series, title=f"{self.cfg.method} on {Path(self.cfg.output_dir).name}")
+            series[f"{self.eval_metric or 'held-out'} (95% interval)"] = held
+        if reward:
+            chart = line_chart(series, title=f"{self.cfg.method} on {Path(self.cfg.output_dir).name}",
+                               thin=[next(iter(series))], markers=list(series)[2:])
             chart.save(self.out / "reward_curve.png")
             self.logger.log_image(self.iteration, "reward_curve", chart)
             written.append(self.out / "reward_curve.png")

@@ -3,7 +3,7 @@
 - `prompt_grid`: images grouped by prompt, one row per prompt under its caption, each image optionally framed
   green / red (the shapes detector's verdict);
 - `before_after`: the same prompts and noises before and after training, side by side per prompt;
-- `line_chart`: metric curves over iterations (the reward curve).
+- `line_chart`: metric curves over iterations (the reward curve), evals as points with their intervals.
 """
 
 from __future__ import annotations
@@ -89,40 +89,87 @@ def before_after(before: torch.Tensor, after: torch.Tensor, prompts: Sequence[st
     return canvas
 
 
-def line_chart(series: Dict[str, Sequence[Tuple[float, float]]], *, title: str = "", xlabel: str = "iteration",
-               width: int = 640, height: int = 360) -> Image.Image:
-    """Curves of (x, y) points, one colour each, on shared axes with min / max tick labels and a legend."""
-    series = {k: [(float(x), float(y)) for x, y in v if y == y] for k, v in series.items()}
+Point = Tuple[float, ...]  # (x, y) or (x, y, low, high): a value with its interval
+
+
+def running_mean(points: Sequence[Tuple[float, float]], window: int) -> List[Tuple[float, float]]:
+    """Trailing mean over the last `window` points (fewer at the start), for a noisy per-iteration metric."""
+    out, ys = [], []
+    for x, y in sorted(points):
+        ys.append(y)
+        tail = ys[-window:]
+        out.append((x, sum(tail) / len(tail)))
+    return out
+
+
+def line_chart(series: Dict[str, Sequence[Point]], *, title: str = "", xlabel: str = "iteration",
+               markers: Sequence[str] = (), thin: Sequence[str] = (), width: int = 640,
+               height: int = 380) -> Image.Image:
+    """Curves of (x, y) points, one colour each, on shared axes with min / max tick labels and a legend above the
+    plot. A series named in `markers` is drawn as points, each with its interval when given as (x, y, low, high),
+    not joined (e.g. an eval before and after training); one in `thin` as a faint 1-px line (the raw values under
+    their running mean)."""
+    unknown = (set(markers) | set(thin)) - set(series)
+    if unknown:
+        raise ValueError(f"line_chart: markers/thin name series that are not given: {sorted(unknown)}")
+    series = {k: [tuple(float(c) for c in p) for p in v if p[1] == p[1]] for k, v in series.items()}
     points = [p for v in series.values() for p in v]
     if not points:
         raise ValueError("line_chart needs at least one finite point")
+    ys = [c for p in points for c in p[1:]]
     x_lo, x_hi = min(p[0] for p in points), max(p[0] for p in points)
-    y_lo, y_hi = min(p[1] for p in points), max(p[1] for p in points)
+    y_lo, y_hi = min(ys), max(ys)
     if x_hi == x_lo:
         x_hi = x_lo + 1
     if y_hi == y_lo:
         y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
-    left, right, top, bottom = 56, 16, 28, 40
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    pad = 0.04 * (y_hi - y_lo)
+    y_lo, y_hi = y_lo - pad, y_hi + pad
+    legend = 14 * len(series)
+    left, right, top, bottom = 56, 16, 28 + legend, 40
+    canvas = Image.new("RGB", (width, height + legend), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
-    x0, y0, x1, y1 = left, top, width - right, height - bottom
+    x0, y0, x1, y1 = left, top, width - right, height + legend - bottom
     draw.rectangle([x0, y0, x1, y1], outline=(80, 80, 80))
     draw.text((left, 8), title, fill=(0, 0, 0), font=font)
-    draw.text(((x0 + x1) // 2 - 20, height - 16), xlabel, fill=(0, 0, 0), font=font)
+    draw.text(((x0 + x1) // 2 - 20, canvas.height - 16), xlabel, fill=(0, 0, 0), font=font)
     for v, y in ((y_hi, y0), (y_lo, y1)):
         draw.text((4, y - 6), f"{v:.3g}", fill=(0, 0, 0), font=font)
     for v, x in ((x_lo, x0), (x_hi, x1)):
         draw.text((x - 8, y1 + 4), f"{v:g}", fill=(0, 0, 0), font=font)
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
-    to_px = lambda p: (x0 + (p[0] - x_lo) / (x_hi - x_lo) * (x1 - x0),  # noqa: E731
-                       y1 - (p[1] - y_lo) / (y_hi - y_lo) * (y1 - y0))
+    palette = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+    # a thin series (raw values) takes the colour of the next full one (their running mean), faded
+    solid = [k for k in series if k not in thin]
+    colour_of = {k: palette[i % len(palette)] for i, k in enumerate(solid)}
+    for i, k in enumerate(series):
+        if k in thin:
+            nxt = next((n for n in list(series)[i + 1:] if n in colour_of), None)
+            base = colour_of[nxt] if nxt else palette[len(colour_of) % len(palette)]
+            colour_of[k] = tuple(int(c + (255 - c) * 0.6) for c in base)
+    px = lambda x, y: (x0 + (x - x_lo) / (x_hi - x_lo) * (x1 - x0),  # noqa: E731
+                       y1 - (y - y_lo) / (y_hi - y_lo) * (y1 - y0))
     for j, (name, pts) in enumerate(series.items()):
-        colour = colours[j % len(colours)]
-        xy = [to_px(p) for p in sorted(pts)]
-        if len(xy) > 1:
-            draw.line(xy, fill=colour, width=2)
-        for x, y in xy if len(xy) <= 40 else []:
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        draw.text((x1 - 170, y0 + 6 + 14 * j), f"- {name}", fill=colour, font=font)
+        colour = colour_of[name]
+        pts = sorted(pts)
+        if name in markers:
+            for p in pts:
+                x, y = px(p[0], p[1])
+                if len(p) == 4:
+                    _, lo = px(p[0], p[2])
+                    _, hi = px(p[0], p[3])
+                    draw.line([(x, lo), (x, hi)], fill=colour, width=2)
+                    draw.line([(x - 4, lo), (x + 4, lo)], fill=colour, width=2)
+                    draw.line([(x - 4, hi), (x + 4, hi)], fill=colour, width=2)
+                draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+                draw.text((x + 6 if x < x1 - 40 else x - 40, y - 6), f"{p[1]:.3f}", fill=colour, font=font)
+        else:
+            xy = [px(p[0], p[1]) for p in pts]
+            if len(xy) > 1:
+                draw.line(xy, fill=colour, width=1 if name in thin else 2)
+            else:
+                x, y = xy[0]
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        mark = "o" if name in markers else "-"
+        draw.text((left, 24 + 14 * j), f"{mark} {name}", fill=colour, font=font)
     return canvas

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tempflow_fast.training.visuals import before_after, line_chart, prompt_grid
+from tempflow_fast.training.visuals import before_after, line_chart, prompt_grid, running_mean
 
 
 def test_prompt_grid_one_row_per_prompt_with_frames():
@@ -35,11 +35,21 @@ def test_before_after_and_line_chart():
     img = before_after(a, b, ["x", "x", "y", "y"], title="t")
     assert img.size[0] > 2 * prompt_grid(a, ["x", "x", "y", "y"]).size[0]
     chart = line_chart({"reward": [(1, 0.2), (2, 0.4), (3, float("nan"))], "acc": [(0, 0.5)]}, title="c")
-    assert chart.size == (640, 360)
+    assert chart.size == (640, 380 + 2 * 14)  # the legend sits above the plot, one line per series
+    # an eval drawn as points with whiskers: the interval's ends set the y range, so the whisker pixels are drawn
+    chart = line_chart({"reward": [(1, 0.5), (2, 0.6)], "eval": [(0, 0.4, 0.1, 0.9)]}, markers=["eval"])
+    column = [chart.getpixel((56, y)) for y in range(chart.height)]
+    assert sum(c == (255, 127, 14) for c in column) > 0.6 * (chart.height - 40 - 28 - 28)
+    with pytest.raises(ValueError, match="not given"):
+        line_chart({"r": [(1, 0.5)]}, markers=["eval"])
     with pytest.raises(ValueError, match="finite point"):
         line_chart({"r": [(1, float("nan"))]})
     with pytest.raises(ValueError, match="as many rows"):
         before_after(a, b[:2], ["x"] * 4)
+
+
+def test_running_mean_trails():
+    assert running_mean([(2, 4.0), (0, 0.0), (1, 2.0), (3, 6.0)], 2) == [(0, 0.0), (1, 1.0), (2, 3.0), (3, 5.0)]
 
 
 def test_main_job_writes_pictures_and_prints_their_paths(tmp_path, capsys):
