@@ -249,6 +249,18 @@ def _adapter_spec(model) -> Optional[TransformerSpec]:
     return transformer_spec_from_module(transformer, model.image_seq_len, getattr(model, "text_seq_len", 0))
 
 
+def update_activation_bytes(model, *, states_per_forward: int, gradient_checkpointing: bool) -> int:
+    """The update's activations for one micro-batch of a loaded adapter (0 for a model without a diffusers
+    transformer): what a rollout running beside the update (train.async_rollout) must leave room for."""
+    spec = _adapter_spec(model)
+    if spec is None:
+        return 0
+    p = next(model.module.parameters())
+    return estimate_memory(spec, dtype=getattr(model, "compute_dtype", p.dtype), states_per_forward=states_per_forward,
+                           cfg_batches=getattr(model, "cfg_batches", 1), lora_rank=None,
+                           gradient_checkpointing=gradient_checkpointing).activations
+
+
 def default_max_rows_per_call(model, *, resident_bytes: Optional[int] = None,
                               device_memory: Optional[int] = None) -> Optional[int]:
     """Rows per transformer call for a loaded adapter: what the memory left on its GPU holds (the device's memory,
@@ -290,12 +302,14 @@ class MemoryEstimate:
     decode_per_image: int = 0
     decode_batch: int = 1
     trainable: int = 0
+    behaviour: int = 0          # train.async_rollout: the behaviour policy's fp32 copy of the trainable weights
+    concurrent_rollout: bool = False  # train.async_rollout: a rollout call runs during the update and the step
     notes: Dict[str, str] = field(default_factory=dict)
 
     @property
     def resident(self) -> int:
         return (self.weights + self.text_encoders + self.vae + self.lora + self.optimizer + self.ema + self.reference
-                + self.graph_pool)
+                + self.graph_pool + self.behaviour)
 
     @property
     def total(self) -> int:
@@ -304,10 +318,12 @@ class MemoryEstimate:
 
     def phases(self) -> Dict[str, int]:
         rollout = 0 if self.graph_pool else (self.max_rows_per_call or 0) * self.rollout_per_row
+        # train.async_rollout: the next rollout's call (or its decode, the larger) runs beside the update
+        beside = max(rollout, self.decode_batch * self.decode_per_image) if self.concurrent_rollout else 0
         return {"rollout forward": self.resident + rollout,
                 "decode": self.resident + self.decode_batch * self.decode_per_image,
-                "update forward+backward": self.resident + self.gradients + self.activations,
-                "optimizer step": self.resident + self.gradients + self.optimizer // 2}
+                "update forward+backward": self.resident + self.gradients + self.activations + beside,
+                "optimizer step": self.resident + self.gradients + self.optimizer // 2 + beside}
 
     def peak(self) -> Tuple[str, int]:
         return max(self.phases().items(), key=lambda kv: kv[1])
@@ -316,7 +332,8 @@ class MemoryEstimate:
         parts = [("transformer weights", self.weights), ("text encoders", self.text_encoders), ("VAE", self.vae),
                  ("LoRA weights (fp32)", self.lora), ("optimizer state (fp32)", self.optimizer),
                  ("EMA copy (fp32)", self.ema), ("reference copy", self.reference),
-                 ("CUDA-graph pool", self.graph_pool), ("resident", self.resident),
+                 ("CUDA-graph pool", self.graph_pool), ("behaviour policy copy (fp32)", self.behaviour),
+                 ("resident", self.resident),
                  ("gradients", self.gradients), ("activations (one micro-batch)", self.activations),
                  ("total", self.total)]
         unit, scale = ("GiB", GIB) if self.total >= GIB else ("MiB", MIB)
@@ -335,8 +352,12 @@ def estimate_memory(spec: TransformerSpec, *, dtype: torch.dtype = torch.bfloat1
                     resolution: Optional[int] = None, max_rows_per_call: Optional[int] = None,
                     decode_batch: Optional[int] = None, cuda_graphs: bool = False,
                     gpu_memory: Optional[float] = None, rows_cap: int = ROWS_PER_CALL_CAP_CUDA,
-                    zero_stage: Optional[int] = None, world_size: int = 1) -> MemoryEstimate:
+                    zero_stage: Optional[int] = None, world_size: int = 1,
+                    async_rollout: bool = False) -> MemoryEstimate:
     """Memory of one training set-up (see the module doc); `lora_rank` None means full fine-tuning.
+    `async_rollout` (train.async_rollout): an fp32 copy of the trainable weights for the behaviour policy, its own
+    CUDA-graph pool, and a rollout call (or decode) during the update: rows per call then come from what the update
+    leaves.
 
     `max_rows_per_call` / `decode_batch` None: derived — rows from what `gpu_memory` (bytes; None = no limit
     but `rows_cap`) leaves after the resident set, decode batch from DECODE_BUDGET at `resolution`.
@@ -377,14 +398,19 @@ def estimate_memory(spec: TransformerSpec, *, dtype: torch.dtype = torch.bfloat1
                          vae=_bytes(vae_dtype) * vae_params, lora=lora, gradients=grads,
                          optimizer=optimizer, activations=act, ema=4 * trainable if ema else 0,
                          reference=size * spec.params if reference_copy and lora_rank is None else 0,
-                         rollout_per_row=rollout_bytes_per_row(spec, dtype, cfg_batches), trainable=trainable)
+                         rollout_per_row=rollout_bytes_per_row(spec, dtype, cfg_batches), trainable=trainable,
+                         behaviour=4 * trainable if async_rollout else 0, concurrent_rollout=async_rollout)
     if max_rows_per_call is None:
         free = None if gpu_memory is None else gpu_memory * HEADROOM - est.resident
+        if free is not None and async_rollout:  # the rollout's calls share the GPU with the update's peak
+            free -= max(grads + act, grads + optimizer // 2)
+            if cuda_graphs:
+                free /= 2  # two graph pools: the live model's (eval, probe) and the behaviour policy's
         # with CUDA graphs the pool IS the rollout's activation memory, resident from then on
         max_rows_per_call = rows_that_fit(free, est.rollout_per_row, rows_cap)
     est.max_rows_per_call = max_rows_per_call
     if cuda_graphs:
-        est.graph_pool = max_rows_per_call * est.rollout_per_row
+        est.graph_pool = max_rows_per_call * est.rollout_per_row * (2 if async_rollout else 1)
     if resolution is not None and vae_params:
         est.decode_per_image = decode_bytes_per_image(resolution, vae_dtype)
         est.decode_batch = decode_batch or max(1, min(64, DECODE_BUDGET // est.decode_per_image))
@@ -418,14 +444,14 @@ def estimate_for(kind: str, path: Optional[str], *, dtype: torch.dtype = torch.b
                  reference_copy: bool = False, max_rows_per_call: Optional[int] = None,
                  decode_batch: Optional[int] = None, cuda_graphs: bool = False,
                  gpu_memory: Optional[float] = None, zero_stage: Optional[int] = None,
-                 world_size: int = 1) -> MemoryEstimate:
+                 world_size: int = 1, async_rollout: bool = False) -> MemoryEstimate:
     """`estimate_memory` for a config's model: kind in {"tiny_flux", "flux", "sd3", "qwen_image"} and its path (a
     local pipeline folder, or a known hub id for flux / sd3). Defaults follow `loading.load_adapter`; SD3 and
     Qwen-Image count two rows per state when their guidance scale is > 1 (CFG), FLUX one (distilled guidance)."""
     common = dict(lora_rank=lora_rank, lora_targets=lora_targets, states_per_forward=states_per_forward,
                   gradient_checkpointing=gradient_checkpointing, ema=ema, reference_copy=reference_copy,
                   max_rows_per_call=max_rows_per_call, decode_batch=decode_batch, cuda_graphs=cuda_graphs,
-                  gpu_memory=gpu_memory, zero_stage=zero_stage, world_size=world_size)
+                  gpu_memory=gpu_memory, zero_stage=zero_stage, world_size=world_size, async_rollout=async_rollout)
     if kind == "tiny_flux":
         from .tiny_flux import IMAGE_SIZE, PATCH, load
 

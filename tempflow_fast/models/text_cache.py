@@ -12,6 +12,7 @@ then is an error.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -34,6 +35,7 @@ class PromptCache:
         self.batch_size = int(batch_size)
         self.max_entries = max_entries
         self._rows: "OrderedDict[str, Dict[str, torch.Tensor]]" = OrderedDict()
+        self._lock = threading.RLock()  # train.async_rollout: a background rollout encodes while the update reads
         self.encoded = 0  # prompts encoded so far (re-encodings of evicted prompts included)
 
     @property
@@ -60,6 +62,10 @@ class PromptCache:
         """Encode the prompts not cached yet, `batch_size` at a time, under no_grad."""
         if isinstance(prompts, str):
             raise ValueError("prompts must be a sequence of str, got a single str")
+        with self._lock:
+            self._add(prompts)
+
+    def _add(self, prompts: Sequence[str]) -> None:
         todo = list(dict.fromkeys(p for p in prompts if p not in self._rows))
         if not todo:
             return
@@ -93,11 +99,12 @@ class PromptCache:
         """Batch-first conditioning for `prompts` on `device` (encoding any not cached yet)."""
         if len(prompts) == 0:
             raise ValueError("prompts must not be empty")
-        self.add(prompts)
-        for p in prompts:
-            self._rows.move_to_end(p)
-        keys = self._rows[prompts[0]].keys()
-        return {k: torch.stack([self._rows[p][k] for p in prompts]).to(device) for k in keys}
+        with self._lock:
+            self._add(prompts)
+            for p in prompts:
+                self._rows.move_to_end(p)
+            rows = [self._rows[p] for p in prompts]
+        return {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
 
     def release(self) -> None:
         """Forget the encoder function (the adapter frees the encoders themselves)."""

@@ -122,7 +122,7 @@ def dry_run(cfg: Config, gpu_memory_gib: float = 80.0):
         states_per_forward=t.states_per_forward, gradient_checkpointing=m.gradient_checkpointing,
         text_encoders_resident=m.text_encoders == "keep", ema=t.ema_decay > 0, reference_copy=t.beta > 0,
         max_rows_per_call=smp.max_rows_per_call, decode_batch=smp.decode_batch,
-        cuda_graphs=smp.runner == "cuda_graph", gpu_memory=gpu, **_zero_plan(cfg),
+        cuda_graphs=smp.runner == "cuda_graph", gpu_memory=gpu, async_rollout=t.async_rollout, **_zero_plan(cfg),
     )
     guidance = smp.guidance_scale
     default_cfg = {"sd3": 4.5, "qwen_image": 4.0}  # the kinds with true CFG, and their default scales

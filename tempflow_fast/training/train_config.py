@@ -291,6 +291,10 @@ class TrainConfig:
     states_per_forward: int = 64  # shared states per policy forward (micro-batch)
     rollout_segments: int = 1  # split each iteration's prompts into this many rollouts, scored while the next samples
     async_reward: bool = False  # score on a worker thread (overlaps reward models with sampling; GPU rewards)
+    # one-step off-policy: the next iteration's rollout samples (worker thread, side CUDA stream) with the weights
+    #   before this update while the update runs; ratios against the behaviour policy's log-probs
+    #   (training/async_rollout.py; costs a copy of the trainable weights and a second runner)
+    async_rollout: bool = False
     ema_decay: float = 0.0  # 0 = no EMA; with EMA its weights are what eval, sample and export use
     ema_update_every: int = 1  # update the EMA after optimizer step n when (n + 1) % this == 0 (official: 8)
     ema_warmup: bool = False  # decay min((1 + n) / (10 + n), ema_decay) at optimizer step n (official: on)
@@ -474,6 +478,16 @@ class Config:
         if task == "prompts" and self.data.balance_categories:
             raise ValueError("config field 'data.balance_categories': needs a task with categories (shapes, "
                              "compressibility); a prompt file has none")
+        if self.train.async_rollout:
+            if self.method == "diffusion_nft":
+                raise ValueError("config field 'train.async_rollout': diffusion_nft already samples with an old policy "
+                                 "(diffusion_nft.decay); leave async_rollout off")
+            if self.distributed.backend == "deepspeed":
+                raise ValueError("config field 'train.async_rollout': needs whole trainable weights to copy for the "
+                                 "behaviour policy; ZeRO shards them (distributed.backend: deepspeed); use ddp")
+            if self.model.compile_blocks:
+                raise ValueError("config field 'train.async_rollout': not with model.compile_blocks (the compiled "
+                                 "blocks would be shared by two threads); use sampling.runner cuda_graph for speed")
         if self.method == "diffusion_nft" and self.distributed.backend == "deepspeed":
             raise ValueError("config field 'distributed.backend': diffusion_nft keeps an old policy beside the "
                              "trained weights, which the ZeRO engine does not shard; use ddp")

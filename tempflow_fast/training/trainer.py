@@ -241,6 +241,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = self._adapter_for(model) if model is not None else self._load_model()
         self.reward = reward if reward is not None else self.task.build_reward(cfg.reward)
+        if cfg.train.async_rollout:  # the background rollout scores while the foreground may evaluate
+            from tempflow_fast.training.async_rollout import SerializedReward
+
+            self.reward = SerializedReward(self.reward)
         self._cache_text(self.train_prompts)
         self.eval_metric: Optional[str] = self.task.metric or ("held-out accuracy" if eval_fn is not None else None)
         self.eval_fn = eval_fn if eval_fn is not None else (self._task_eval if self.task.metric is not None else None)
@@ -254,6 +258,8 @@ class Trainer:
             self.scorer = AsyncScorer(self.reward)
         self._setup_params()
         self.runner = self._build_runner()
+        # train.async_rollout: the behaviour policy, its worker, and a resumed run's behaviour weights
+        self._behaviour = self._background = self._behaviour_state = None
         self.counters = Counters()
         self.iteration = 0
         self.eval_before: Optional[Dict] = None
@@ -268,6 +274,10 @@ class Trainer:
 
     def close(self) -> None:
         """Release output_dir (its run lock) and close the logs; `train()` does this when it ends."""
+        background = getattr(self, "_background", None)
+        if background is not None:  # a rollout still running reads the model: let it finish first
+            background.close()
+            self._background = None
         logger = getattr(self, "logger", None)
         if logger is not None:
             logger.close()
@@ -337,20 +347,26 @@ class Trainer:
                             resolution=m.resolution, guidance_scale=smp.guidance_scale,
                             max_sequence_length=m.max_sequence_length)
 
-    def _build_runner(self):
-        """The rollout's segment runner: every transformer call at most sampling.max_rows_per_call rows (default
+    def _build_runner(self, adapter=None):
+        """The rollout's segment runner (of `adapter`, default the live model): every transformer call at most sampling.max_rows_per_call rows (default
         from the memory model: what the device holds after the weights, the fp32 trainable copies and AdamW's
         moments, models/memory.py), compiled / captured runners on buckets capped at that."""
         from tempflow_fast.models.memory import default_max_rows_per_call
 
         smp = self.cfg.sampling
-        max_rows = smp.max_rows_per_call
+        max_rows = smp.max_rows_per_call if adapter is None else self.runner.max_rows
         if max_rows is None:
             trainable = sum(p.numel() for _, p in self.named_params)
             resident = None
             if self.model.module is not None and next(self.model.module.parameters()).is_cuda:
                 # AdamW's two fp32 moments are allocated at the first step: count them now
                 resident = torch.cuda.memory_allocated(next(self.model.module.parameters()).device) + 8 * trainable
+                if self.cfg.train.async_rollout:  # the behaviour copy, and the update's gradients and activations
+                    from tempflow_fast.models.memory import update_activation_bytes
+
+                    resident += 8 * trainable + update_activation_bytes(
+                        self.model, states_per_forward=self.cfg.train.states_per_forward,
+                        gradient_checkpointing=self.cfg.model.gradient_checkpointing)
             max_rows = default_max_rows_per_call(self.model, resident_bytes=resident)
             if max_rows is not None and self.dist.is_main and next(self.model.module.parameters()).is_cuda:
                 print(f"[tempflow-fast] max rows per transformer call: {max_rows} (memory model; set "
@@ -359,10 +375,11 @@ class Trainer:
             raise ValueError(f"config field 'sampling.buckets': bucket {max(smp.buckets)} is larger than the "
                              f"{max_rows} rows per transformer call the memory model allows here "
                              f"(sampling.max_rows_per_call)")
+        adapter = self.model if adapter is None else adapter
         if smp.runner == "eager":
-            return EagerRunner(self.model, smp.buckets, max_rows=max_rows)
+            return EagerRunner(adapter, smp.buckets, max_rows=max_rows)
         buckets = smp.buckets if smp.buckets is not None else buckets_within(DEFAULT_BUCKETS, max_rows)
-        return make_runner(smp.runner, self.model, buckets, max_rows=max_rows)
+        return make_runner(smp.runner, adapter, buckets, max_rows=max_rows)
 
     def _cache_text(self, prompts: Sequence[str]) -> None:
         """Real pipelines (model.text_encoders): "keep" / "offload" encode each iteration's new prompts when they
@@ -608,9 +625,11 @@ class Trainer:
             return self.plan
         return plan_for(iteration, self.counters.extra, seed=_seed_for(self.cfg.seed, 4, iteration))
 
-    def _rollout(self, prompts: List[str], iteration: int, plan=None):
+    def _rollout(self, prompts: List[str], iteration: int, plan=None, model=None, runner=None):
         """Rollout in `train.rollout_segments` prompt segments; each segment's images are scored while the
-        next segment samples (train.async_reward). Returns the merged (result, rewards)."""
+        next segment samples (train.async_reward). `model` / `runner`: the behaviour policy's (train.async_rollout),
+        else the live model's. Returns the merged (result, rewards, (seconds sampling, seconds waiting for the
+        reward))."""
         n_seg = min(self.cfg.train.rollout_segments, len(prompts))
         bounds = [len(prompts) * j // n_seg for j in range(n_seg + 1)]
         # each rank its own noises; one process keeps the seeds it always had
@@ -624,14 +643,15 @@ class Trainer:
         for j in range(n_seg):
             seg = prompts[bounds[j]:bounds[j + 1]]
             seed = base if j == 0 else _seed_for(base, j)
-            r = rollout(self.model, seg, self.plan if plan is None else plan, seed=seed, runner=self.runner,
+            r = rollout(self.model if model is None else model, seg, self.plan if plan is None else plan, seed=seed,
+                        runner=self.runner if runner is None else runner,
                         decode_batch=self.cfg.sampling.decode_batch, image_format=self._image_format,
                         sigmas=sigmas)
             results.append(r)
             pending.append(self._submit_rewards(r, seg))
         t1 = time.perf_counter()
         rewards = [collect() for collect in pending]
-        self._phase_seconds = (t1 - t0, time.perf_counter() - t1)  # sampling (incl. overlapped scoring), reward wait
+        seconds = (t1 - t0, time.perf_counter() - t1)  # sampling (incl. overlapped scoring), reward wait
         merged = Rewards(
             {lam: torch.cat([r.final[lam] for r in rewards]) for lam in rewards[0].final},
             None if rewards[0].tweedie is None else torch.cat([r.tweedie for r in rewards]),
@@ -640,18 +660,26 @@ class Trainer:
                               for lam, c in rewards[0].final_components.items()},
             component_weights=rewards[0].component_weights,
         )
-        return concat_results(results), merged
+        return concat_results(results), merged, seconds
 
     def run_iteration(self, iteration: int) -> Dict[str, float]:
         if getattr(self.algorithm, "forward_process", False):
             return self._forward_process_iteration(iteration)
         cfg = self.cfg.train
         t0 = time.perf_counter()
-        prompts = self.dist.shard(self.prompts_for(iteration))
-        self.model.module.eval()
-        plan = self._plan_for(iteration)
-        with self._rollout_attention():
-            result, rewards = self._rollout(prompts, iteration, plan)
+        lagged = self._background is not None and self._background.pending is not None
+        if self.cfg.train.async_rollout and not lagged and self._behaviour_state is not None:
+            # resumed: the checkpoint's behaviour weights sample this rollout, as in the uninterrupted run
+            self._launch_rollout(iteration, self._behaviour_state)
+            self._behaviour_state, lagged = None, True
+        if lagged:  # sampled in the background during the previous update, by the weights before it
+            prompts, plan, (result, rewards, seconds) = self._background.wait(iteration)
+        else:
+            prompts = self.dist.shard(self.prompts_for(iteration))
+            self.model.module.eval()
+            plan = self._plan_for(iteration)
+            with self._rollout_attention():
+                result, rewards, seconds = self._rollout(prompts, iteration, plan)
         self._last_result, self._last_prompts = result, prompts  # this rank's own rollout, for sample grids
         t1 = time.perf_counter()
         # every rank's rewards, so global std and logged reward statistics cover the whole batch
@@ -664,6 +692,12 @@ class Trainer:
         observe = getattr(self.algorithm, "observe", None)
         if observe is not None:  # running statistics for the next iterations' plans (saved with the counters)
             observe(result, rewards, self.counters.extra)
+        if self.cfg.train.async_rollout:
+            # the weights before this update sample the next iteration while it runs (and are what a checkpoint
+            # after it keeps for the resumed run's first rollout)
+            self._behaviour_policy().refresh([p for _, p in self.named_params])
+            if iteration + 1 < self.cfg.train.iterations:
+                self._launch_rollout(iteration + 1)
         t2 = time.perf_counter()
         groups = build_update_batch(result, credit)
         self.model.module.train()
@@ -689,8 +723,11 @@ class Trainer:
             "learning_rate": lr,
             "trained_states": sum(len(g) for g in groups),
             "trained_samples": sum(g.num_samples for g in groups),
-            "seconds_rollout": self._phase_seconds[0],
-            "seconds_reward": self._phase_seconds[1],
+            "seconds_rollout": seconds[0],
+            "seconds_reward": seconds[1],
+            # waiting for the rollout: all of it, or with train.async_rollout what the previous update did not hide
+            "seconds_rollout_wait": t1 - t0,
+            "rollout_policy_lag": float(lagged),  # 1: sampled by the weights one update behind
             "seconds_credit": t2 - t1,
             "seconds_update": t3 - t2,
             **{k: float(v) for k, v in result.stats.as_dict().items()},
@@ -717,7 +754,39 @@ class Trainer:
         self.counters.nfe += result.stats.total_nfe
         self.counters.images += result.stats.total_images
         self.counters.wall_seconds += t3 - t0
+        m["seconds_iteration"] = t3 - t0
         return m
+
+    # --- train.async_rollout: the next iteration's rollout during this update (training/async_rollout.py) --
+
+    def _behaviour_policy(self):
+        if self._behaviour is None:
+            from tempflow_fast.training.async_rollout import BehaviourPolicy
+
+            rollout_backend = self._attention_backends(self.model.device, getattr(self.model, "dtype", torch.float32))[1]
+            self._behaviour = BehaviourPolicy(self.model, [n for n, _ in self.named_params],
+                                              rollout_attention=rollout_backend, build_runner=self._build_runner)
+        return self._behaviour
+
+    def _launch_rollout(self, iteration: int, weights: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Start iteration `iteration`'s rollout on the worker thread with the behaviour policy (`weights`: a
+        checkpoint's behaviour weights, else as last refreshed)."""
+        from tempflow_fast.training.async_rollout import BackgroundRollout
+
+        behaviour = self._behaviour_policy()
+        if weights is not None:
+            behaviour.load_state_dict(weights)
+        if self._background is None:
+            self._background = BackgroundRollout(self.model.device)
+        prompts = self.dist.shard(self.prompts_for(iteration))
+        plan = self._plan_for(iteration)  # after this iteration's observe(): the plan the resumed run makes too
+
+        def sample():
+            with torch.no_grad():
+                return prompts, plan, self._rollout(prompts, iteration, plan, model=behaviour.adapter,
+                                                    runner=behaviour.runner)
+
+        self._background.launch(iteration, sample)
 
     # --- DiffusionNFT: rollout by ODE with the old policy, update on the forward process -------------------
 
@@ -1061,6 +1130,8 @@ class Trainer:
             "old_policy": None if self._old_weights is None else
             {n: w.detach() for (n, _), w in zip(self.named_params, self._old_weights)},
             "world_size": self.dist.world_size,
+            # train.async_rollout: the weights before the last update, which sample the next rollout
+            "behaviour_policy": None if self._behaviour is None else self._behaviour.state_dict(),
         }
         root = self.out / "checkpoints"
         path = root / f"iter-{self.iteration:06d}"
@@ -1134,6 +1205,10 @@ class Trainer:
             with torch.no_grad():
                 for (n, _), old in zip(self.named_params, self._old_weights):
                     old.copy_(st["old_policy"][n])
+        if self.cfg.train.async_rollout:
+            # None (a checkpoint from a synchronous run, or before the first update): the next rollout samples
+            # with the resumed weights, as a run's first one does
+            self._behaviour_state = st.get("behaviour_policy")
         print(f"[tempflow-fast] resumed from {path} (iteration {self.iteration})", flush=True)
 
     # --- export -------------------------------------------------------------------------------
@@ -1308,7 +1383,9 @@ class Trainer:
                    desc=f"{cfg.method}", unit="it", disable=not cfg.log.progress or not self.dist.is_main,
                    dynamic_ncols=True)
         for it in bar:
+            started = time.perf_counter()
             m = self.run_iteration(it)
+            seconds = time.perf_counter() - started
             self.iteration = it + 1
             if cfg.eval.every and self.iteration % cfg.eval.every == 0 and self.iteration < cfg.train.iterations:
                 if self.eval_fn is not None:
@@ -1318,7 +1395,7 @@ class Trainer:
                      total_wall_seconds=self.counters.wall_seconds)
             self.logger.log(self.iteration, m)
             bar.set_postfix(reward=f"{m['reward_mean']:.3f}", nfe=self.counters.nfe,
-                            s_per_it=f"{m['seconds_rollout'] + m['seconds_reward'] + m['seconds_update']:.1f}")
+                            s_per_it=f"{seconds:.1f}")
             if cfg.log.sample_every and self.iteration % cfg.log.sample_every == 0 and self.dist.is_main:
                 self._write_samples(self.iteration)
             if cfg.checkpoint.every and self.iteration % cfg.checkpoint.every == 0:
