@@ -38,6 +38,15 @@ class PromptCache:
         self._lock = threading.RLock()  # train.async_rollout: a background rollout encodes while the update reads
         self.encoded = 0  # prompts encoded so far (re-encodings of evicted prompts included)
 
+    def __getstate__(self):  # a copied adapter (copy.deepcopy) gets its own lock
+        state = dict(self.__dict__)
+        state.pop("_lock")
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     @property
     def max_entries(self) -> Optional[int]:
         return self._max_entries
