@@ -55,7 +55,7 @@ def test_split_parts_are_disjoint_and_keep_units_whole(tmp_path, make_trainer):
     for method, unit_is_trajectory in (("flow_grpo", True), ("tempflow", False)):
         tr = make_trainer(tmp_path / method, method)
         prompts = tr.prompts_for(0)
-        result, rewards = tr._rollout(prompts, 0)
+        result, rewards, _ = tr._rollout(prompts, 0)
         groups = build_update_batch(result, tr.algorithm.credit(result, rewards))
         parts = split_parts(groups, 2, torch.Generator().manual_seed(0))
         assert len(parts) == 2
@@ -137,7 +137,7 @@ def test_g2rpo_official_options_in_the_trainer(tmp_path, make_trainer):
     tr = Trainer(cfg, model=new_model(seed=0, transformer_config=SMALL), reward=composite(),
                  eval_fn=no_eval)
     prompts = tr.prompts_for(0)
-    result, rewards = tr._rollout(prompts, 0)
+    result, rewards, _ = tr._rollout(prompts, 0)
     assert torch.equal(result.sigmas.cpu(), linspace_sigmas(4, 3.0))
     assert set(rewards.final_components) == {1, 2} and rewards.component_weights == {"red": 1.0, "green": 0.5}
     credit = tr.algorithm.credit(result, rewards)
