@@ -108,3 +108,42 @@ def test_a_larger_fresh_model_and_a_cosine_decay(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "x"), "--init", "shipped", "--layers", "3"]) == 2
     assert "--layers" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch, capsys):
+    from tempflow_fast.tasks.shapes import pretrain
+
+    small = ["--steps", "5", "--batch-size", "4", "--warmup", "2", "--lr-schedule", "cosine", "--save-every", "2",
+             "--log-every", "1", "--threads", "1", "--layers", "1", "--single-layers", "1", "--heads", "2",
+             "--no-progress"]
+    assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "full"), *small]) == 0
+    # the same run, stopped by a fault in step 4 (after the step-2 checkpoint; step 3's work is lost)
+    real_loss, calls = pretrain.rectified_flow_loss, [0]
+
+    def failing(*args):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(pretrain, "rectified_flow_loss", failing)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["pretrain-shapes", "--out", str(tmp_path / "cut"), *small])
+    monkeypatch.setattr(pretrain, "rectified_flow_loss", real_loss)
+    capsys.readouterr()
+    # other arguments are refused, naming them; the same ones continue from step 2
+    assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "cut"), *small[:-1], "--lr", "0.5", "--resume"]) == 2
+    assert "--lr" in capsys.readouterr().err
+    assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "cut"), *small, "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    full = TinyFluxAdapter.from_pretrained(tmp_path / "full" / "step_00005").module.state_dict()
+    cut = TinyFluxAdapter.from_pretrained(tmp_path / "cut" / "step_00005").module.state_dict()
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    logs = [[json.loads(l)["loss"] for l in (tmp_path / d / "loss.jsonl").read_text().splitlines()]
+            for d in ("full", "cut")]
+    assert len(logs[0]) == 5 and logs[0] == logs[1]
+
+
+def test_resume_needs_a_run(tmp_path, capsys):
+    assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "no resume.pt" in capsys.readouterr().err

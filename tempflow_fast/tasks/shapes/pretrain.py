@@ -15,6 +15,11 @@ diffusers' num_layers, num_single_layers, num_attention_heads, attention_head_di
 learning rate (`--lr-schedule cosine`: from --lr after the warm-up to --lr × --min-lr-ratio at the last step) —
 docs/testbed.md, issue 19's base-model retraining.
 
+A run of hours never loses finished work: every checkpoint also writes `<out>/resume.pt` (optimizer and schedule
+state, the prompt/render and noise generators, the step) atomically, and `--resume` continues the run in --out from
+its newest checkpoint with the arguments it was started with (run.json; only --threads and --no-progress may
+differ), drawing what the uninterrupted run would have drawn.
+
 A progress bar on stderr counts the steps; the loss lines go to stdout and loss.jsonl; the last line names the
 folder of the final weights. A bad argument is one line on stderr and exit status 2.
 """
@@ -24,6 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -66,7 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); 1 is far faster on a shared, busy CPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest checkpoint (same arguments as it started with)")
     return p
+
+
+# arguments a resumed run may change: they do not touch what is computed
+RESUME_MAY_DIFFER = ("threads", "no_progress", "resume")
 
 
 # flag -> FluxTransformer2DModel config key a fresh init may change
@@ -129,11 +142,28 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
 
 
+def _resume_state(args: argparse.Namespace):
+    """(model, state) of the newest checkpoint in --out, refused when the run was started with other arguments."""
+    out = Path(args.out)
+    state_file = out / "resume.pt"
+    if not state_file.is_file():
+        raise ValueError(f"--resume: no resume.pt in {str(out)!r} (nothing to continue; start without --resume)")
+    started = json.loads((out / "run.json").read_text())
+    changed = [k for k, v in vars(args).items() if k not in RESUME_MAY_DIFFER and started.get(k) != v]
+    if changed:
+        raise ValueError("--resume: the run in " + repr(str(out)) + " was started with "
+                         + ", ".join(f"--{k.replace('_', '-')} {started.get(k)!r}" for k in changed)
+                         + "; resume with its arguments")
+    state = torch.load(state_file, map_location="cpu", weights_only=False)  # our own file: numpy RNG state inside
+    return TinyFluxAdapter.from_pretrained(out / f"step_{state['step']:05d}"), state
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         _check(args)
-        model = _initial_model(args)  # before the output folder is made, so a bad --init leaves none behind
+        # before the output folder is made, so a bad --init leaves none behind
+        model, state = _resume_state(args) if args.resume else (_initial_model(args), None)
     except ValueError as err:
         print(f"tempflow-fast pretrain-shapes: {err}", file=sys.stderr)
         return 2
@@ -141,12 +171,23 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _train(model, args, argv)
+        return _train(model, args, argv, state)
     finally:
         torch.set_num_threads(previous_threads)  # main() also runs in-process (tests, notebooks)
 
 
-def _train(model: TinyFluxAdapter, args: argparse.Namespace, argv) -> int:
+def _save(model: TinyFluxAdapter, out: Path, step: int, state: dict) -> None:
+    """The step's model folder, then resume.pt, each written to a temporary name and renamed into place."""
+    folder, tmp = out / f"step_{step:05d}", out / f".step_{step:05d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    torch.save(state, out / "resume.pt.tmp")
+    os.replace(out / "resume.pt.tmp", out / "resume.pt")
+
+
+def _train(model: TinyFluxAdapter, args: argparse.Namespace, argv, resume: dict = None) -> int:
     from tqdm.auto import tqdm
 
     out = Path(args.out)
@@ -156,12 +197,26 @@ def _train(model: TinyFluxAdapter, args: argparse.Namespace, argv) -> int:
     model.module.train()
     opt = torch.optim.AdamW(model.module.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, args))
-    meta = {"command": "tempflow-fast pretrain-shapes " + " ".join(argv or sys.argv[1:]), **vars(args)}
-    (out / "run.json").write_text(json.dumps(meta, indent=1))
+    first, running, elapsed = 1, 0.0, 0.0
+    if resume is None:
+        meta = {"command": "tempflow-fast pretrain-shapes " + " ".join(argv or sys.argv[1:]), **vars(args)}
+        (out / "run.json").write_text(json.dumps(meta, indent=1))
+        (out / "loss.jsonl").unlink(missing_ok=True)
+    else:
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        rng.bit_generator.state = resume["rng"]
+        generator.set_state(resume["generator"])
+        first, running, elapsed = resume["step"] + 1, resume["running"], resume["seconds"]
+        # the loss log up to the checkpoint (lines a crash left after it are dropped)
+        lines = (out / "loss.jsonl").read_text().splitlines() if (out / "loss.jsonl").exists() else []
+        (out / "loss.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= resume["step"]))
+        done = resume["step"]
+        print(f"resumed from {out / f'step_{done:05d}'} (step {done} of {args.steps})", flush=True)
     log = open(out / "loss.jsonl", "a")
-    start, running = time.time(), 0.0
-    bar = tqdm(range(1, args.steps + 1), desc="pretrain-shapes", unit="step", disable=args.no_progress,
-               dynamic_ncols=True)
+    start = time.time() - elapsed
+    bar = tqdm(range(first, args.steps + 1), initial=first - 1, total=args.steps, desc="pretrain-shapes",
+               unit="step", disable=args.no_progress, dynamic_ncols=True)
     for step in bar:
         prompts = sample_batch_prompts(rng, args.batch_size)
         images = render(prompts, rng)
@@ -183,7 +238,9 @@ def _train(model: TinyFluxAdapter, args: argparse.Namespace, argv) -> int:
             log.flush()
             running = 0.0
         if step % args.save_every == 0 or step == args.steps:
-            model.save_pretrained(out / f"step_{step:05d}")
+            _save(model, out, step, {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                     "rng": rng.bit_generator.state, "generator": generator.get_state(),
+                                     "running": running, "seconds": time.time() - start})
     bar.close()
     log.close()
     print(f"saved to {out / f'step_{args.steps:05d}'} (the final weights; loss log {out / 'loss.jsonl'}; "
