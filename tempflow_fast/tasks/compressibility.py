@@ -16,36 +16,21 @@ The order of images, and so what is learned, is the same.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict
 
 from tempflow_fast.tasks.reward_eval import mean_reward_eval
+from tempflow_fast.tasks.shapes.task import ShapesTask
 
 REWARDS = {"jpeg_compressibility": -1.0, "jpeg_incompressibility": 1.0}  # name -> kB multiplier (DDPO's units)
 
 
-class CompressibilityTask:
+class CompressibilityTask(ShapesTask):
+    """The shapes task's prompts and category pools (ShapesTask), scored and evaluated by a JPEG reward."""
+
     name = "compressibility"
     metric = "held-out reward (kB)"
     default_images_per_prompt = 16
     default_probe_prompts = 24
-
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    def train_prompts(self) -> List[str]:
-        from tempflow_fast.tasks.shapes.grammar import TRAIN_PROMPTS
-
-        return list(TRAIN_PROMPTS)
-
-    def eval_prompts(self) -> List[str]:
-        from tempflow_fast.tasks.shapes.grammar import HELD_OUT_PROMPTS
-
-        return list(HELD_OUT_PROMPTS)
-
-    def category_pools(self, prompts: Sequence[str]) -> List[List[str]]:
-        from tempflow_fast.tasks.shapes.task import category_pools
-
-        return category_pools(prompts)
 
     def evaluate(self, model, run) -> Dict:
         return mean_reward_eval(model, self.eval_prompts(), run.reward, self.cfg,
