@@ -273,6 +273,20 @@ def write_plots(out: Path, data: Dict[str, dict], metric: str = "held-out accura
     import matplotlib.pyplot as plt
 
     paths = []
+
+    def save(fig, axes, labels, ylabel, name):
+        """Axis labels, grid, a legend on the first axes that has lines; written to OUT/name and closed."""
+        for ax, label in zip(axes, labels):
+            ax.set_xlabel(label)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+        if axes[0].lines:
+            axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        paths.append(out / name)
+
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     for name, d in data.items():
         pts = d["points"]
@@ -284,16 +298,8 @@ def write_plots(out: Path, data: Dict[str, dict], metric: str = "held-out accura
             xs = [p[key] for p in pts]
             ax.plot(xs, acc, marker="o", ms=3, label=METHODS[name][0])
             ax.fill_between(xs, [a - s for a, s in zip(acc, std)], [a + s for a, s in zip(acc, std)], alpha=0.12)
-    for ax, label in zip(axes, ("iterations", "model calls (rollout NFE)", "train-loop wall seconds")):
-        ax.set_xlabel(label)
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    p = out / "accuracy_curves.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, axes, ("iterations", "model calls (rollout NFE)", "train-loop wall seconds"), metric,
+         "accuracy_curves.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, d in data.items():
@@ -303,32 +309,16 @@ def write_plots(out: Path, data: Dict[str, dict], metric: str = "held-out accura
             std = [p["reward"][1] for p in d["probe"]]
             ax.plot(xs, mean, marker="o", ms=3, label=METHODS[name][0])
             ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.12)
-    ax.set_xlabel("model calls (rollout NFE)")
-    ax.set_ylabel("probe reward (trained reward, fixed prompts × noises)")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = out / "probe_reward_curves.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, [ax], ["model calls (rollout NFE)"], "probe reward (trained reward, fixed prompts × noises)",
+         "probe_reward_curves.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, d in data.items():
         spread = step_spread(d["metrics"])
         if spread:
             ax.plot(list(spread), list(spread.values()), marker="o", label=METHODS[name][0])
-    ax.set_xlabel("bifurcation step k")
-    ax.set_ylabel("within-group reward std (mean over iterations)")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = out / "reward_std_per_step.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, [ax], ["bifurcation step k"], "within-group reward std (mean over iterations)",
+         "reward_std_per_step.png")
     return paths
 
 

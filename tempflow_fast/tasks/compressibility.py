@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from tempflow_fast.tasks.reward_eval import mean_reward_eval
+from tempflow_fast.tasks.reward_eval import task_reward_eval
 from tempflow_fast.tasks.shapes.task import ShapesTask
 
 REWARDS = {"jpeg_compressibility": -1.0, "jpeg_incompressibility": 1.0}  # name -> kB multiplier (DDPO's units)
@@ -33,10 +33,7 @@ class CompressibilityTask(ShapesTask):
     default_probe_prompts = 24
 
     def evaluate(self, model, run) -> Dict:
-        return mean_reward_eval(model, self.eval_prompts(), run.reward, self.cfg,
-                                images_per_prompt=self.cfg.eval.images_per_prompt or self.default_images_per_prompt,
-                                rows_per_call=run.rows_per_call, decode_batch=run.decode_batch,
-                                image_format=run.image_format, progress=run.progress)
+        return task_reward_eval(self, model, run)
 
     def annotate(self, images, prompts):
         return None

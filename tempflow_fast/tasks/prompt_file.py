@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 from tempflow_fast.tasks.base import read_prompts
-from tempflow_fast.tasks.reward_eval import REWARD_EVAL_IMAGES_PER_PROMPT, mean_reward_eval
+from tempflow_fast.tasks.reward_eval import REWARD_EVAL_IMAGES_PER_PROMPT, task_reward_eval
 
 
 class PromptFileTask:
@@ -39,10 +39,7 @@ class PromptFileTask:
     def evaluate(self, model, run) -> Optional[Dict]:
         if self.metric is None:
             return None
-        return mean_reward_eval(model, self.eval_prompts(), run.reward, self.cfg,
-                                images_per_prompt=self.cfg.eval.images_per_prompt or self.default_images_per_prompt,
-                                rows_per_call=run.rows_per_call, decode_batch=run.decode_batch,
-                                image_format=run.image_format, progress=run.progress)
+        return task_reward_eval(self, model, run)
 
     def annotate(self, images, prompts):
         return None

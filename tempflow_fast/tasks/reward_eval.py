@@ -81,3 +81,12 @@ def mean_row(scores: torch.Tensor, per_image: Sequence[str]) -> Dict:
     """An eval table row of per-image scores: mean as "accuracy" (the key every table row has), its interval."""
     mean, low, high = mean_interval(scores, per_image)
     return {"accuracy": mean, "correct": 0, "count": int(scores.numel()), "ci95": [low, high]}
+
+
+def task_reward_eval(task, model, run) -> Dict:
+    """`mean_reward_eval` of a task's held-out prompts as its trainer runs it (`run`: tasks/base.EvalRun), at
+    cfg.eval.images_per_prompt or the task's default_images_per_prompt."""
+    return mean_reward_eval(model, task.eval_prompts(), run.reward, task.cfg,
+                            images_per_prompt=task.cfg.eval.images_per_prompt or task.default_images_per_prompt,
+                            rows_per_call=run.rows_per_call, decode_batch=run.decode_batch,
+                            image_format=run.image_format, progress=run.progress)

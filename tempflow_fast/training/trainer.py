@@ -898,13 +898,8 @@ class Trainer:
                     out["kl"] += float(res.kl) * share
                     out["old_deviation"] += float(res.old_deviation) * share
                 ok, grad_norm = step_ctx.finish(ok)
-                if not ok:
-                    out["skipped_nonfinite"] += 1
-                    self._skip_nonfinite(iteration, "non-finite loss, gradient or updated weights")
+                if not self._count_step(ok, iteration, out):
                     continue
-                self.counters.optimizer_steps += 1
-                if self.ema is not None:
-                    self.ema.update(self.counters.optimizer_steps)
                 out["grad_norm"] += grad_norm
                 n_stats += 1
         self.dist.sum_into(out, ("loss", "kl", "old_deviation"))
@@ -970,14 +965,8 @@ class Trainer:
                 n_parts += 1
                 ok, grad_norm = self._step_on(part, total, result, sigma_max, gen, stats, kl_per_step)
                 stats["padding_passes"] += self._last_padding
-                if not ok:
-                    stats["skipped_nonfinite"] += 1
-                    self._skip_nonfinite(iteration, "non-finite loss, gradient or updated weights")
+                if not self._count_step(ok, iteration, stats):
                     continue
-                self.counters.optimizer_steps += 1
-                if self.ema is not None:
-                    with self._full_parameters():
-                        self.ema.update(self.counters.optimizer_steps)
                 stats["grad_norm"] += grad_norm
                 n_stats += 1
         self.dist.sum_into(stats, ("loss", "clip_frac", "approx_kl", "kl"))  # each rank held its share
@@ -1077,6 +1066,19 @@ class Trainer:
         if total:
             out["velocity_change"] = sum(sums[f"sum/{k}"] for k in range(T)) / total
         return out
+
+    def _count_step(self, ok: bool, iteration: int, stats: Dict[str, float]) -> bool:
+        """After an optimizer step: a skipped one is counted in stats and reported (NonFiniteAbort past the limit);
+        a taken one advances the step counter and the EMA. Returns ok."""
+        if not ok:
+            stats["skipped_nonfinite"] += 1
+            self._skip_nonfinite(iteration, "non-finite loss, gradient or updated weights")
+            return False
+        self.counters.optimizer_steps += 1
+        if self.ema is not None:
+            with self._full_parameters():
+                self.ema.update(self.counters.optimizer_steps)
+        return True
 
     def _skip_nonfinite(self, iteration: int, what: str) -> None:
         """Count a skipped update; NonFiniteAbort once more than train.max_nonfinite_skips were skipped."""
