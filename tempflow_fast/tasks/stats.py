@@ -43,6 +43,19 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> Tuple[float, float]:
     return low, high
 
 
+def difference_interval(k1: int, n1: int, k2: int, n2: int, z: float = Z95) -> Tuple[float, float]:
+    """(low, high) for p1 − p2 (k1 of n1 against k2 of n2): Newcombe's hybrid score interval (1998, method 10),
+    built from the two Wilson intervals; (−1, 1) when either side has no trials."""
+    if n1 <= 0 or n2 <= 0:
+        return -1.0, 1.0
+    p1, p2 = k1 / n1, k2 / n2
+    l1, u1 = wilson_interval(k1, n1, z)
+    l2, u2 = wilson_interval(k2, n2, z)
+    d = p1 - p2
+    return (max(-1.0, d - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)),
+            min(1.0, d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2)))
+
+
 def mean_interval(values: torch.Tensor, groups: Optional[Sequence] = None, z: float = Z95) -> Tuple[float, float, float]:
     """(mean, low, high) of the per-image `values` with the prompts `groups` (one label per value) held fixed;
     without groups every value is its own stratum of one (se from the pooled sample variance)."""

@@ -170,3 +170,8 @@ def test_word_table_on_ground_truth_renders(ground_truth):
         assert table[relation]["otherwise"] == 0.0 and table[relation]["otherwise_images"] > 0
     assert all(table[c]["otherwise"] == 0.0 for c in grammar.COLORS)  # a render never adds an unasked colour
     assert table["two"]["otherwise"] == 0.0  # a colour asked once or three times is never drawn twice
+    for row in table.values():  # the lift and its interval: a word that always holds, and never otherwise, is known
+        assert row["lift"] == row["asked"] - row["otherwise"]
+        low, high = row["lift_ci95"]
+        if row["otherwise_images"]:
+            assert 0.0 < low <= row["lift"] <= high <= 1.0

@@ -16,7 +16,8 @@ from tempflow_fast.tasks import build_task
 from tempflow_fast.tasks.base import round_robin
 from tempflow_fast.tasks.shapes.grammar import CATEGORIES, MAX_WORDS, TRAIN_PROMPTS, VOCAB
 from tempflow_fast.tasks.shapes.task import category_pools, new_model
-from tempflow_fast.tasks.stats import mean_interval, mean_of_intervals, pass_at_k, wilson_interval
+from tempflow_fast.tasks.stats import (difference_interval, mean_interval, mean_of_intervals, pass_at_k,
+                                      wilson_interval)
 from tempflow_fast.training.train_config import Config
 from tempflow_fast.training.trainer import Trainer, format_summary
 from tests.training.conftest import SMALL, BrightnessReward, small_overrides
@@ -84,6 +85,10 @@ def test_intervals_and_pass_at_k_are_the_textbook_numbers():
     assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert wilson_interval(10, 10)[1] == 1.0 and wilson_interval(0, 0) == (0.0, 1.0)
+    # Newcombe (1998), Table II: 56/70 - 48/80, hybrid score interval (method 10) +0.0524 to +0.3339
+    assert difference_interval(56, 70, 48, 80) == pytest.approx((0.0524, 0.3339), abs=1e-4)
+    assert difference_interval(3, 10, 3, 10)[0] < 0 < difference_interval(3, 10, 3, 10)[1]
+    assert difference_interval(1, 5, 0, 0) == (-1.0, 1.0)
     # pass@k against the ratio of binomials it is (Chen et al. 2021, eq. 1)
     for n, c, k in [(64, 0, 24), (64, 1, 24), (64, 5, 24), (24, 3, 24), (30, 29, 10), (10, 2, 1)]:
         want = 1.0 - (math.comb(n - c, k) / math.comb(n, k) if n - c >= k else 0.0)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from tempflow_fast.images import to_unit_float
 
+from ..stats import difference_interval
 from .grammar import CATEGORIES, COLORS, PromptSpec, parse
 from .render import PALETTE, SIDE
 
@@ -193,7 +194,8 @@ def word_table(det: Detections, prompts: Sequence[str]) -> Dict[str, Dict[str, f
     - a relation r (``position`` images whose two colours have one square each): the first square is r of the
       second; otherwise = the same squares when the prompt asks the opposite relation (left of ↔ right of).
 
-    {word: {"asked", "asked_images", "otherwise", "otherwise_images"}}, rates in [0, 1] (NaN without images)."""
+    {word: {"asked", "asked_images", "otherwise", "otherwise_images", "lift", "lift_ci95"}}: rates in [0, 1] (NaN
+    without images), lift = asked − otherwise with its 95% interval (Newcombe's, `stats.difference_interval`)."""
     if det.counts.shape[0] != len(prompts):
         raise ValueError(f"detections have {det.counts.shape[0]} rows but prompts has {len(prompts)}")
     from .grammar import MIRROR, NUMBERS, RELATIONS
@@ -224,7 +226,8 @@ def word_table(det: Detections, prompts: Sequence[str]) -> Dict[str, Dict[str, f
                     axis, sign = _RELATION_AXIS[r]
                     add(r, r == spec.relation, bool(float(offset[axis]) * sign > SIDE / 2))
     rate = lambda hits, n: hits / n if n else float("nan")
-    return {w: {"asked": rate(a, na), "asked_images": na, "otherwise": rate(o, no), "otherwise_images": no}
+    return {w: {"asked": rate(a, na), "asked_images": na, "otherwise": rate(o, no), "otherwise_images": no,
+                "lift": rate(a, na) - rate(o, no), "lift_ci95": list(difference_interval(a, na, o, no))}
             for w, (a, na, o, no) in tally.items()}
 
 
