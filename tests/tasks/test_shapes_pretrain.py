@@ -144,6 +144,32 @@ def test_resume_continues_exactly(tmp_path, monkeypatch, capsys):
     assert len(logs[0]) == 5 and logs[0] == logs[1]
 
 
+def test_stop_after_keeps_the_schedule_and_resume_finishes_it(tmp_path, capsys):
+    """--stop-after N stops at step N with the schedule still planned for --steps (the shipped model's stage 1 was
+    such a cut): continuing with --resume ends exactly where the uninterrupted run ends."""
+    small = ["--steps", "5", "--batch-size", "4", "--warmup", "1", "--lr-schedule", "cosine", "--save-every", "2",
+             "--log-every", "1", "--threads", "1", "--layers", "1", "--single-layers", "1", "--heads", "2",
+             "--no-progress"]
+    assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "full"), *small]) == 0
+    assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "cut"), *small, "--stop-after", "3"]) == 0
+    assert "stopped after step 3 of 5" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "cut").glob("step_*")) == ["step_00002", "step_00003"]
+    # a stop at or before where the run is refused, naming the flag; the resume without it finishes the run
+    assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "cut"), *small, "--stop-after", "3", "--resume"]) == 2
+    assert "--stop-after 3" in capsys.readouterr().err
+    assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "cut"), *small, "--resume"]) == 0
+    full = TinyFluxAdapter.from_pretrained(tmp_path / "full" / "step_00005").module.state_dict()
+    cut = TinyFluxAdapter.from_pretrained(tmp_path / "cut" / "step_00005").module.state_dict()
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    # a step-3 stop of a 3-step run would differ: the cut was on the 5-step schedule
+    assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "three"), *small[:1], "3", *small[2:]]) == 0
+    three = TinyFluxAdapter.from_pretrained(tmp_path / "three" / "step_00003").module.state_dict()
+    cut3 = TinyFluxAdapter.from_pretrained(tmp_path / "cut" / "step_00003").module.state_dict()
+    assert any(not torch.equal(three[k], cut3[k]) for k in three)
+    assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "x"), *small, "--stop-after", "6"]) == 2
+    assert "--stop-after must be in 1..--steps = 1..5, got 6" in capsys.readouterr().err
+
+
 def test_resume_needs_a_run(tmp_path, capsys):
     assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "none"), "--resume"]) == 2
     assert "no resume.pt" in capsys.readouterr().err

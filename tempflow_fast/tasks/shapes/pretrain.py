@@ -73,13 +73,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0 = torch's default); 1 is far faster on a shared, busy CPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop (with a checkpoint) after this step, the learning-rate schedule still planned for "
+                        "--steps; --resume continues it")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its newest checkpoint (same arguments as it started with)")
     return p
 
 
 # arguments a resumed run may change: they do not touch what is computed
-RESUME_MAY_DIFFER = ("threads", "no_progress", "resume")
+RESUME_MAY_DIFFER = ("threads", "no_progress", "resume", "stop_after")
 
 
 # flag -> FluxTransformer2DModel config key a fresh init may change
@@ -140,6 +143,8 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.stop_after is not None and not 0 < args.stop_after <= args.steps:
+        raise ValueError(f"--stop-after must be in 1..--steps = 1..{args.steps}, got {args.stop_after}")
 
 
 def _resume_state(args: argparse.Namespace):
@@ -164,6 +169,9 @@ def main(argv=None) -> int:
         _check(args)
         # before the output folder is made, so a bad --init leaves none behind
         model, state = _resume_state(args) if args.resume else (_initial_model(args), None)
+        if state is not None and args.stop_after is not None and args.stop_after <= state["step"]:
+            raise ValueError(f"--stop-after {args.stop_after}: the run in {args.out!r} is already at step "
+                             f"{state['step']}")
     except ValueError as err:
         print(f"tempflow-fast pretrain-shapes: {err}", file=sys.stderr)
         return 2
@@ -215,7 +223,8 @@ def _train(model: TinyFluxAdapter, args: argparse.Namespace, argv, resume: dict 
         print(f"resumed from {out / f'step_{done:05d}'} (step {done} of {args.steps})", flush=True)
     log = open(out / "loss.jsonl", "a")
     start = time.time() - elapsed
-    bar = tqdm(range(first, args.steps + 1), initial=first - 1, total=args.steps, desc="pretrain-shapes",
+    last = args.steps if args.stop_after is None else args.stop_after
+    bar = tqdm(range(first, last + 1), initial=first - 1, total=args.steps, desc="pretrain-shapes",
                unit="step", disable=args.no_progress, dynamic_ncols=True)
     for step in bar:
         prompts = sample_batch_prompts(rng, args.batch_size)
@@ -237,13 +246,14 @@ def _train(model: TinyFluxAdapter, args: argparse.Namespace, argv, resume: dict 
             log.write(json.dumps(rec) + "\n")
             log.flush()
             running = 0.0
-        if step % args.save_every == 0 or step == args.steps:
+        if step % args.save_every == 0 or step == last:
             _save(model, out, step, {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                      "rng": rng.bit_generator.state, "generator": generator.get_state(),
                                      "running": running, "seconds": time.time() - start})
     bar.close()
     log.close()
-    print(f"saved to {out / f'step_{args.steps:05d}'} (the final weights; loss log {out / 'loss.jsonl'}; "
+    what = "the final weights" if last == args.steps else f"stopped after step {last} of {args.steps}; --resume continues"
+    print(f"saved to {out / f'step_{last:05d}'} ({what}; loss log {out / 'loss.jsonl'}; "
           f"{time.time() - start:.1f} s)", flush=True)
     return 0
 
