@@ -189,8 +189,8 @@ def failure_table(images: torch.Tensor, per_image: Sequence[str]) -> Dict[str, D
 def format_words(table: Dict[str, Dict[str, float]]) -> str:
     """The word table: rate when the prompt says the word, rate otherwise (the base rate), their difference (the
     lift) with its 95% interval."""
-    lines = [f"{'word':<10} {'asked':>7} {'images':>7} {'otherwise':>10} {'images':>7} {'lift':>7} {'95% interval':>18}",
-             "-" * 72]
+    head = f"{'word':<10} {'asked':>7} {'images':>7} {'otherwise':>10} {'images':>7} {'lift':>7}"
+    lines = [f"{head} {'95% interval':>18}", "-" * 72]
     for word, row in table.items():
         low, high = row["lift_ci95"]
         lines.append(f"{word:<10} {row['asked']:>7.3f} {row['asked_images']:>7d} {row['otherwise']:>10.3f} "

@@ -252,7 +252,8 @@ def _train(model: TinyFluxAdapter, args: argparse.Namespace, argv, resume: dict 
                                      "running": running, "seconds": time.time() - start})
     bar.close()
     log.close()
-    what = "the final weights" if last == args.steps else f"stopped after step {last} of {args.steps}; --resume continues"
+    what = ("the final weights" if last == args.steps
+            else f"stopped after step {last} of {args.steps}; --resume continues")
     print(f"saved to {out / f'step_{last:05d}'} ({what}; loss log {out / 'loss.jsonl'}; "
           f"{time.time() - start:.1f} s)", flush=True)
     return 0
