@@ -17,8 +17,9 @@ docs/testbed.md, issue 19's base-model retraining.
 
 A run of hours never loses finished work: every checkpoint also writes `<out>/resume.pt` (optimizer and schedule
 state, the prompt/render and noise generators, the step) atomically, and `--resume` continues the run in --out from
-its newest checkpoint with the arguments it was started with (run.json; only --threads and --no-progress may
-differ), drawing what the uninterrupted run would have drawn.
+its newest checkpoint with the arguments it was started with (run.json; only --threads, --no-progress and
+--stop-after may differ), drawing what the uninterrupted run would have drawn. `--stop-after N` ends a run at step
+N with a checkpoint, its learning-rate schedule still planned for --steps (a stage cut from a longer schedule).
 
 A progress bar on stderr counts the steps; the loss lines go to stdout and loss.jsonl; the last line names the
 folder of the final weights. A bad argument is one line on stderr and exit status 2.
