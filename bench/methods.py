@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tempflow_fast.tasks.stats import bootstrap_interval, paired_interval, seed_interval  # noqa: E402  (after the path fix above)
+
 PRESETS = {
     "flow_grpo": ROOT / "configs" / "shapes_flow_grpo.yaml",
     "tempflow": ROOT / "configs" / "shapes_tempflow.yaml",
@@ -214,18 +216,81 @@ def collect(out: Path, methods: Sequence[str], seeds: Sequence[int]) -> Dict[str
                   "reward": _mean_std([x for _, x in v])} for it, v in sorted(probes.items())]
         per_seed = {s: sorted({r["iteration"]: r for r in rows}.values(), key=lambda r: r["iteration"])
                     for s, rows in runs.items()}
+        probe_per_seed = {s: {it: v for it, (_, v) in probe_points(rows).items()} for s, rows in metrics.items()}
         data[name] = {"points": points, "metrics": [m for ms in metrics.values() for m in ms], "seeds": sorted(runs),
-                      "probe": probe, "per_seed": per_seed}
+                      "probe": probe, "per_seed": per_seed, "probe_per_seed": probe_per_seed}
     return data
 
 
-def seed_calls_to_target(per_seed: Dict[int, List[dict]], target: float) -> List[Optional[float]]:
-    """Per seed, the model calls at its first eval point whose accuracy reaches `target` (None: never)."""
+def seed_calls_to_target(per_seed: Dict[int, List[dict]], target: float, key: str = "nfe") -> List[Optional[float]]:
+    """Per seed, the model calls (key="wall_seconds": the train-loop seconds) at its first eval point whose
+    accuracy reaches `target` (None: never)."""
     out = []
     for rows in per_seed.values():
-        hit = next((r["nfe"] for r in rows if r["accuracy"] >= target - 1e-12), None)
+        hit = next((r[key] for r in rows if r["accuracy"] >= target - 1e-12), None)
         out.append(hit)
     return out
+
+
+def _ci(mean: float, lo: float, hi: float, digits: int = 3, sign: bool = False) -> str:
+    """'m [lo, hi]'; with one seed (no interval) 'm (1 seed)'."""
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    if math.isnan(lo):
+        return f.format(mean) + " (1 seed)"
+    return f"{f.format(mean)} [{f.format(lo)}, {f.format(hi)}]"
+
+
+def final_by_seed(d: dict) -> tuple:
+    """(iteration, {seed: eval row}, {seed: probe reward}) at the last iteration every seed of the method reached;
+    (None, {}, {}) when the method has no eval."""
+    its = [max(r["iteration"] for r in rows) for rows in d["per_seed"].values() if rows]
+    if not its:
+        return None, {}, {}
+    last = min(its)
+    rows = {s: next(r for r in rs if r["iteration"] == last) for s, rs in d["per_seed"].items()
+            if any(r["iteration"] == last for r in rs)}
+    probes = {s: p[last] for s, p in d.get("probe_per_seed", {}).items() if last in p}
+    return last, rows, probes
+
+
+# The TempFlow ablation chain of the paper (bifurcation -> + noise-aware weights -> + seed grouping), each step
+# one method of the grid against the one before it, plus the weights' effect with seed grouping on
+ABLATION_STEPS = (
+    ("+ noise-aware weights", "tempflow_no_seed_grouping", "tempflow_bifurcation_only"),
+    ("+ seed grouping", "tempflow", "tempflow_no_seed_grouping"),
+    ("noise-aware weights, with seed grouping", "tempflow", "tempflow_no_weights"),
+)
+
+
+def ablation_table(data: Dict[str, dict], metric: str) -> List[str]:
+    """Markdown lines: each step of ABLATION_STEPS as the paired difference (by seed) of the held-out metric and
+    of the probe reward at the last iteration both methods reached, with 95% t intervals and a verdict."""
+    needed = {m for _, a, b in ABLATION_STEPS for m in (a, b)}
+    if not needed <= set(data):
+        return []
+    lines = ["| step | methods (a − b) | seeds | iteration | Δ " + metric + " [95%] | Δ probe reward [95%] | reading |",
+             "|---|---|---|---|---|---|---|"]
+    for label, a, b in ABLATION_STEPS:
+        ia, ra, pa = final_by_seed(data[a])
+        ib, rb, pb = final_by_seed(data[b])
+        if ia is None or ib is None or ia != ib:
+            lines.append(f"| {label} | {METHODS[a][0]} − {METHODS[b][0]} | — | — | — | — | not comparable (iterations "
+                         f"{ia} vs {ib}) |")
+            continue
+        seeds = sorted(set(ra) & set(rb))
+        if not seeds:
+            continue
+        acc = paired_interval([ra[s]["accuracy"] for s in seeds], [rb[s]["accuracy"] for s in seeds])
+        ps = [s for s in seeds if s in pa and s in pb]
+        probe = paired_interval([pa[s] for s in ps], [pb[s] for s in ps]) if ps else None
+        verdicts = []
+        for name, ci in (("held-out", acc), ("probe", probe)):
+            if ci is None or math.isnan(ci[1]):
+                continue
+            verdicts.append(f"{name} {'helps' if ci[1] > 0 else 'hurts' if ci[2] < 0 else 'not resolved'}")
+        lines.append(f"| {label} | {METHODS[a][0]} − {METHODS[b][0]} | {len(seeds)} | {ia} | {_ci(*acc, sign=True)} | "
+                     f"{_ci(*probe, sign=True) if probe else '—'} | {', '.join(verdicts) or 'one seed'} |")
+    return lines
 
 
 def probe_points(rows: List[dict]) -> Dict[int, tuple]:
@@ -389,19 +454,57 @@ def report(out: Path, methods: Sequence[str], seeds: Sequence[int], *, target: O
                 c = calls_to_target(d["points"], t)
                 cells += ["not reached" if c is None else f"{c:.0f}", "—" if c is None or not ref else f"{c / ref:.2f}"]
             lines.append(f"| {METHODS[name][0]} | " + " | ".join(cells) + " |")
-        lines += ["", "Per seed (each seed's first eval point at the target): mean ± std of the model calls over the "
-                  "seeds that reach it, and how many do; a method whose seeds do not all reach a target has no "
-                  "interval that compares.", "",
-                  "| method | " + " | ".join(f"calls to {t:.3f} (seeds reaching)" for t in targets) + " |",
-                  "|---|" + "---|" * len(targets)]
+        lines += ["", "Per seed (each seed's first eval point at the target): the model calls and the train-loop wall "
+                  "seconds there, mean [95% percentile-bootstrap interval of the mean over seeds] when every seed "
+                  "reaches the target, else the mean ± std of those that do (no interval: the others would need more "
+                  "calls than the run had), and how many do. Calls are counted at eval points, so a seed's calls are "
+                  "an upper bound on when it got there.", "",
+                  "| method | " + " | ".join(f"calls to {t:.3f} (seeds reaching) | wall s to {t:.3f}" for t in targets)
+                  + " |", "|---|" + "---|---|" * len(targets)]
         for name, d in data.items():
             cells = []
             for t in targets:
-                hits = seed_calls_to_target(d["per_seed"], t)
-                reached = [h for h in hits if h is not None]
-                cells.append(f"{_fmt(*_mean_std(reached), digits=0)} ({len(reached)}/{len(hits)})" if reached
-                             else f"not reached (0/{len(hits)})")
+                for key, digits in (("nfe", 0), ("wall_seconds", 0)):
+                    hits = seed_calls_to_target(d["per_seed"], t, key)
+                    reached = [h for h in hits if h is not None]
+                    if not reached:
+                        cells.append(f"not reached (0/{len(hits)})" if key == "nfe" else "—")
+                    elif len(reached) == len(hits):
+                        cells.append(_ci(*bootstrap_interval(reached), digits=digits)
+                                     + (f" ({len(reached)}/{len(hits)})" if key == "nfe" else ""))
+                    else:
+                        cells.append(_fmt(*_mean_std(reached), digits=digits)
+                                     + (f" ({len(reached)}/{len(hits)})" if key == "nfe" else ""))
             lines.append(f"| {METHODS[name][0]} | " + " | ".join(cells) + " |")
+
+    lines += ["", "## Last eval point, with 95% intervals over seeds", "",
+              "Each method at the last iteration all its seeds reached: mean [95% t interval over seeds]; the gains "
+              "are paired by seed (after − before, the same run).", "",
+              f"| method | seeds | iteration | model calls | wall s | {metric} | gain | probe reward gain |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, d in data.items():
+        last, rows, probes = final_by_seed(d)
+        if last is None or not rows:
+            continue
+        seeds_ = sorted(rows)
+        first = {s: d["per_seed"][s][0] for s in seeds_}
+        acc = seed_interval([rows[s]["accuracy"] for s in seeds_])
+        gain = paired_interval([rows[s]["accuracy"] for s in seeds_], [first[s]["accuracy"] for s in seeds_])
+        p0 = {s: v[0] for s, v in d.get("probe_per_seed", {}).items() if 0 in v}
+        ps = [s for s in seeds_ if s in probes and s in p0]
+        pgain = paired_interval([probes[s] for s in ps], [p0[s] for s in ps]) if ps else None
+        lines.append(f"| {METHODS[name][0]} | {len(seeds_)} | {last} | "
+                     f"{_mean_std([rows[s]['nfe'] for s in seeds_])[0]:.0f} | "
+                     f"{_mean_std([rows[s]['wall_seconds'] for s in seeds_])[0]:.0f} | {_ci(*acc)} | "
+                     f"{_ci(*gain, sign=True)} | {_ci(*pgain, sign=True) if pgain else '—'} |")
+
+    ablation = ablation_table(data, metric)
+    if ablation:
+        lines += ["", "## TempFlow ablation ordering (bifurcation → noise-aware weights → seed grouping)", "",
+                  "TempFlow-GRPO's ablation adds its parts one at a time: trajectory bifurcation alone, then the "
+                  "noise-aware step weights, then seed grouping. Each row: the paired difference by seed (same seed, "
+                  "same base model, prompts and noises) of two grid methods at their last common iteration, 95% t "
+                  "interval; 'helps' / 'hurts' when the interval excludes 0, else 'not resolved'.", ""] + ablation
 
     lines += ["", "## Diagnostics (means over all logged iterations and seeds)", "",
               "| method | reward mean | within-prompt reward std | zero-std groups | clip fraction |",

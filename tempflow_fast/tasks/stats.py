@@ -12,6 +12,14 @@ with the prompts held fixed, at 95% (z = 1.96):
 - `mean_of_intervals(rows)`: the mean of R independent estimates each with its interval (GenEval's overall
   accuracy, the mean of the category accuracies): mean ± sqrt(Σ h_r²) / R, h_r the half-width of row r.
 
+Across run seeds (bench/methods.py), what varies is the whole training run; with a handful of seeds the
+interval is Student's t: `seed_interval(xs)`, mean ± t_{0.975, n-1}·s/√n, and `paired_interval(a, b)`, the
+same on the differences a_i − b_i of two methods run with the same seeds (same base model, prompt order and
+noises per seed), which removes what the seeds share. For quantities that live on a grid and cannot go below it
+(the model calls at which a run first reaches a target, counted at eval points) `bootstrap_interval(xs)` gives
+the percentile bootstrap interval of the mean (Efron & Tibshirani 1993, ch. 13), which stays inside the range
+of the values instead of a t interval's negative calls.
+
 `pass_at_k(n, c, k)`: the chance that at least one of k images drawn without replacement from the n sampled
 for a prompt is correct, c of them correct: 1 - C(n-c, k) / C(n, k) (the unbiased estimator of Chen et al.
 2021, "Evaluating Large Language Models Trained on Code", eq. 1). RL sharpens what a model can sometimes do:
@@ -88,6 +96,62 @@ def mean_of_intervals(rows: Sequence[Tuple[float, float, float]]) -> Tuple[float
     mean = sum(r[0] for r in rows) / len(rows)
     half = math.sqrt(sum(((r[2] - r[1]) / 2) ** 2 for r in rows)) / len(rows)
     return mean, mean - half, mean + half
+
+
+# t_{0.975, df} for df = 1..30 (two-sided 95%), from the standard tables (e.g. NIST/SEMATECH e-Handbook 1.3.6.7.2)
+_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
+         2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
+         2.0518, 2.0484, 2.0452, 2.0423)
+
+
+def t_quantile_975(df: int) -> float:
+    """The 97.5% quantile of Student's t with `df` degrees of freedom (table to 30; beyond, the Cornish-Fisher
+    expansion about z, within 2e-4 of the exact value there)."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = Z95
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df * df)
+
+
+def seed_interval(xs: Sequence[float]) -> Tuple[float, float, float]:
+    """(mean, low, high): Student's t 95% interval of the mean of independent runs' values (module doc); with one
+    value the interval is (nan, nan), not a zero-width claim."""
+    xs = [float(x) for x in xs]
+    if not xs or any(math.isnan(x) for x in xs):
+        raise ValueError(f"xs must be non-empty and finite, got {xs}")
+    n = len(xs)
+    mean = sum(xs) / n
+    if n == 1:
+        return mean, float("nan"), float("nan")
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+    half = t_quantile_975(n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def paired_interval(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float, float]:
+    """(mean, low, high) of a_i − b_i over runs paired by seed: `seed_interval` of the differences."""
+    if len(a) != len(b):
+        raise ValueError(f"a and b must pair up run by run, got {len(a)} and {len(b)} values")
+    return seed_interval([x - y for x, y in zip(a, b)])
+
+
+def bootstrap_interval(xs: Sequence[float], resamples: int = 20000, seed: int = 0) -> Tuple[float, float, float]:
+    """(mean, low, high): the 2.5% and 97.5% percentiles of the mean of `resamples` resamples with replacement of
+    `xs` (fixed `seed`: the same numbers every time); (nan, nan) interval with one value."""
+    import random
+
+    xs = [float(x) for x in xs]
+    if not xs or any(math.isnan(x) for x in xs):
+        raise ValueError(f"xs must be non-empty and finite, got {xs}")
+    n = len(xs)
+    mean = sum(xs) / n
+    if n == 1:
+        return mean, float("nan"), float("nan")
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(xs, k=n)) / n for _ in range(resamples))
+    return mean, means[int(0.025 * (resamples - 1))], means[int(math.ceil(0.975 * (resamples - 1)))]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -189,3 +189,70 @@ def test_adaptive_bifurcation_resumes_exactly(tmp_path):
     assert resumed.counters.extra == full.counters.extra
     for (n, p), (_, q) in zip(full.named_params, resumed.named_params):
         assert torch.equal(p, q), n
+
+
+def _fake_run(out, name, seed, accs, probes, calls_per_eval, wall_per_eval):
+    """A finished run's evals.jsonl and metrics.jsonl (eval points 0, 10, 20, ...) without training."""
+    run = out / "runs" / name / f"seed{seed}"
+    run.mkdir(parents=True)
+    evals, metrics = [], []
+    for i, (acc, probe) in enumerate(zip(accs, probes)):
+        it = 10 * i
+        evals.append({"iteration": it, "nfe": calls_per_eval * i, "wall_seconds": wall_per_eval * i, "accuracy": acc,
+                      "categories": {"counting": acc}})
+        if it:
+            metrics.append({"iteration": it, "total_nfe": calls_per_eval * i, "reward_mean": 0.5})
+        metrics.append({"iteration": it, "probe_reward": probe})
+    (run / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+
+
+def test_report_intervals_and_ablation_ordering_from_known_runs(tmp_path):
+    """Five seeds with known numbers: the last-point gains, the calls-to-target bootstrap interval and the
+    ablation rows are the paired differences by seed (t interval, checked by hand), and the reading follows
+    their intervals."""
+    import statistics
+
+    out = tmp_path / "grid"
+    seed_effect = [0.00, 0.04, -0.03, 0.02, -0.01]  # shared by every method of a seed: pairing removes it
+    # end accuracy per method; bifurcation only < + weights < + seed grouping (full); weights with grouping: +0.002
+    ends = {"tempflow_bifurcation_only": 0.62, "tempflow_no_seed_grouping": 0.63, "tempflow": 0.64,
+            "tempflow_no_weights": 0.638, "flow_grpo": 0.65}
+    noise = {name: [0.001 * ((3 * s + 2 * m) % 5 - 2) for s in range(5)] for m, name in enumerate(ends)}
+    for name, end in ends.items():
+        for s in range(5):
+            e, n = seed_effect[s], noise[name][s]
+            accs = [0.60 + e, (0.60 + end) / 2 + e + n, end + e + n]
+            probes = [0.80 + e, 0.80 + e, 0.80 + e + 2 * (end - 0.6) + 10 * n]  # probe: ten times the noise
+            _fake_run(out, name, s, accs, probes, 960 * 10 if name == "flow_grpo" else 3040 * 10, 100.0)
+    text = methods.report(out, list(ends), list(range(5)), target=0.63, command="test")
+    rows = {l.split(" | ")[0].lstrip("| "): l for l in text.splitlines() if l.startswith("| ")}
+
+    def by_hand(a, b, probe=False):
+        d = [(ends[a] - ends[b]) * (2 if probe else 1) + (noise[a][s] - noise[b][s]) * (10 if probe else 1)
+             for s in range(5)]
+        m, half = statistics.mean(d), 2.7764 * statistics.stdev(d) / 5 ** 0.5
+        return f"{m:+.3f} [{m - half:+.3f}, {m + half:+.3f}]"
+
+    for label, a, b in methods.ABLATION_STEPS:
+        assert f"| {label} | {methods.METHODS[a][0]} − {methods.METHODS[b][0]} | 5 | 20 | {by_hand(a, b)} | " \
+               f"{by_hand(a, b, probe=True)} |" in rows[label]
+    assert rows["+ noise-aware weights"].endswith("| held-out helps, probe not resolved |")
+    assert rows["+ seed grouping"].endswith("| held-out helps, probe not resolved |")
+    assert rows["noise-aware weights, with seed grouping"].endswith("| held-out not resolved, probe not resolved |")
+    # last point: the gain paired by seed (the seed effect cancels, the noise does not)
+    gain = [0.05 + noise["flow_grpo"][s] for s in range(5)]
+    m, half = statistics.mean(gain), 2.7764 * statistics.stdev(gain) / 5 ** 0.5
+    flow = next(l for l in text.splitlines() if l.startswith("| Flow-GRPO | 5 | 20 |"))
+    assert f"| {m:+.3f} [{m - half:+.3f}, {m + half:+.3f}] |" in flow
+    # calls to 0.63: each Flow-GRPO seed's first eval point at or above it (seed 1 starts above it, seed 2 never
+    # gets there): no interval when a seed does not reach it
+    per_seed = methods.collect(out, ["flow_grpo"], range(5))["flow_grpo"]["per_seed"]
+    assert methods.seed_calls_to_target(per_seed, 0.63) == [19200, 0, None, 9600, 19200]
+    assert "| Flow-GRPO | 12000 ± 9191 (4/5) | 125 ± 96 |" in text  # wall s: 100 per eval
+    # every seed reaches 0.58: the bootstrap interval of the mean, inside the seeds' range
+    assert methods.seed_calls_to_target(per_seed, 0.58) == [0, 0, 9600, 0, 0]
+    text = methods.report(out, ["flow_grpo"], list(range(5)), target=0.58, command="test")
+    row = next(l for l in text.splitlines() if l.startswith("| Flow-GRPO | 1920 ["))
+    lo, hi = (float(x) for x in row.split("[")[1].split("]")[0].split(", "))
+    assert lo == 0 and 1920 < hi <= 9600 and "(5/5) | 20 [0, " in row
