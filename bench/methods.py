@@ -645,16 +645,28 @@ def movement(out: Path, *, iterations: int = 3, seed: int = 0, states: int = 4, 
     return text
 
 
-def write_results_md(text: str, out: Path, path: Path) -> Path:
-    """The report as `path` (docs/results.md), its PNGs copied next to it into `path` without suffix (docs/results/)."""
+RESULTS_MARKER = "<!-- everything below is written by bench/methods.py; edit above this line -->"
+
+
+def write_results_md(reports: Sequence[tuple], path: Path) -> Path:
+    """docs/results.md: the hand-written text above RESULTS_MARKER kept as it is (none yet: a title), then each
+    (task, report text, task folder) of `reports` with its headings one level down and its PNGs copied into
+    `path` without suffix (docs/results/; a task other than shapes prefixes them with its name)."""
     figures = path.with_suffix("")
     figures.mkdir(parents=True, exist_ok=True)
-    names = ("accuracy_curves.png", "probe_reward_curves.png", "reward_std_per_step.png")
-    for name in names:
-        shutil.copyfile(out / name, figures / name)
-    plots = "\n".join(f"![{n[:-4]}]({figures.name}/{n})" for n in names)
-    body = "\n".join(plots if l.startswith("Plots: ") else l for l in text.splitlines())
-    path.write_text(body + "\n")
+    old = path.read_text() if path.exists() else ""
+    head = old.split(RESULTS_MARKER)[0].rstrip() if RESULTS_MARKER in old else "# Methods on the embedded tasks"
+    parts = [head, "", RESULTS_MARKER, ""]
+    for task, text, folder in reports:
+        prefix = "" if task == "shapes" else f"{task}_"
+        names = ("accuracy_curves.png", "probe_reward_curves.png", "reward_std_per_step.png")
+        for name in names:
+            shutil.copyfile(Path(folder) / name, figures / (prefix + name))
+        plots = "\n".join(f"![{task} {n[:-4]}]({figures.name}/{prefix}{n})" for n in names)
+        for line in text.splitlines():
+            parts.append(plots if line.startswith("Plots: ") else "#" + line if line.startswith("#") else line)
+        parts.append("")
+    path.write_text("\n".join(parts).rstrip() + "\n")
     return path
 
 
@@ -679,7 +691,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                     help="instead of the grid: per-step approx-KL, |Δv| per step, grad norm and |Δθ| of Flow-GRPO "
                          "(k = 0..8 and k = 0..3 trained) and TempFlow over --iterations (default 3) from the base "
                          "model; writes OUT/movement.md")
-    ap.add_argument("--no-results-md", action="store_true", help="do not write the results markdown (full mode)")
+    ap.add_argument("--no-results-md", action="store_true",
+                    help="do not write the results markdown (full mode writes the reports of every --tasks task "
+                         "below the hand-written text of docs/results.md)")
     ap.add_argument("--results-md", default=str(ROOT / "docs" / "results.md"),
                     help="where full mode writes the report (figures go to the same path without .md)")
     args = ap.parse_args(argv)
@@ -700,6 +714,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     command = "OMP_NUM_THREADS=1 python bench/methods.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     out = Path(args.out)
+    reports = []
     for task in tasks:
         if args.report_only:
             text = report(task_folder(out, task), methods, seeds, target=args.target, command=command, task=task)
@@ -707,9 +722,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             text = run_grid(out, methods=methods, seeds=seeds, iterations=iterations, eval_every=eval_every,
                             quick=args.quick, extra=args.set, target=args.target, command=command, task=task)
         print(text)
-        if not args.quick and not args.no_results_md and task == "shapes":
-            path = write_results_md(text, out, Path(args.results_md))
-            print(f"[methods] wrote {path} and its figures in {path.with_suffix('')}")
+        reports.append((task, text, task_folder(out, task)))
+    if not args.quick and not args.no_results_md:
+        path = write_results_md(reports, Path(args.results_md))
+        print(f"[methods] wrote {path} (the reports of {', '.join(tasks)} below its hand-written text) and its "
+              f"figures in {path.with_suffix('')}")
 
 
 if __name__ == "__main__":

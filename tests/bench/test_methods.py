@@ -73,9 +73,18 @@ def test_quick_runs_every_method_and_writes_the_report(tmp_path):
     # per-step approx-KL and velocity movement, not one pooled approx-KL
     assert "## Approx-KL per trained step" in text and "## Velocity movement per update" in text
     # full mode's docs/results.md: the report with the figures copied beside it
-    md = methods.write_results_md(text, out, tmp_path / "docs" / "results.md")
-    assert "python bench/methods.py --quick" in md.read_text() and "](results/accuracy_curves.png)" in md.read_text()
+    md = methods.write_results_md([("shapes", text, out), ("compressibility", text, out)],
+                                  tmp_path / "docs" / "results.md")
+    body = md.read_text()
+    assert "python bench/methods.py --quick" in body and "](results/accuracy_curves.png)" in body
+    assert "](results/compressibility_accuracy_curves.png)" in body and "\n## Methods on the shapes task" in body
     assert (tmp_path / "docs" / "results" / "reward_std_per_step.png").exists()
+    assert (tmp_path / "docs" / "results" / "compressibility_probe_reward_curves.png").exists()
+    # the hand-written summary above the marker survives a rewrite; the reports below it are replaced
+    md.write_text("# Results\n\nSummary by hand.\n\n" + methods.RESULTS_MARKER + "\nstale tables\n")
+    body = methods.write_results_md([("shapes", text, out)], md).read_text()
+    assert body.startswith("# Results\n\nSummary by hand.\n\n" + methods.RESULTS_MARKER)
+    assert "stale tables" not in body and body.count(methods.RESULTS_MARKER) == 1 and "compressibility_" not in body
     # a second call skips the finished runs and rebuilds the same report
     before = (out / "runs" / "flow_grpo" / "seed0" / "evals.jsonl").read_text()
     assert methods.run_grid(out, command="python bench/methods.py --quick", **kw) == text
