@@ -705,6 +705,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.movement:
         print(movement(Path(args.out), iterations=args.iterations or (1 if args.quick else 3), quick=args.quick))
         return
+    for flag, value, low in (("--seeds", args.seeds, 1), ("--iterations", args.iterations, 1),
+                             ("--eval-every", args.eval_every, 1), ("--threads", args.threads, 0)):
+        if value is not None and value < low:
+            ap.error(f"{flag} must be >= {low}, got {value}")
+    unknown = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() not in METHODS]
+    if unknown:
+        ap.error(f"--methods: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(METHODS)}")
+    unknown = [t.strip() for t in (args.tasks or "").split(",") if t.strip() and t.strip() not in TASKS]
+    if unknown:
+        ap.error(f"--tasks: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(TASKS)}")
     seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
     iterations = args.iterations if args.iterations is not None else (2 if args.quick else 60)
     eval_every = args.eval_every if args.eval_every is not None else (1 if args.quick else 10)
@@ -717,6 +727,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     reports = []
     for task in tasks:
         if args.report_only:
+            folder = task_folder(out, task)
+            if not any((folder / "runs" / m / f"seed{sd}" / "evals.jsonl").exists() for m in methods for sd in seeds):
+                ap.error(f"--report-only: no run of {task} under {folder / 'runs'} has evals for these --methods and "
+                         f"--seeds; run the grid first (the same command without --report-only)")
             text = report(task_folder(out, task), methods, seeds, target=args.target, command=command, task=task)
         else:
             text = run_grid(out, methods=methods, seeds=seeds, iterations=iterations, eval_every=eval_every,

@@ -265,3 +265,18 @@ def test_report_intervals_and_ablation_ordering_from_known_runs(tmp_path):
     row = next(l for l in text.splitlines() if l.startswith("| Flow-GRPO | 1920 ["))
     lo, hi = (float(x) for x in row.split("[")[1].split("]")[0].split(", "))
     assert lo == 0 and 1920 < hi <= 9600 and "(5/5) | 20 [0, " in row
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "flow_grpo,tempflw"], "--methods: unknown 'tempflw'; choose from flow_grpo,"),
+    (["--tasks", "shape"], "--tasks: unknown 'shape'; choose from shapes, compressibility"),
+    (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+    (["--iterations", "0"], "--iterations must be >= 1, got 0"),
+    (["--eval-every", "-1"], "--eval-every must be >= 1, got -1"),
+    (["--report-only"], "--report-only: no run of shapes under"),
+])
+def test_bad_arguments_name_the_flag(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        methods.main(["--out", str(tmp_path / "grid"), *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "grid").exists()  # nothing written, no run started
