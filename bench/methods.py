@@ -338,6 +338,13 @@ def write_plots(out: Path, data: Dict[str, dict], metric: str = "held-out accura
     import matplotlib.pyplot as plt
 
     paths = []
+    # one colour per method (tab10 has ten: black for the eleventh); TempFlow and its variants solid, others dashed
+    colours = list(plt.get_cmap("tab10").colors) + [(0.0, 0.0, 0.0)]
+
+    def style(name):
+        i = list(METHODS).index(name)
+        return dict(color=colours[i % len(colours)], linestyle="-" if name.startswith("tempflow") else "--",
+                    marker="o", ms=3, label=METHODS[name][0])
 
     def save(fig, axes, labels, ylabel, name):
         """Axis labels, grid, a legend on the first axes that has lines; written to OUT/name and closed."""
@@ -345,9 +352,11 @@ def write_plots(out: Path, data: Dict[str, dict], metric: str = "held-out accura
             ax.set_xlabel(label)
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
-        if axes[0].lines:
-            axes[0].legend(fontsize=7)
-        fig.tight_layout()
+        if axes[0].lines:  # below the axes, out of the curves' way
+            fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+            fig.tight_layout(rect=(0, 0.07 + 0.04 * (len(axes[0].lines) > 8), 1, 1))
+        else:
+            fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         paths.append(out / name)
@@ -361,8 +370,10 @@ def write_plots(out: Path, data: Dict[str, dict], metric: str = "held-out accura
         std = [p["acc"][1] for p in pts]
         for ax, key in zip(axes, ("iteration", "nfe", "wall")):
             xs = [p[key] for p in pts]
-            ax.plot(xs, acc, marker="o", ms=3, label=METHODS[name][0])
-            ax.fill_between(xs, [a - s for a, s in zip(acc, std)], [a + s for a, s in zip(acc, std)], alpha=0.12)
+            st = style(name)
+            ax.plot(xs, acc, **st)
+            ax.fill_between(xs, [a - s for a, s in zip(acc, std)], [a + s for a, s in zip(acc, std)],
+                            color=st["color"], alpha=0.07)
     save(fig, axes, ("iterations", "model calls (rollout NFE)", "train-loop wall seconds"), metric,
          "accuracy_curves.png")
 
@@ -372,8 +383,10 @@ def write_plots(out: Path, data: Dict[str, dict], metric: str = "held-out accura
             xs = [p["nfe"] for p in d["probe"]]
             mean = [p["reward"][0] for p in d["probe"]]
             std = [p["reward"][1] for p in d["probe"]]
-            ax.plot(xs, mean, marker="o", ms=3, label=METHODS[name][0])
-            ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.12)
+            st = style(name)
+            ax.plot(xs, mean, **st)
+            ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                            color=st["color"], alpha=0.07)
     save(fig, [ax], ["model calls (rollout NFE)"], "probe reward (trained reward, fixed prompts × noises)",
          "probe_reward_curves.png")
 
@@ -381,7 +394,7 @@ def write_plots(out: Path, data: Dict[str, dict], metric: str = "held-out accura
     for name, d in data.items():
         spread = step_spread(d["metrics"])
         if spread:
-            ax.plot(list(spread), list(spread.values()), marker="o", label=METHODS[name][0])
+            ax.plot(list(spread), list(spread.values()), **style(name))
     save(fig, [ax], ["bifurcation step k"], "within-group reward std (mean over iterations)",
          "reward_std_per_step.png")
     return paths
