@@ -13,7 +13,9 @@ per bifurcation step of the TempFlow runs.
 
 Resumable per run: each (method, seed) trains in OUT/runs/<method>/seed<s>; a run with summary.json is
 skipped, a run with a checkpoint resumes from it (checkpoints every E iterations), and a finished run
-shorter than asked (a grid rerun with more --iterations) continues from its last checkpoint.
+shorter than asked (a grid rerun with more --iterations) continues from its last checkpoint. Several processes
+may run over one folder (one per core): each run is locked before its files are touched, and a process skips a
+run another live process holds ("busy"), so the same command started twice splits the grid between the two.
 
 Tasks (--tasks): shapes (held-out accuracy; OUT itself) and compressibility (the same prompts and presets with
 reward.name jpeg_compressibility, held-out mean reward; OUT/compressibility). Every run also logs the probe reward
@@ -129,7 +131,26 @@ def method_overrides(name: str, *, seed: int, iterations: int, eval_every: int, 
 def run_one(name: str, seed: int, out: Path, *, iterations: int, eval_every: int, quick: bool = False,
             extra: Sequence[str] = (), model_factory: Optional[Callable] = None, reward=None,
             eval_fn=None, task: str = "shapes") -> str:
-    """Train (method, seed) into `out`, resuming when a checkpoint exists. Returns 'done', 'resumed' or 'skipped'."""
+    """Train (method, seed) into `out`, resuming when a checkpoint exists. Returns 'done', 'resumed', 'skipped' or
+    'busy (...)': another live process trains this run (the run's lock, taken before any of its files is read or
+    removed, so grid processes over one folder never clear each other's logs; each skips what another holds)."""
+    from tempflow_fast.training.run_dir import RunLock
+
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out)
+    try:
+        lock.acquire()
+    except ValueError as err:
+        return f"busy ({str(err).split('is in use by ')[1].split(' (')[0]})"
+    try:
+        return _run_locked(name, seed, out, iterations=iterations, eval_every=eval_every, quick=quick, extra=extra,
+                           model_factory=model_factory, reward=reward, eval_fn=eval_fn, task=task)
+    finally:
+        lock.release()
+
+
+def _run_locked(name: str, seed: int, out: Path, *, iterations: int, eval_every: int, quick: bool,
+                extra: Sequence[str], model_factory: Optional[Callable], reward, eval_fn, task: str) -> str:
     from tempflow_fast.config import load_config
     from tempflow_fast.training import checkpoint as ckpt
     from tempflow_fast.training.train_config import Config

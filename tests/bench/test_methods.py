@@ -280,3 +280,41 @@ def test_bad_arguments_name_the_flag(tmp_path, capsys, argv, message):
         methods.main(["--out", str(tmp_path / "grid"), *argv])
     assert exc.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "grid").exists()  # nothing written, no run started
+
+
+HOLD_LOCK = """
+import sys, time
+from tempflow_fast.training.run_dir import RunLock
+RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_run_another_process_trains_is_skipped_and_its_logs_left_alone(tmp_path):
+    """Two grid processes over one folder: the second skips a run the first holds, before touching its files
+    (a fresh start would otherwise remove the first one's evals.jsonl and metrics.jsonl)."""
+    import socket
+    import subprocess
+    import sys
+
+    run = tmp_path / "grid" / "runs" / "tempflow" / "seed0"
+    run.mkdir(parents=True)
+    (run / "evals.jsonl").write_text('{"iteration": 0}\n')  # the live run's logs, no checkpoint yet
+    (run / "metrics.jsonl").write_text('{"iteration": 0}\n')
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        status = methods.run_one("tempflow", 0, run, iterations=1, eval_every=1, quick=True, extra=TEST_OVERRIDES,
+                                 model_factory=small_model, reward=BrightnessReward(), eval_fn=fake_eval)
+        assert status == f"busy (process {holder.pid} on host {socket.gethostname()})"
+        assert (run / "evals.jsonl").read_text() == '{"iteration": 0}\n'
+        assert (run / "metrics.jsonl").read_text() == '{"iteration": 0}\n'
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    # once that process is gone the run starts here (a fresh start: the logs of an attempt without a checkpoint go)
+    assert methods.run_one("tempflow", 0, run, iterations=1, eval_every=1, quick=True, extra=TEST_OVERRIDES,
+                           model_factory=small_model, reward=BrightnessReward(), eval_fn=fake_eval) == "done"
+    assert [json.loads(l)["iteration"] for l in (run / "evals.jsonl").read_text().splitlines()] == [0, 1]
+    assert not (run / "run.lock").exists()
