@@ -67,8 +67,8 @@ class RunLock:
         if previous is not None:
             how = "its process is gone" if locked else "its process is not running (no flock on this file system)"
             self.report(f"[tempflow-fast] taking over the lock of {previous} on {str(self.folder)!r}: {how}")
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} host {socket.gethostname()}\n".encode())
+        os.ftruncate(fd, 0)  # at offset 0: _read left the offset at the old holder's end (NULs before ours)
+        os.pwrite(fd, f"pid {os.getpid()} host {socket.gethostname()}\n".encode(), 0)
         os.fsync(fd)
         _HELD[self.key] = [fd, 1]
         self.held = True

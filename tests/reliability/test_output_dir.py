@@ -123,6 +123,22 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_message(tmp_path, capsys)
     assert not (out / "run.lock").exists()  # released at the end of the run
 
 
+def test_a_taken_over_lock_names_its_new_holder_exactly(tmp_path):
+    """The lock file of a killed run is rewritten from offset 0: the next run reads the new holder's pid (a
+    takeover once wrote it after NULs the length of the old line, and the next run said 'another process')."""
+    (tmp_path / "run.lock").write_text("pid 999999 host some-longer-host-name-than-this-one\n")  # stale, no flock
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert "taking over the lock of process 999999" in holder.stdout.readline()
+        assert holder.stdout.readline().strip() == "locked"
+        assert (tmp_path / "run.lock").read_text() == f"pid {holder.pid} host {socket.gethostname()}\n"
+        with pytest.raises(ValueError, match=f"in use by process {holder.pid} on host {socket.gethostname()}"):
+            run_dir.RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
 def test_without_flock_the_pid_in_the_lock_file_decides(tmp_path, monkeypatch):
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
@@ -136,7 +152,11 @@ def test_without_flock_the_pid_in_the_lock_file_decides(tmp_path, monkeypatch):
     (tmp_path / "run.lock").write_text(f"pid {dead.pid} host {socket.gethostname()}\n")
     messages = []
     lock = run_dir.RunLock(tmp_path, report=messages.append).acquire()
-    assert f"pid {os.getpid()}" in (tmp_path / "run.lock").read_text()
+    # exactly our line, from offset 0: a takeover once wrote it after the old holder's length of NULs, which
+    # _parse could not read, so the next run took this live run's lock as a dead one's
+    text = (tmp_path / "run.lock").read_text()
+    assert text == f"pid {os.getpid()} host {socket.gethostname()}\n"
+    assert run_dir._parse(text) == {"pid": os.getpid(), "host": socket.gethostname()}
     assert messages and f"process {dead.pid}" in messages[0]
     lock.release()
     assert not (tmp_path / "run.lock").exists()
