@@ -115,14 +115,19 @@ def t_quantile_975(df: int) -> float:
     return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df * df)
 
 
+def _values(xs: Sequence[float]) -> Tuple[List[float], float]:
+    """xs as floats and their mean; ValueError when empty or not all finite."""
+    xs = [float(x) for x in xs]
+    if not xs or not all(math.isfinite(x) for x in xs):
+        raise ValueError(f"xs must be non-empty and finite, got {xs}")
+    return xs, sum(xs) / len(xs)
+
+
 def seed_interval(xs: Sequence[float]) -> Tuple[float, float, float]:
     """(mean, low, high): Student's t 95% interval of the mean of independent runs' values (module doc); with one
     value the interval is (nan, nan), not a zero-width claim."""
-    xs = [float(x) for x in xs]
-    if not xs or any(math.isnan(x) for x in xs):
-        raise ValueError(f"xs must be non-empty and finite, got {xs}")
+    xs, mean = _values(xs)
     n = len(xs)
-    mean = sum(xs) / n
     if n == 1:
         return mean, float("nan"), float("nan")
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
@@ -142,11 +147,8 @@ def bootstrap_interval(xs: Sequence[float], resamples: int = 20000, seed: int = 
     `xs` (fixed `seed`: the same numbers every time); (nan, nan) interval with one value."""
     import random
 
-    xs = [float(x) for x in xs]
-    if not xs or any(math.isnan(x) for x in xs):
-        raise ValueError(f"xs must be non-empty and finite, got {xs}")
+    xs, mean = _values(xs)
     n = len(xs)
-    mean = sum(xs) / n
     if n == 1:
         return mean, float("nan"), float("nan")
     rng = random.Random(seed)

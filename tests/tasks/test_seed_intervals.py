@@ -30,6 +30,8 @@ def test_seed_interval_by_hand():
         seed_interval([])
     with pytest.raises(ValueError, match="xs"):
         seed_interval([0.1, float("nan")])
+    with pytest.raises(ValueError, match="xs"):
+        bootstrap_interval([0.1, float("inf")])
 
 
 def test_paired_interval_removes_what_the_seeds_share():
