@@ -373,9 +373,14 @@ def write_plots(out: Path, data: Dict[str, dict], metric: str = "held-out accura
             ax.set_xlabel(label)
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
-        if axes[0].lines:  # below the axes, out of the curves' way
-            fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
-            fig.tight_layout(rect=(0, 0.07 + 0.04 * (len(axes[0].lines) > 8), 1, 1))
+        if axes[0].lines:  # below the axes, out of the curves' way: the figure grows by the legend's rows
+            ncol = 4 if fig.get_figwidth() >= 10 else 2
+            rows = -(-len(axes[0].lines) // ncol)
+            legend_h = 0.2 * rows + 0.15  # inches
+            height = fig.get_figheight()
+            fig.set_figheight(height + legend_h)
+            fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+            fig.tight_layout(rect=(0, legend_h / (height + legend_h), 1, 1))
         else:
             fig.tight_layout()
         fig.savefig(out / name, dpi=110)
@@ -408,7 +413,7 @@ def write_plots(out: Path, data: Dict[str, dict], metric: str = "held-out accura
             ax.plot(xs, mean, **st)
             ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                             color=st["color"], alpha=0.07)
-    save(fig, [ax], ["model calls (rollout NFE)"], "probe reward (trained reward, fixed prompts × noises)",
+    save(fig, [ax], ["model calls (rollout NFE)"], "probe reward (fixed train prompts × noises)",
          "probe_reward_curves.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
