@@ -134,14 +134,14 @@ def run_one(name: str, seed: int, out: Path, *, iterations: int, eval_every: int
     """Train (method, seed) into `out`, resuming when a checkpoint exists. Returns 'done', 'resumed', 'skipped' or
     'busy (...)': another live process trains this run (the run's lock, taken before any of its files is read or
     removed, so grid processes over one folder never clear each other's logs; each skips what another holds)."""
-    from tempflow_fast.training.run_dir import RunLock
+    from tempflow_fast.training.run_dir import RunInUse, RunLock
 
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out)
     try:
         lock.acquire()
-    except ValueError as err:
-        return f"busy ({str(err).split('is in use by ')[1].split(' (')[0]})"
+    except RunInUse as err:
+        return f"busy ({err.holder})"
     try:
         return _run_locked(name, seed, out, iterations=iterations, eval_every=eval_every, quick=quick, extra=extra,
                            model_factory=model_factory, reward=reward, eval_fn=eval_fn, task=task)

@@ -32,8 +32,17 @@ RUN_IDENTITY = ("seed", "method", "model.kind", "model.path", "data.train_prompt
 _HELD: Dict[str, List] = {}  # lock path -> [fd, holders in this process]
 
 
+class RunInUse(ValueError):
+    """A live run holds the folder's lock; `holder` names it ("process N on host H", or "another process")."""
+
+    def __init__(self, message: str, holder: str):
+        super().__init__(message)
+        self.holder = holder
+
+
 class RunLock:
-    """The lock of one output folder (see the module doc). `acquire` raises ValueError when a live run holds it."""
+    """The lock of one output folder (see the module doc). `acquire` raises RunInUse (a ValueError) naming the
+    holder when a live run holds it."""
 
     def __init__(self, folder: str | Path, report: Callable[[str], None] = print):
         self.folder = Path(folder)
@@ -82,16 +91,17 @@ class RunLock:
             return True
         except BlockingIOError:
             holder = _holder(_read(fd)) or "another process"
-            raise ValueError(f"output_dir {str(self.folder)!r} is in use by {holder} ({str(self.path)!r}): one "
-                             f"run per folder; wait for it to end or choose another output_dir") from None
+            raise RunInUse(f"output_dir {str(self.folder)!r} is in use by {holder} ({str(self.path)!r}): one "
+                           f"run per folder; wait for it to end or choose another output_dir", holder) from None
         except OSError as err:
             if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
                 raise
         info = _parse(_read(fd))
         if info and (info["host"] != socket.gethostname() or _alive(info["pid"])):
-            raise ValueError(f"output_dir {str(self.folder)!r} is in use by {_holder(_read(fd))} "
-                             f"({str(self.path)!r}; this file system has no flock, so the lock file decides: "
-                             f"remove it if that run is gone)")
+            holder = _holder(_read(fd))
+            raise RunInUse(f"output_dir {str(self.folder)!r} is in use by {holder} "
+                           f"({str(self.path)!r}; this file system has no flock, so the lock file decides: "
+                           f"remove it if that run is gone)", holder)
         return False
 
     def release(self) -> None:
