@@ -44,7 +44,8 @@ def from_config(cfg):
                      unbiased_std=g.unbiased_std, std_eps=g.std_eps, advantage_mode=mode, **completion, **common)
     if cfg.method == "stepwise":
         return StepwiseFlowGRPO(group_size=cfg.stepwise.group_size, sde=cfg.stepwise.sde,
-                                timestep_fraction=cfg.stepwise.timestep_fraction, **common)
+                                timestep_fraction=cfg.stepwise.timestep_fraction, min_std=cfg.stepwise.min_std,
+                                **common)
     if cfg.method == "mixgrpo":
         m = cfg.mixgrpo
         return MixGRPO(group_size=m.group_size, window_size=m.window_size, shift_interval=m.shift_interval,

@@ -208,10 +208,15 @@ class StepwiseConfig:
     group_size: int = 24  # SDE trajectories per prompt
     sde: Literal["ddim", "flow"] = "ddim"  # the paper's DDIM-inspired SDE, or Flow-GRPO's
     timestep_fraction: float = 0.99  # as flow_grpo.timestep_fraction (DDIM-style SDE: its last step is untrained)
+    # steps whose transition std is below this are not trained: the DDIM-style step into diffusers' last sigma
+    # (1e-3) has std 9e-4, and its exact log-prob ratio swamps every other step's gradient (algorithms/stepwise.py)
+    min_std: float = 0.01
 
     def validate(self):
         _positive("stepwise", group_size=self.group_size)
         _fraction("stepwise", self.timestep_fraction)
+        if not 0.0 <= self.min_std < 1.0:
+            raise ValueError(f"config field 'stepwise.min_std': must be in [0, 1), got {self.min_std!r}")
 
 
 @dataclass

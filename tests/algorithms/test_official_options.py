@@ -1,6 +1,8 @@
 """The options that reproduce the official codes' settings (issue 17): Flow-GRPO's timestep_fraction, G²RPO's
 unbiased std, per-component advantages, schedule and completion stride, TempFlow's step-weight constant, EMA."""
 
+import math
+
 import pytest
 import torch
 
@@ -44,13 +46,44 @@ def test_flow_grpo_with_t10_trains_nine_steps_per_trajectory(model):
 
 def test_stepwise_flow_sde_leaves_the_last_step_out_ddim_already_does(model):
     for sde, steps in (("flow", 10), ("ddim", 9)):
-        algo = StepwiseFlowGRPO(num_steps=10, group_size=3, sde=sde)
+        algo = StepwiseFlowGRPO(num_steps=10, group_size=3, sde=sde, min_std=0.0)
         result = rollout(model, ["two red squares"], algo.plan(), seed=0)
         assert len(set(result.states.step.tolist())) == steps
         tw = torch.rand(3, 10, generator=torch.Generator().manual_seed(0))
         credit = algo.credit(result, Rewards({1: torch.rand(3)}, tweedie=tw))
         trained = result.states.step[result.samples.state][credit.trained]
         assert sorted(set(trained.tolist())) == list(range(9))
+
+
+def test_stepwise_ddim_does_not_train_the_near_deterministic_step_into_the_last_sigma(model):
+    # diffusers' schedule ends at σ_9 = 0.001: the DDIM-style step 8 has std σ_9·sin(η·π/2) = 9e-4
+    sig = flow_sigmas(10)
+    algo = StepwiseFlowGRPO(num_steps=10, group_size=3, sde="ddim", noise_level=0.7)
+    std = algo.transition_std(sig)
+    torch.testing.assert_close(std, (sig[1:] * math.sin(0.35 * math.pi)).float())
+    assert float(std[8]) < 1e-3 < 0.09 < float(std[7])
+    assert algo.trained_steps(sig) == list(range(8))
+    assert algo.trained_steps(linspace_sigmas(10)) == list(range(9))  # σ_9 = 0.1: step 8's std 0.089 is kept
+    assert StepwiseFlowGRPO(num_steps=10, group_size=3, min_std=0.0).trained_steps(sig) == list(range(9))
+    flow = StepwiseFlowGRPO(num_steps=10, group_size=3, sde="flow")
+    torch.testing.assert_close(flow.transition_std(sig), flow_sde_noise_std(sig, 0.7))
+    assert flow.trained_steps(sig) == list(range(9))  # Flow-GRPO's SDE: step 8's std is 0.083
+
+    result = rollout(model, ["two red squares"], algo.plan(), seed=0)
+    tw = torch.rand(3, 10, generator=torch.Generator().manual_seed(0))
+    credit = algo.credit(result, Rewards({1: torch.rand(3)}, tweedie=tw))
+    step = result.states.step[result.samples.state]
+    assert sorted(set(step[credit.trained].tolist())) == list(range(8))
+    assert not credit.trained[step == 8].any() and credit.trained[step < 8].all()
+    # the steps left in are normalised among themselves: per step, the group's advantages have mean 0
+    for k in range(8):
+        assert abs(float(credit.advantages[step == k].mean())) < 1e-5
+
+    with pytest.raises(ValueError, match="min_std"):
+        StepwiseFlowGRPO(num_steps=10, group_size=3, min_std=1.5)
+    with pytest.raises(ValueError, match="no step to train"):
+        StepwiseFlowGRPO(num_steps=10, group_size=3, min_std=0.99).credit(
+            result, Rewards({1: torch.rand(3)}, tweedie=tw))
 
 
 def test_unbiased_std_is_torch_std_plus_eps():

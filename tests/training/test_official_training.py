@@ -51,6 +51,22 @@ def test_flow_grpo_t10_trains_nine_steps_per_trajectory_in_the_log(tmp_path, mak
     assert every.run_iteration(0)["policy_passes"] == 2 * 4 * 10  # all 10 steps
 
 
+def test_stepwise_ddim_with_a_continuous_reward_leaves_the_near_deterministic_step_untrained(tmp_path, make_trainer):
+    # A continuous reward gives step 8 (σ 0.112 → 0.001, DDIM std 9e-4) tiny nonzero gains that normalise to unit
+    # advantages; trained, its exact log-prob ratio exploded (approx-KL ~100 after one update) and its gradient
+    # swamped the rest. It is left out; the 8 steps before it are trained, each once per trajectory.
+    tr = make_trainer(tmp_path / "s", "stepwise", "sampling.num_steps=10", "train.iterations=1",
+                      "train.inner_epochs=2")
+    tr.train()
+    row = [r for r in _rows(tmp_path / "s" / "metrics.jsonl") if "loss" in r][0]
+    assert sorted(k for k in row if k.startswith("approx_kl/k")) == [f"approx_kl/k{k}" for k in range(8)]
+    assert row["trained_states"] == 2 * 3 * 8
+    assert row["approx_kl"] < 1e-2
+    assert row["zero_std_ratio"] == 0.0
+    with_step8 = make_trainer(tmp_path / "t", "stepwise", "sampling.num_steps=10", "stepwise.min_std=0.0")
+    assert with_step8.run_iteration(0)["trained_states"] == 2 * 3 * 9
+
+
 def test_split_parts_are_disjoint_and_keep_units_whole(tmp_path, make_trainer):
     for method, unit_is_trajectory in (("flow_grpo", True), ("tempflow", False)):
         tr = make_trainer(tmp_path / method, method)
