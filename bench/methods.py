@@ -56,9 +56,9 @@ PRESETS = {
 
 # task -> (overrides on every method's preset, label of the held-out metric, sub-folder of OUT)
 TASKS: Dict[str, tuple] = {
-    "shapes": ([], "held-out accuracy", ""),
+    "shapes": ([], "held-out accuracy", "", "accuracy"),
     "compressibility": (["data.task=compressibility", "reward.name=jpeg_compressibility", "reward.shapes_score=strict"],
-                        "held-out reward (-kB of the JPEG)", "compressibility"),
+                        "held-out reward (-kB of the JPEG)", "compressibility", "reward"),
 }
 
 # name -> (label, preset method, overrides). Group size 24 per prompt group where the method has one.
@@ -430,7 +430,7 @@ def report(out: Path, methods: Sequence[str], seeds: Sequence[int], *, target: O
            command: str = "", task: str = "shapes") -> str:
     """The markdown report (also written to OUT/report.md) and the PNGs next to it."""
     data = collect(out, methods, seeds)
-    metric = TASKS[task][1]
+    metric, word = TASKS[task][1], TASKS[task][3]  # word: what the table cells are ("accuracy", "reward")
     lines = [f"# Methods on the {task} task", ""]
     if command:
         lines += ["Command:", "", "```", command, "```", ""]
@@ -448,16 +448,17 @@ def report(out: Path, methods: Sequence[str], seeds: Sequence[int], *, target: O
     lines += ["", f"## {metric[0].upper() + metric[1:]} vs model calls and wall seconds", "",
               "Model calls: cumulative rollout NFE; wall: cumulative train-loop seconds (eval excluded); both "
               "means over seeds.", "",
-              "| method | iteration | model calls | wall s | accuracy |", "|---|---|---|---|---|"]
+              f"| method | iteration | model calls | wall s | {metric} |", "|---|---|---|---|---|"]
     for name, d in data.items():
         for p in d["points"]:
             lines.append(f"| {METHODS[name][0]} | {p['iteration']} | {p['nfe']:.0f} | {p['wall']:.1f} | {_fmt(*p['acc'])} |")
 
-    lines += ["", "## By category at the last eval point", ""]
     cats = sorted({c for d in data.values() for p in d["points"][-1:] for c in p["categories"]})
-    lines += ["| method | iteration | " + " | ".join(cats) + " |", "|---|---|" + "---|" * len(cats)]
+    if cats:  # a task without categories (compressibility) has no such table
+        lines += ["", "## By category at the last eval point", ""]
+        lines += ["| method | iteration | " + " | ".join(cats) + " |", "|---|---|" + "---|" * len(cats)]
     for name, d in data.items():
-        if d["points"]:
+        if d["points"] and cats:
             p = d["points"][-1]
             lines.append(f"| {METHODS[name][0]} | {p['iteration']} | "
                          + " | ".join(_fmt(*p["categories"].get(c, (float('nan'),) * 2)) for c in cats) + " |")
@@ -469,21 +470,21 @@ def report(out: Path, methods: Sequence[str], seeds: Sequence[int], *, target: O
     if target is None and trained:
         best = max(p["acc"][0] for p in trained)
         targets = [start_acc + (best - start_acc) / 2, best] if best > start_acc else [best]
-        target_note = ("half of Flow-GRPO's best gain and its best seed-mean accuracy after iteration 0"
-                       if len(targets) == 2 else "the best seed-mean accuracy Flow-GRPO reached after iteration 0")
+        target_note = (f"half of Flow-GRPO's best gain and its best seed-mean {word} after iteration 0"
+                       if len(targets) == 2 else f"the best seed-mean {word} Flow-GRPO reached after iteration 0")
     else:
         targets = [target] if target is not None else []
         target_note = "given with --target"
-    lines += ["", "## Headline: model calls to reach the target accuracy", ""]
+    lines += ["", f"## Headline: model calls to reach the target {word}", ""]
     if not targets or math.isnan(targets[-1]):
         lines.append("No target: Flow-GRPO has no trained eval points and no --target was given.")
     else:
         lines += [f"Targets: {', '.join(f'{t:.3f}' for t in targets)} {metric} ({target_note}); the base "
                   f"model starts at {start_acc:.3f}. Model calls: mean cumulative rollout NFE at the first eval point "
-                  "whose seed-mean accuracy reaches the target.", ""]
+                  f"whose seed-mean {word} reaches the target.", ""]
         if not math.isnan(start_acc) and targets[-1] <= start_acc:
-            lines += ["**The target is not above the base model's accuracy: Flow-GRPO did not improve held-out "
-                      "accuracy here, so calls-to-target compares nothing** (see the diagnostics below).", ""]
+            lines += [f"**The target is not above the base model's {word}: Flow-GRPO did not improve the held-out "
+                      f"{word} here, so calls-to-target compares nothing** (see the diagnostics below).", ""]
         lines += ["| method | " + " | ".join(f"calls to {t:.3f} | ratio to Flow-GRPO" for t in targets) + " |",
                   "|---|" + "---|---|" * len(targets)]
         refs = [calls_to_target(base, t) for t in targets]

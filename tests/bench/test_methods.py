@@ -61,6 +61,8 @@ def test_quick_runs_every_method_and_writes_the_report(tmp_path):
         assert (out / "runs" / name / "seed0" / "summary.json").exists()
         assert label in text
     assert "vs model calls" in text and "ratio to Flow-GRPO" in text and "| Flow-GRPO |" in text
+    assert "## By category at the last eval point" in text and "| method | iteration | counting | position |" in text
+    assert "## Headline: model calls to reach the target accuracy" in text
     assert (out / "report.md").read_text() == text
     assert (out / "accuracy_curves.png").stat().st_size > 0 and (out / "reward_std_per_step.png").stat().st_size > 0
     assert (out / "probe_reward_curves.png").stat().st_size > 0 and "(seeds reaching)" in text
@@ -116,6 +118,9 @@ def test_quick_runs_every_method_on_the_compressibility_task(tmp_path):
         assert label in text
     assert text.startswith("# Methods on the compressibility task") and "## Probe reward vs model calls" in text
     assert "held-out reward (-kB of the JPEG)" in text
+    # the report speaks of reward, not accuracy, and has no (empty) per-category table for a task without categories
+    assert "| method | iteration | model calls | wall s | held-out reward (-kB of the JPEG) |" in text
+    assert "## By category" not in text and "accuracy" not in text.replace("accuracy_curves", "")
 
 
 def test_movement_table_per_step(tmp_path):
