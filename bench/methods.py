@@ -54,7 +54,7 @@ PRESETS = {
     "diffusion_nft": ROOT / "configs" / "shapes_diffusion_nft.yaml",
 }
 
-# task -> (overrides on every method's preset, label of the held-out metric, sub-folder of OUT)
+# task -> (overrides on every method's preset, label of the held-out metric, sub-folder of OUT, what its cells are)
 TASKS: Dict[str, tuple] = {
     "shapes": ([], "held-out accuracy", "", "accuracy"),
     "compressibility": (["data.task=compressibility", "reward.name=jpeg_compressibility", "reward.shapes_score=strict"],
@@ -455,13 +455,13 @@ def report(out: Path, methods: Sequence[str], seeds: Sequence[int], *, target: O
 
     cats = sorted({c for d in data.values() for p in d["points"][-1:] for c in p["categories"]})
     if cats:  # a task without categories (compressibility) has no such table
-        lines += ["", "## By category at the last eval point", ""]
-        lines += ["| method | iteration | " + " | ".join(cats) + " |", "|---|---|" + "---|" * len(cats)]
-    for name, d in data.items():
-        if d["points"] and cats:
-            p = d["points"][-1]
-            lines.append(f"| {METHODS[name][0]} | {p['iteration']} | "
-                         + " | ".join(_fmt(*p["categories"].get(c, (float('nan'),) * 2)) for c in cats) + " |")
+        lines += ["", "## By category at the last eval point", "",
+                  "| method | iteration | " + " | ".join(cats) + " |", "|---|---|" + "---|" * len(cats)]
+        for name, d in data.items():
+            if d["points"]:
+                p = d["points"][-1]
+                lines.append(f"| {METHODS[name][0]} | {p['iteration']} | "
+                             + " | ".join(_fmt(*p["categories"].get(c, (float('nan'),) * 2)) for c in cats) + " |")
 
     base = data.get("flow_grpo", {}).get("points", [])
     start = [p["acc"][0] for d in data.values() for p in d["points"] if p["iteration"] == 0]
