@@ -6,12 +6,14 @@ step to σ = 0."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 
 from tempflow_fast.algorithms.advantages import multi_granularity_advantages, normalize_in_groups
 from tempflow_fast.algorithms.base import Credit, Rewards, reward_rows, trained_step_count
+from tempflow_fast.algorithms.step_weights import flow_sde_noise_std
 from tempflow_fast.sampling.plans import FullSDE
 
 
@@ -25,6 +27,7 @@ class FlowGRPO:
     timestep_fraction: float = 0.99  # trains steps 0 .. int(T·fraction) - 1
     advantage_mode: str = "composite"  # or "per_component": each reward component normalised, then summed
     name: str = "flow_grpo"
+    _checked_std: bool = field(default=False, init=False, repr=False, compare=False)  # the warning below, once
 
     def __post_init__(self):
         trained_step_count(self.num_steps, self.timestep_fraction)
@@ -37,6 +40,16 @@ class FlowGRPO:
         return FullSDE(self.num_steps, self.group_size, "flow", self.noise_level, shift=self.shift, dynamic_shift=self.dynamic_shift)
 
     def credit(self, result, rewards: Rewards, *, global_std: bool = False) -> Credit:
+        if not self._checked_std:
+            self._checked_std = True
+            std = flow_sde_noise_std(result.sigmas.detach().cpu(), self.noise_level)[:self.trained_steps]
+            tiny = [k for k in range(len(std)) if float(std[k]) < 0.01]
+            if tiny:
+                warnings.warn(f"flow_grpo: trained step(s) {tiny} have a transition std of {float(std[tiny[0]]):.1e} "
+                              f"(timestep_fraction = {self.timestep_fraction}): a near-deterministic step's exact "
+                              "log-prob ratio moves ~1/std per change of the velocity and can swamp the other steps' "
+                              "gradient with a continuous reward; the official 0.99 leaves the last step out",
+                              RuntimeWarning, stacklevel=2)
         traj = result.trajectories
         if self.advantage_mode == "composite":
             stats = normalize_in_groups(rewards.final[1], traj.prompt, global_std=global_std)
