@@ -11,6 +11,7 @@ s_k·sqrt(-dt_k) is the std of the noise the SDE injects at step k.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -23,6 +24,12 @@ def flow_sde_noise_std(sigmas: torch.Tensor, noise_level: float) -> torch.Tensor
     sigma_safe = torch.where(sigma >= 1.0, sigmas[1].expand_as(sigma), sigma)
     s = noise_level * torch.sqrt(sigma / (1.0 - sigma_safe))
     return (s * torch.sqrt(sigma - sigma_next)).float()
+
+
+def ddim_sde_noise_std(sigmas: torch.Tensor, noise_level: float) -> torch.Tensor:
+    """Per-step injected-noise std σ_{k+1}·sin(η·π/2) of the DDIM-style SDE (`ops.ddim_sde_step`), k = 0..T-1
+    (0 at the last step, to σ = 0)."""
+    return (sigmas.double()[1:] * math.sin(noise_level * math.pi / 2)).float()
 
 
 def noise_aware_weights(sigmas: torch.Tensor, noise_level: float, trained_steps: Sequence[int],

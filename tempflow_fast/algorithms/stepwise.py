@@ -14,14 +14,13 @@ always 0 (no group), so nothing changes there."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from tempflow_fast.algorithms.advantages import stepwise_gain_advantages
 from tempflow_fast.algorithms.base import Credit, Rewards, trained_step_count
-from tempflow_fast.algorithms.step_weights import flow_sde_noise_std
+from tempflow_fast.algorithms.step_weights import ddim_sde_noise_std, flow_sde_noise_std
 from tempflow_fast.sampling.plans import FullSDE
 
 
@@ -44,10 +43,8 @@ class StepwiseFlowGRPO:
 
     def transition_std(self, sigmas: torch.Tensor) -> torch.Tensor:
         """(T,) std of each step's injected noise under this method's SDE (0 at the DDIM-style step to σ' = 0)."""
-        sigmas = sigmas.detach().double().cpu()
-        if self.sde == "ddim":
-            return (sigmas[1:] * math.sin(self.noise_level * math.pi / 2)).float()
-        return flow_sde_noise_std(sigmas, self.noise_level)
+        noise_std = ddim_sde_noise_std if self.sde == "ddim" else flow_sde_noise_std
+        return noise_std(sigmas.detach().cpu(), self.noise_level)
 
     def trained_steps(self, sigmas: torch.Tensor) -> list:
         """The steps credit trains: the first int(T·timestep_fraction) whose transition std is ≥ min_std."""
@@ -74,8 +71,8 @@ class StepwiseFlowGRPO:
         column[trained] = torch.arange(len(trained), device=step_of_sample.device)
         adv = stats.advantages.view(-1, len(trained))
         zero = stats.zero_std.view(-1, len(trained))
-        col = column[step_of_sample].clamp(min=0)  # untrained steps read column 0, and are masked out below
-        return Credit(adv[smp.trajectory, col], zero[smp.trajectory, col],
+        col = column[step_of_sample]
+        safe = col.clamp(min=0)  # untrained steps (column -1) read column 0, and are masked out by `trained`
+        return Credit(adv[smp.trajectory, safe], zero[smp.trajectory, safe],
                       torch.ones(len(result.states), device=adv.device),
-                      {"zero_std_ratio": stats.zero_std_ratio},
-                      trained=torch.isin(step_of_sample, torch.tensor(trained, device=step_of_sample.device)))
+                      {"zero_std_ratio": stats.zero_std_ratio}, trained=col >= 0)
