@@ -112,6 +112,17 @@ def test_sample_writes_png_grid(tmp_path):
     assert image.mode == "RGB" and image.width > 3 * 16 * 8 and image.height > 16 * 8
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--sde", "ddim", "--noise-level", "5"], "noise_level must be in (0, 1] for sde='ddim', got 5.0"),
+    (["--sde", "flow", "--noise-level", "0"], "noise_level must be > 0 for sde='flow', got 0.0"),
+    (["--set", "shift=0"], "shift must be > 0, got 0.0"),
+])
+def test_sample_out_of_range_sampler_settings_are_one_line(tmp_path, capsys, flags, message):
+    """Refused before sampling (a DDIM-style η above 1 used to end in the op's traceback)."""
+    assert cli.main(["sample", "--out", str(tmp_path / "x.png"), *flags]) == 2
+    assert _one_line(capsys) == f"tempflow-fast sample: {message}"
+    assert not (tmp_path / "x.png").exists()
+
 
 def test_sample_out_of_vocabulary_prompt_is_one_line_listing_the_vocabulary(tmp_path, capsys):
     assert cli.main(["sample", "--prompt", "a purple square", "--out", str(tmp_path / "x.png")]) == 2

@@ -44,6 +44,20 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "nan", "--lr must be positive, got nan"),
+    ("--lr", "inf", "--lr must be positive, got inf"),
+    ("--grad-clip", "nan", "--grad-clip must be positive, got nan"),
+    ("--grad-clip", "-1", "--grad-clip must be positive, got -1.0"),  # a negative clip would flip the gradient
+    ("--weight-decay", "-0.1", "--weight-decay must be >= 0, got -0.1"),
+    ("--weight-decay", "nan", "--weight-decay must be >= 0, got nan"),
+])
+def test_non_finite_or_negative_floats_are_refused_before_any_step(tmp_path, capsys, flag, value, message):
+    assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "a"), "--steps", "2", flag, value]) == 2
+    assert capsys.readouterr().err == f"tempflow-fast pretrain-shapes: {message}\n"
+    assert not (tmp_path / "a").exists()
+
+
 def test_progress_on_stderr_and_where_the_weights_went(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["pretrain-shapes", "--out", str(out), "--steps", "2", "--batch-size", "4", "--warmup", "1",

@@ -133,9 +133,12 @@ def _initial_model(args: argparse.Namespace) -> TinyFluxAdapter:
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name in ("steps", "batch_size", "save_every", "log_every", "warmup", "lr"):
-        if getattr(args, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("steps", "batch_size", "save_every", "log_every", "warmup", "lr", "grad_clip"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):  # NaN passes a bare `<= 0` check
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     for flag in ARCHITECTURE:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and value <= 0:

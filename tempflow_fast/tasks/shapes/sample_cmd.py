@@ -12,6 +12,7 @@ vocabulary) or a model folder that does not load.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,13 @@ class SampleConfig:
         for name in ("n", "steps", "scale", "columns"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.shift > 0:  # the config loader already refused NaN and Inf
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+        # η's range is the stepper's: the DDIM-style SDE's std is σ'·sin(ηπ/2), so (0, 1]; the flow SDE's any η > 0
+        high = 1.0 if self.sde == "ddim" else math.inf
+        if not 0 < self.noise_level <= high:
+            allowed = "in (0, 1]" if high == 1.0 else "> 0"
+            raise ValueError(f"noise_level must be {allowed} for sde={self.sde!r}, got {self.noise_level}")
         parse(self.prompt)
 
 
