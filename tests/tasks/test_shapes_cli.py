@@ -161,3 +161,14 @@ def test_eval_prints_intervals_and_pass_at_24(tmp_path, capsys):
         assert row["accuracy"] <= row["pass@24"] <= 1.0, category  # k = all 24 images: any correct image counts
         if category != "overall":
             assert f"{row['pass@24']:.3f}" in printed.split(category, 1)[1].splitlines()[0]
+
+
+def test_eval_says_why_pass_at_k_is_missing(tmp_path, capsys):
+    """Fewer images per prompt than k: no pass@k column, and one line saying so instead of a silent omission."""
+    args = ["eval", "--config", str(REPO / "configs" / "shapes_eval.yaml"), "--set", "eval.images_per_prompt=2",
+            "--set", "eval.num_steps=2", "--set", "eval.pass_k=5", "--no-progress"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "pass@5 not measured: it needs eval.images_per_prompt >= eval.pass_k (got 2 < 5)" in printed
+    header = next(line for line in printed.splitlines() if line.startswith("category"))
+    assert "pass@" not in header and "95% interval" in header

@@ -296,6 +296,9 @@ def _run(model, cfg: ShapesEvalConfig, out_path: Optional[str], progress: bool =
     print(f"shapes eval: model {cfg.model.path or 'shipped'}, split {cfg.eval.split} ({len(prompts)} prompts "
           f"× {cfg.eval.images_per_prompt} images), T={cfg.eval.num_steps} Euler ODE, shift {cfg.eval.shift}")
     print(format_table(table))
+    if not any(key.startswith("pass@") for key in table["overall"]):
+        print(f"pass@{cfg.eval.pass_k} not measured: it needs eval.images_per_prompt >= eval.pass_k "
+              f"(got {cfg.eval.images_per_prompt} < {cfg.eval.pass_k})")
     failures = failure_table(images, per_image) if cfg.failures else None
     if failures is not None:
         print("\nimages by failure mode (the first that applies):")
