@@ -21,6 +21,13 @@ def _positive(section: str, **values) -> None:
             raise ValueError(f"config field '{section}.{name}': must be > 0, got {v}")
 
 
+def _group(section: str, name: str, value: int, what: str) -> None:
+    """A group of one has no reward spread: its advantage is 0 every time and the run would learn nothing."""
+    if value < 2:
+        raise ValueError(f"config field '{section}.{name}': must be >= 2 ({what}; a group of one has no reward "
+                         f"spread, so every advantage would be 0), got {value}")
+
+
 def _non_negative(section: str, **values) -> None:
     for name, v in values.items():
         if v < 0:
@@ -153,6 +160,7 @@ class FlowGRPOConfig:
 
     def validate(self):
         _positive("flow_grpo", group_size=self.group_size)
+        _group("flow_grpo", "group_size", self.group_size, "images per prompt, the advantage's group")
         _fraction("flow_grpo", self.timestep_fraction)
 
 
@@ -175,6 +183,11 @@ class TempFlowConfig:
 
     def validate(self):
         _positive("tempflow", num_seeds=self.num_seeds, branches=self.branches, adaptive_budget=self.adaptive_budget)
+        if self.seed_grouping:
+            _group("tempflow", "branches", self.branches, "the group is one (prompt, seed, k)'s K branches")
+        elif self.num_seeds * self.branches < 2:
+            _group("tempflow", "num_seeds × branches", self.num_seeds * self.branches,
+                   "without seed grouping the group is one (prompt, k)'s N·K branches")
         if self.step_weight_scale is not None:
             _positive("tempflow", step_weight_scale=self.step_weight_scale)
         if not 0.0 <= self.adaptive_floor <= 1.0:
@@ -197,6 +210,7 @@ class G2RPOConfig:
 
     def validate(self):
         _positive("g2rpo", branches=self.branches, std_eps=self.std_eps)
+        _group("g2rpo", "branches", self.branches, "the group is one branch step's G directions")
         if not self.granularities or min(self.granularities) < 1:
             raise ValueError(f"config field 'g2rpo.granularities': every λ must be >= 1, got {self.granularities}")
         if len(set(self.granularities)) != len(self.granularities):
@@ -214,6 +228,7 @@ class StepwiseConfig:
 
     def validate(self):
         _positive("stepwise", group_size=self.group_size)
+        _group("stepwise", "group_size", self.group_size, "trajectories per prompt, the advantage's group")
         _fraction("stepwise", self.timestep_fraction)
         if not 0.0 <= self.min_std < 1.0:
             raise ValueError(f"config field 'stepwise.min_std': must be in [0, 1), got {self.min_std!r}")
@@ -235,6 +250,7 @@ class MixGRPOConfig:
     def validate(self):
         _positive("mixgrpo", group_size=self.group_size, window_size=self.window_size,
                   shift_interval=self.shift_interval, window_stride=self.window_stride, std_eps=self.std_eps)
+        _group("mixgrpo", "group_size", self.group_size, "images per prompt, the advantage's group")
 
 
 @dataclass
@@ -254,6 +270,7 @@ class DiffusionNFTConfig:
 
     def validate(self):
         _positive("diffusion_nft", group_size=self.group_size, guidance_strength=self.guidance_strength)
+        _group("diffusion_nft", "group_size", self.group_size, "images per prompt, the optimality's group")
         _fraction("diffusion_nft", self.timestep_fraction)
         _non_negative("diffusion_nft", old_decay_rate=self.old_decay_rate)
         if not 0.0 <= self.old_decay_max < 1.0:

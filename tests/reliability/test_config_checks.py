@@ -56,6 +56,16 @@ RANGES = {  # id: (overrides, field, words in the message)
     "output_dir=empty": (["output_dir=''"], "output_dir", "folder"),
     "balance_categories_with_a_prompt_file": (["data.train_prompts=p.txt", "data.balance_categories=true"],
                                               "data.balance_categories", "shapes"),
+    # a group of one has no reward spread: every advantage 0 (a run that learns nothing) or, with n - 1, NaN
+    "tempflow_branches=1": (["method=tempflow", "tempflow.branches=1"], "tempflow.branches", "a group of one"),
+    "tempflow_1x1_ungrouped": (["method=tempflow", "tempflow.branches=1", "tempflow.num_seeds=1",
+                                "tempflow.seed_grouping=false"], "tempflow.num_seeds × branches", ">= 2"),
+    "flow_grpo_group_size=1": (["method=flow_grpo", "flow_grpo.group_size=1"], "flow_grpo.group_size", ">= 2"),
+    "g2rpo_branches=1": (["method=g2rpo", "g2rpo.branches=1"], "g2rpo.branches", ">= 2"),
+    "stepwise_group_size=1": (["method=stepwise", "stepwise.group_size=1"], "stepwise.group_size", ">= 2"),
+    "mixgrpo_group_size=1": (["method=mixgrpo", "mixgrpo.group_size=1"], "mixgrpo.group_size", ">= 2"),
+    "diffusion_nft_group_size=1": (["method=diffusion_nft", "diffusion_nft.group_size=1"],
+                                   "diffusion_nft.group_size", ">= 2"),
 }
 
 
