@@ -51,6 +51,9 @@ def main(argv=None) -> int:
             print(f"tempflow-fast prompts: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}",
                   file=sys.stderr)
             return 2
+    if not args.out.strip():  # Path("") is the current folder: a blank --out is a slip, not a choice
+        print("tempflow-fast prompts: --out is blank; give a folder (e.g. --out prompts)", file=sys.stderr)
+        return 2
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         print(f"tempflow-fast prompts: --out {str(out)!r} is a file; give a folder", file=sys.stderr)

@@ -110,6 +110,13 @@ def test_cli_bad_sizes_are_one_line(tmp_path, capsys, argv, message):
     assert err.startswith("tempflow-fast prompts: ") and message in err and "\n" not in err
 
 
+def test_cli_blank_out_is_refused_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a blank --out used to write into the current folder
+    assert cli.main(["prompts", "geneval", "--out", " "]) == 2
+    assert capsys.readouterr().err.strip() == "tempflow-fast prompts: --out is blank; give a folder (e.g. --out prompts)"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_txt_only(tmp_path):
     assert cli.main(["prompts", "geneval", "--out", str(tmp_path), "--format", "txt", "--train-per-category", "2",
                      "--test-per-category", "2"]) == 0
