@@ -28,7 +28,9 @@ def test_eval_reproduces_recorded_accuracy(tmp_path, capsys):
                      "eval.images_per_prompt=16", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "overall" in printed and "position" in printed and "95% interval" in printed
-    assert "pass@24" not in printed  # 16 images per prompt cannot show pass@24
+    header = next(line for line in printed.splitlines() if line.startswith("category"))
+    assert "pass@24" not in header  # 16 images per prompt cannot show pass@24, and the eval says so
+    assert "pass@24 not measured: it needs eval.images_per_prompt >= eval.pass_k (got 16 < 24)" in printed
     result = json.loads(out.read_text())
     got, want = result["accuracy"], record["held_out_accuracy"]
     assert got["overall"]["count"] == want["overall"]["count"] == 21 * 16
