@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                         f"--completion-steps: not run; default {DEFAULT_SOLVER[0]})")
     p.add_argument("--completion-steps", type=int, default=DEFAULT_SOLVER[1],
                    help=f"steps of that solver per completion (default {DEFAULT_SOLVER[1]})")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu or auto (default auto: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default="bench/results/suite", help="folder for bench.csv and the plots")
     p.add_argument("--no-plots", action="store_true", help="write no <subject>.png plots (no matplotlib needed)")
@@ -71,7 +71,16 @@ def main(argv=None) -> int:
             if args.threads < 1:
                 raise ValueError(f"--threads must be >= 1, got {args.threads}")
             torch.set_num_threads(args.threads)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if args.device is not None:
+            from tempflow_fast.training.trainer import check_device
+
+            try:
+                check_device(args.device, "--device")
+            except ValueError as err:  # one line naming the flag, not the config-field wording
+                raise ValueError(str(err).replace("config field '--device'", "--device")) from None
+        from tempflow_fast.rewards.base import resolve_device
+
+        device = resolve_device(args.device or "auto")
         settings = Settings(device=device, reps=args.reps, warmup=args.warmup, quick=args.quick, prompts=args.prompts,
                             method=args.method, model_kind=args.model_kind, model_path=args.model_path, dtype=args.dtype,
                             resolution=args.resolution, reward=args.reward,

@@ -95,6 +95,14 @@ class Settings:
             raise ValueError(f"model_kind must be one of {', '.join(MODEL_KINDS)}, got {self.model_kind!r}")
         if self.model_kind != "tiny_flux" and not self.model_path:
             raise ValueError(f"model_kind {self.model_kind!r} needs model_path (a pipeline folder or hub id)")
+        from tempflow_fast.models.loading import resolve_dtype
+
+        resolve_dtype(self.dtype, torch.bfloat16)  # a misspelt dtype fails here, whichever subjects run
+        if self.model_kind == "tiny_flux" and (self.dtype is not None or self.resolution is not None):
+            raise ValueError(f"dtype and resolution are for flux / sd3 / qwen_image models; the tiny model is "
+                             f"float32 at 16×16 (got dtype {self.dtype!r}, resolution {self.resolution!r})")
+        if self.resolution is not None and self.resolution < 16:
+            raise ValueError(f"resolution must be >= 16, got {self.resolution}")
         if self.reward not in ("brightness", "shapes"):
             raise ValueError(f"reward must be 'brightness' or 'shapes', got {self.reward!r}")
         from tempflow_fast.sampling.solvers import check_completion

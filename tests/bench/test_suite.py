@@ -128,6 +128,9 @@ def test_no_gpu_means_na_and_a_reason():
     (dict(reps=0), "reps"), (dict(prompts=0), "prompts"), (dict(reward="clip"), "reward"),
     (dict(quick=True, plans=["tempflow_4x6"]), "plans"), (dict(model_kind="sdxl"), "model_kind"),
     (dict(model_kind="flux"), "model_path"),
+    (dict(dtype="float8"), "dtype"),  # refused whichever subjects run (the ops subject never loads a model)
+    (dict(resolution=17), "resolution"),  # the tiny model is 16×16: a size it would ignore is an error
+    (dict(model_kind="flux", model_path="/m", resolution=8), "resolution must be >= 16"),
 ])
 def test_bad_settings_name_the_field(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -137,3 +140,16 @@ def test_bad_settings_name_the_field(kwargs, name):
 def test_unknown_subject_is_an_error(capsys):
     assert main(["nonsense", "--quick"]) == 2
     assert "SUBJECT" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_a_cuda_device_this_machine_lacks_is_one_line(capsys):
+    assert main(["ops", "--quick", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tempflow-fast bench: --device: 'cuda' needs CUDA") and "\n" not in err
+
+
+def test_device_auto_is_accepted(tmp_path):
+    assert main(["ops", "--quick", "--device", "auto", "--reps", "1", "--warmup", "0", "--out", str(tmp_path),
+                 "--no-plots"]) == 0
+    assert (tmp_path / "bench.csv").is_file()
