@@ -18,7 +18,7 @@ def main(argv=None) -> int:
         description="One Flow-GRPO SDE step and one fused loss update on random data, printing the backend that "
                     "ran and the numbers a trainer would log.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the tensors live: cpu, cuda, cuda:N (default: cuda when available, else cpu)")
+                        help="where the tensors live: cpu, cuda, cuda:N, auto (default: cuda when available, else cpu)")
     parser.add_argument("--backend", choices=ops.backends.BACKENDS, default=None,
                         help="force a backend (default: $TEMPFLOW_FAST_BACKEND or auto)")
     parser.add_argument("--n", type=int, default=4, help="N: shared states (policy means)")
@@ -27,9 +27,21 @@ def main(argv=None) -> int:
     parser.add_argument("--channels", type=int, default=64, help="channels per token")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random data (default 0)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    for name in ("n", "k", "tokens", "channels"):
+        if getattr(args, name) < 1:
+            return _fail(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        return _fail(f"--device must be cpu, cuda, cuda:N or auto, got {args.device!r}")
+    if device.type not in ("cpu", "cuda"):
+        return _fail(f"--device must be cpu, cuda, cuda:N or auto, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         return _fail(f"--device {args.device}: CUDA is not available on this machine (use --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        return _fail(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     try:
         if args.backend is not None:
             with ops.use_backend(args.backend):

@@ -50,3 +50,20 @@ def test_cuda_device_without_cuda_is_one_line_exit_2():
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == ("tempflow-fast demo-ops: --device cuda: CUDA is not available on this machine "
                                    "(use --device cpu)")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n", "0"], "--n must be >= 1, got 0"),  # was the op's "sample is empty" traceback
+    (["--k", "-1"], "--k must be >= 1, got -1"),  # was torch's "Repeats must be non-negative"
+    (["--tokens", "0"], "--tokens must be >= 1, got 0"),
+    (["--device", "tpu"], "--device must be cpu, cuda, cuda:N or auto, got 'tpu'"),
+])
+def test_bad_sizes_and_devices_are_one_line_exit_2(capsys, flags, message):
+    assert demo.main([*SMALL, *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"tempflow-fast demo-ops: {message}" and captured.out == ""
+
+
+def test_device_auto_is_the_machines_default(capsys):
+    assert demo.main(["--backend", "torch", "--device", "auto", *SMALL]) == 0
+    assert f"backend: torch on {DEVICE}" in capsys.readouterr().out
