@@ -71,14 +71,11 @@ def main(argv=None) -> int:
             if args.threads < 1:
                 raise ValueError(f"--threads must be >= 1, got {args.threads}")
             torch.set_num_threads(args.threads)
-        if args.device is not None:
-            from tempflow_fast.training.trainer import check_device
-
-            try:
-                check_device(args.device, "--device")
-            except ValueError as err:  # one line naming the flag, not the config-field wording
-                raise ValueError(str(err).replace("config field '--device'", "--device")) from None
         from tempflow_fast.rewards.base import resolve_device
+        from tempflow_fast.training.trainer import check_device
+
+        if args.device is not None:
+            check_device(args.device, "--device")
 
         device = resolve_device(args.device or "auto")
         settings = Settings(device=device, reps=args.reps, warmup=args.warmup, quick=args.quick, prompts=args.prompts,

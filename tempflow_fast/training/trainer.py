@@ -46,21 +46,23 @@ from tempflow_fast.models.base import select_cond
 
 
 def check_device(spec: str, field_name: str) -> None:
-    """ValueError naming `field_name` when the device `spec` names is not on this machine."""
+    """ValueError naming `field_name` (a config field, or a command-line flag such as "--device") when the device
+    `spec` names is not on this machine."""
     from tempflow_fast.rewards.base import resolve_device
 
+    where = field_name if field_name.startswith("--") else f"config field {field_name!r}"
     try:
         device = resolve_device(spec)
     except ValueError as err:
-        raise ValueError(f"config field {field_name!r}: {err}") from None
+        raise ValueError(f"{where}: {err}") from None
     if device.type != "cuda":
         return
     if not torch.cuda.is_available():
-        raise ValueError(f"config field {field_name!r}: {spec!r} needs CUDA, which this machine does not have "
+        raise ValueError(f"{where}: {spec!r} needs CUDA, which this machine does not have "
                          f"(torch {torch.__version__}); use 'cpu' or 'auto'")
     count = torch.cuda.device_count()
     if device.index is not None and device.index >= count:
-        raise ValueError(f"config field {field_name!r}: {spec!r}, but this machine has {count} CUDA device(s) "
+        raise ValueError(f"{where}: {spec!r}, but this machine has {count} CUDA device(s) "
                          f"(cuda:0..cuda:{count - 1})")
 
 
