@@ -14,7 +14,9 @@ build_task`) and never imports a task module itself. It asks the task for:
   before_after.png), or None when the task has none;
 - `build_reward(reward_cfg)`: the reward the run trains when none is given in Python (the `reward:` section);
 - `default_images_per_prompt` / `default_probe_prompts`: what `eval.images_per_prompt` and `eval.probe_prompts`
-  mean when left null.
+  mean when left null;
+- optionally `split_version`: which version of its fixed train / held-out split the task has (summary.json
+  records it; held-out numbers compare only within one version).
 
 Implementations: `shapes` (tasks/shapes/task.py: the mini-GenEval, held-out accuracy by category),
 `compressibility` (tasks/compressibility.py: JPEG size on the tiny model, mean reward), `prompts`

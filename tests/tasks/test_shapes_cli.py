@@ -47,6 +47,7 @@ def test_eval_failure_table_accounts_for_every_image(tmp_path, capsys):
     assert cli.main(args) == 0
     assert "images by failure mode" in capsys.readouterr().out
     result = json.loads(out.read_text())
+    assert result["split_version"] == 2  # held-out numbers compare only within one split version
     for category, row in result["failures"].items():
         assert sum(row.values()) == result["accuracy"][category]["count"]
         assert row["correct"] == result["accuracy"][category]["correct"]

@@ -19,20 +19,50 @@ def test_splits_disjoint_and_cover_all_prompts():
     assert len(grammar.TRAIN_PROMPTS) == len(train) and len(grammar.HELD_OUT_PROMPTS) == len(held)
 
 
-def test_equivalent_wordings_stay_on_one_side():
-    # "A left of B" is the same scene as "B right of A": a held-out scene must not leak by rewording.
-    held = set(grammar.HELD_OUT_PROMPTS)
-    for p in grammar.ALL_PROMPTS:
+def _sentence(first: int, relation: str, second: int) -> str:
+    return f"a {grammar.COLORS[first]} square {relation} a {grammar.COLORS[second]} square"
+
+
+def test_held_out_scenes_are_new_outside_position():
+    # Every other category holds out scenes: no held-out prompt's scene is asked for by a train prompt.
+    train_scenes = {(s.category, s.counts, s.colour) for s in map(grammar.parse, grammar.TRAIN_PROMPTS)}
+    for p in grammar.HELD_OUT_PROMPTS:
         s = grammar.parse(p)
-        if s.relation:
-            mirror = f"a {grammar.COLORS[s.second]} square {grammar.MIRROR[s.relation]} a {grammar.COLORS[s.first]} square"
-            assert (p in held) == (mirror in held), (p, mirror)
+        if s.category != "position":
+            assert (s.category, s.counts, s.colour) not in train_scenes, p
+
+
+def test_position_holds_out_wordings_that_need_the_relation_word():
+    held = [grammar.parse(p) for p in grammar.HELD_OUT_PROMPTS if grammar.parse(p).category == "position"]
+    train = set(grammar.TRAIN_PROMPTS)
+    # one horizontal and one vertical sentence per colour pair, each relation word three times
+    assert len(held) == 12
+    for relation in grammar.RELATIONS:
+        assert sum(s.relation == relation for s in held) == 3, relation
+    for pair in {frozenset((s.first, s.second)) for s in held}:
+        on_pair = [s for s in held if {s.first, s.second} == pair]
+        assert sorted(s.relation in ("above", "below") for s in on_pair) == [False, True], pair
+    for s in held:
+        # the same scene in its mirrored wording is trained ...
+        assert _sentence(s.second, grammar.MIRROR[s.relation], s.first) in train, s.prompt
+        # ... and so is the same bag of words in the other order: the opposite arrangement
+        assert _sentence(s.second, s.relation, s.first) in train, s.prompt
+    # every arrangement of every colour pair is trained (in at least one wording)
+    for i in range(len(grammar.COLORS)):
+        for j in range(len(grammar.COLORS)):
+            if i != j:
+                for relation in grammar.RELATIONS:
+                    scene = {_sentence(i, relation, j), _sentence(j, grammar.MIRROR[relation], i)}
+                    assert scene & train, scene
 
 
 def test_splits_are_fixed():
     # Pinned: trained checkpoints and recorded accuracies refer to exactly this split.
     assert len(grammar.ALL_PROMPTS) == 82 and len(grammar.HELD_OUT_PROMPTS) == 21
     assert grammar._build_splits()[2] == grammar.HELD_OUT_PROMPTS
+    assert grammar.SPLIT_VERSION == 2
+    assert grammar.HELD_OUT_PROMPTS[:3] == ["a blue square and two green squares", "a blue square below a red square",
+                                            "a blue square left of a green square"]
 
 
 def test_train_split_uses_every_word():

@@ -187,3 +187,19 @@ def test_stop_after_keeps_the_schedule_and_resume_finishes_it(tmp_path, capsys):
 def test_resume_needs_a_run(tmp_path, capsys):
     assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "none"), "--resume"]) == 2
     assert "no resume.pt" in capsys.readouterr().err
+
+
+def test_resume_refuses_a_run_of_another_split(tmp_path, capsys):
+    # A run started before the split changed trained on other prompts: continuing it would mix two splits.
+    small = ["--steps", "3", "--batch-size", "2", "--warmup", "1", "--save-every", "1", "--log-every", "1",
+             "--threads", "1", "--layers", "1", "--single-layers", "1", "--heads", "2", "--no-progress"]
+    out = tmp_path / "run"
+    assert cli.main(["pretrain-shapes", "--out", str(out), *small, "--stop-after", "1"]) == 0
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["split_version"] == 2
+    del meta["split_version"]  # as written before the field existed: split version 1
+    (out / "run.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert cli.main(["pretrain-shapes", "--out", str(out), *small, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "split version 1" in err and "version 2" in err and "Traceback" not in err

@@ -155,6 +155,7 @@ def test_the_trainer_takes_what_it_needs_from_the_task_it_is_given(tmp_path):
     assert tr._probe_set == task.train_prompts() and tr._showcase_prompts() == ["a green square"]
     summary = tr.train()
     assert task.evals == 2 and summary["eval_metric"] == "held-out brightness" and summary["task"] == "counting"
+    assert summary["split_version"] is None  # the task has no versioned split
     assert summary["before"]["overall"]["accuracy"] == pytest.approx(0.25)
     assert (tmp_path / "before_after.png").exists()
     text = format_summary(summary)

@@ -18,6 +18,7 @@ def test_each_method_trains_two_iterations(tmp_path, make_trainer, method, extra
     before = {n: p.detach().clone() for n, p in tr.named_params}
     summary = tr.train()
     assert summary["iterations"] == 2 and summary["counters"]["optimizer_steps"] == 2
+    assert summary["task"] == "shapes" and summary["split_version"] == 2
     changed = [n for n, p in tr.named_params if not torch.equal(before[n], p.detach())]
     assert len(changed) == len(before)
     rows = [json.loads(l) for l in (tmp_path / method / "metrics.jsonl").read_text().splitlines()]

@@ -33,7 +33,7 @@ from tempflow_fast.sampling.simple import sample
 from tempflow_fast.tasks.stats import mean_of_intervals, pass_at_k, wilson_interval
 
 from .detector import FAILURE_MODES, accuracy_by_category, correct, detect, failure_modes, word_table
-from .grammar import CATEGORIES, HELD_OUT_PROMPTS, TRAIN_PROMPTS, parse
+from .grammar import CATEGORIES, HELD_OUT_PROMPTS, SPLIT_VERSION, TRAIN_PROMPTS, parse
 from .model_folder import load_model
 
 
@@ -310,7 +310,8 @@ def _run(model, cfg: ShapesEvalConfig, out_path: Optional[str], progress: bool =
         print(format_words(words))
     print(f"time: {seconds:.1f} s ({torch.get_num_threads()} threads)")
     if out_path:
-        result = {"config": config_to_dict(cfg), "accuracy": table, "seconds": round(seconds, 2)}
+        result = {"config": config_to_dict(cfg), "split_version": SPLIT_VERSION, "accuracy": table,
+                  "seconds": round(seconds, 2)}
         if failures is not None:
             result["failures"] = failures
         if words is not None:

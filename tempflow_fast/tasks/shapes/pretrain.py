@@ -41,7 +41,7 @@ import torch
 
 from tempflow_fast.models.tiny_flux import DEFAULT_TRANSFORMER_CONFIG, TinyFluxAdapter
 
-from .grammar import CATEGORIES, TRAIN_PROMPTS, prompts_by_category
+from .grammar import CATEGORIES, SPLIT_VERSION, TRAIN_PROMPTS, prompts_by_category
 from .render import render
 from .task import new_model
 
@@ -158,6 +158,10 @@ def _resume_state(args: argparse.Namespace):
     if not state_file.is_file():
         raise ValueError(f"--resume: no resume.pt in {str(out)!r} (nothing to continue; start without --resume)")
     started = json.loads((out / "run.json").read_text())
+    if started.get("split_version", 1) != SPLIT_VERSION:  # runs from before the field were on version 1
+        raise ValueError(f"--resume: the run in {str(out)!r} trained on the shapes split version "
+                         f"{started.get('split_version', 1)}; this code has version {SPLIT_VERSION} (other train "
+                         "prompts): start a new run in another --out")
     changed = [k for k, v in vars(args).items() if k not in RESUME_MAY_DIFFER and started.get(k) != v]
     if changed:
         raise ValueError("--resume: the run in " + repr(str(out)) + " was started with "
@@ -211,7 +215,8 @@ def _train(model: TinyFluxAdapter, args: argparse.Namespace, argv, resume: dict 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, args))
     first, running, elapsed = 1, 0.0, 0.0
     if resume is None:
-        meta = {"command": "tempflow-fast pretrain-shapes " + " ".join(argv or sys.argv[1:]), **vars(args)}
+        meta = {"command": "tempflow-fast pretrain-shapes " + " ".join(argv or sys.argv[1:]), **vars(args),
+                "split_version": SPLIT_VERSION}
         (out / "run.json").write_text(json.dumps(meta, indent=1))
         (out / "loss.jsonl").unlink(missing_ok=True)
     else:

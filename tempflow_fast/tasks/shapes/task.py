@@ -12,7 +12,7 @@ from tempflow_fast.images import to_unit_float
 
 from .detector import correct
 from .eval_cmd import EvalSettings, evaluate
-from .grammar import CATEGORIES, HELD_OUT_PROMPTS, TRAIN_PROMPTS, VOCAB, MAX_WORDS, parse
+from .grammar import CATEGORIES, HELD_OUT_PROMPTS, SPLIT_VERSION, TRAIN_PROMPTS, VOCAB, MAX_WORDS, parse
 
 
 def new_model(seed: int = 0, transformer_config: Optional[dict] = None):
@@ -35,6 +35,7 @@ class ShapesTask:
     metric = "held-out accuracy"
     default_images_per_prompt = 64
     default_probe_prompts = 24  # 4 train prompts per category (3 single-object ones exist)
+    split_version = SPLIT_VERSION  # recorded in summary.json: held-out numbers compare only within one version
 
     def __init__(self, cfg):
         self.cfg = cfg
