@@ -175,3 +175,38 @@ def test_eval_says_why_pass_at_k_is_missing(tmp_path, capsys):
     assert "pass@5 not measured: it needs eval.images_per_prompt >= eval.pass_k (got 2 < 5)" in printed
     header = next(line for line in printed.splitlines() if line.startswith("category"))
     assert "pass@" not in header and "95% interval" in header
+
+
+def test_output_paths_that_cannot_be_written_are_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    """eval --json and sample --out are checked before any sampling: a folder in the file's place, a location that
+    cannot be written, or a suffix PIL cannot write used to end in a traceback after the work was done."""
+    from tempflow_fast.tasks.shapes import eval_cmd, sample_cmd
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before the output path was checked")
+
+    monkeypatch.setattr(eval_cmd, "_run", no_sampling)
+    monkeypatch.setattr(sample_cmd, "_run", no_sampling)
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder would have to be")
+    cases = [
+        (["eval", "--json", str(tmp_path)], f"tempflow-fast eval: --json {str(tmp_path)!r} is a folder; give a file path"),
+        (["eval", "--json", str(blocker / "x.json")], "tempflow-fast eval: --json " + repr(str(blocker / "x.json"))
+         + ": cannot write there"),
+        (["eval", "--set", f"output_json={blocker / 'x.json'}"], "tempflow-fast eval: output_json "),
+        (["sample", "--out", str(tmp_path / "grid.txt")], "tempflow-fast sample: --out " + repr(str(tmp_path / "grid.txt"))
+         + ": the file name must end in a suffix it can be written as (.png, .jpg, .webp, ...), got '.txt'"),
+        (["sample", "--out", ""], "tempflow-fast sample: --out must be a file path, got ''"),
+    ]
+    for argv, start in cases:
+        assert cli.main(argv) == 2, argv
+        assert _one_line(capsys).startswith(start), argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no probe or partial file left behind
+
+
+def test_eval_json_is_written_whole(tmp_path):
+    # written through a temporary sibling renamed into place: only the finished file is ever at the path
+    out = tmp_path / "deep" / "eval.json"
+    assert cli.main(["eval", "--set", "eval.images_per_prompt=1", "--json", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["split_version"] == 2
+    assert sorted(p.name for p in out.parent.iterdir()) == ["eval.json"]

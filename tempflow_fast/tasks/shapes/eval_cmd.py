@@ -21,7 +21,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -30,6 +29,7 @@ from tempflow_fast.config import config_to_dict, load_config
 from tempflow_fast.sampling.schedules import flow_sigmas
 from tempflow_fast.sampling.simple import sample
 
+from tempflow_fast.outputs import check_output_file, write_text_atomic
 from tempflow_fast.tasks.stats import mean_of_intervals, pass_at_k, wilson_interval
 
 from .detector import FAILURE_MODES, accuracy_by_category, correct, detect, failure_modes, word_table
@@ -271,6 +271,9 @@ def main(argv=None) -> int:
     cfg, error = load_command_config(ShapesEvalConfig, "eval", args.config, args.overrides)
     if error is None:
         try:
+            out_path = args.json if args.json is not None else cfg.output_json
+            if out_path is not None:  # before minutes of sampling, not after
+                check_output_file(out_path, "--json" if args.json is not None else "output_json")
             model = load_model(cfg.model.path)
         except ValueError as err:
             error = f"tempflow-fast eval: {' '.join(str(err).split())}"
@@ -281,7 +284,7 @@ def main(argv=None) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(model, cfg, args.json or cfg.output_json, progress=not args.no_progress)
+        return _run(model, cfg, out_path, progress=not args.no_progress)
     finally:
         torch.set_num_threads(previous_threads)  # main() also runs in-process (tests, notebooks)
 
@@ -316,8 +319,7 @@ def _run(model, cfg: ShapesEvalConfig, out_path: Optional[str], progress: bool =
             result["failures"] = failures
         if words is not None:
             result["words"] = words
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_path).write_text(json.dumps(result, indent=1))
+        write_text_atomic(out_path, json.dumps(result, indent=1))
         print(f"wrote {out_path}")
     return 0
 

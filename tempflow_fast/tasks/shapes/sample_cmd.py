@@ -15,12 +15,12 @@ import argparse
 import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from tempflow_fast.outputs import check_output_file, image_suffixes
 from tempflow_fast.sampling.schedules import flow_sigmas
 from tempflow_fast.sampling.simple import initial_noise, sample
 
@@ -36,7 +36,7 @@ SDE_CHOICES = ("none", "flow", "ddim")
 class SampleConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     prompt: str = "two red squares"  # a sentence of the shapes grammar
-    out: str = "grid.png"  # PNG path
+    out: str = "grid.png"  # image path (a suffix PIL writes: .png, .jpg, ...)
     n: int = 8  # images in the grid
     seed: int = 0  # seed of the initial noises and SDE noise
     sde: str = "none"  # none (Euler ODE) | flow (Flow-GRPO SDE) | ddim (DDIM-style SDE)
@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Images of one prompt from a tiny-FLUX shapes model into a PNG grid, the prompt in a caption "
                     "strip and each image framed green or red by the detector's verdict.")
     p.add_argument("--prompt", help="a sentence of the shapes grammar, e.g. 'two red squares' (default: that one)")
-    p.add_argument("--out", help="PNG path (default grid.png)")
+    p.add_argument("--out", help="image path (default grid.png; any suffix PIL writes: .png, .jpg, .webp, ...)")
     p.add_argument("--n", type=int, help="number of images (default 8)")
     p.add_argument("--seed", type=int, help="seed of the initial noises and the SDE noise (default 0)")
     p.add_argument("--sde", choices=SDE_CHOICES,
@@ -116,6 +116,7 @@ def main(argv=None) -> int:
     cfg, error = load_command_config(SampleConfig, "sample", args.config, overrides + args.overrides)
     if error is None:
         try:
+            check_output_file(cfg.out, "--out" if args.out is not None else "out", suffixes=image_suffixes())
             model = load_model(cfg.model.path)
         except ValueError as err:
             error = f"tempflow-fast sample: {' '.join(str(err).split())}"
@@ -142,7 +143,6 @@ def _run(model, cfg: SampleConfig) -> int:
     ok = correct(images, [cfg.prompt] * cfg.n).tolist()
     sampler = "Euler ODE" if cfg.sde == "none" else f"{cfg.sde} SDE eta={cfg.noise_level}"
     caption = f'"{cfg.prompt}"  T={cfg.steps} {sampler} seed={cfg.seed}  correct {sum(ok)}/{cfg.n}'
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     grid_image(images, caption, ok, cfg.scale, cfg.columns).save(cfg.out)
     print(f"wrote {cfg.out}: {cfg.n} images of {cfg.prompt!r}, detector says {sum(ok)}/{cfg.n} correct")
     return 0
