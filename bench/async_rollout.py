@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tempflow_fast.outputs import check_output_file
+
 
 def _median(xs):
     xs = sorted(xs)
@@ -111,6 +113,11 @@ def main(argv=None) -> int:
     p.add_argument("--runs", nargs="*", default=[], help="finished run folders (summary.json) to tabulate")
     p.add_argument("--csv", default=None, help="write the rows here too")
     args = p.parse_args(argv)
+    if args.csv:  # checked before minutes of timing, not after them
+        try:
+            check_output_file(args.csv, "--csv")
+        except ValueError as err:
+            p.error(str(err))
     if args.rounds < 0 or args.block < 1:
         print("bench/async_rollout.py: --rounds must be >= 0 and --block >= 1", file=sys.stderr)
         return 2

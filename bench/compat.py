@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from tempflow_fast.outputs import check_output_file
+
 
 def eager_step(scheduler, v, timestep, x, noise_level=0.7, prev=None, noise=None):
     """The Flow-GRPO SDE step as its function computes it, elementwise in fp32 (same math as design.md §1)."""
@@ -55,6 +57,11 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=20, help="timed runs per provider (default 20)")
     p.add_argument("--csv", default=None, help="write the rows here too")
     args = p.parse_args(argv)
+    if args.csv:  # checked before minutes of timing, not after them
+        try:
+            check_output_file(args.csv, "--csv")
+        except ValueError as err:
+            p.error(str(err))
     if args.batch < 1 or args.side < 1 or args.reps < 1:
         print("bench/compat.py: --batch, --side and --reps must be >= 1", file=sys.stderr)
         return 2

@@ -41,6 +41,8 @@ import types
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from tempflow_fast.outputs import check_output_file
+
 STAGES = ("env", "sdpa", "train", "graphs", "attention", "kernels", "vae")  # most telling first
 LIMITS_S = {"env": 40, "sdpa": 30, "attention": 45, "kernels": 60, "graphs": 60, "train": 120, "vae": 40}
 SDPA_KERNELS = ("default", "cudnn", "flash", "efficient", "math")
@@ -607,7 +609,11 @@ def main(argv=None) -> int:
         return 2
     stamp = datetime.datetime.now(datetime.timezone.utc)
     out = Path(args.out or f"runs/doctor-{stamp:%Y%m%d-%H%M%S}")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        check_output_file(out / "report.md", "--out")
+    except ValueError as err:
+        print(f"tempflow-fast doctor: {err}", file=sys.stderr)
+        return 2
     rows: List[Dict] = []
     t0 = time.perf_counter()
     plan = _plan(stages, args.smoke, rows)

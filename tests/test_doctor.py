@@ -40,6 +40,17 @@ def test_doctor_bad_arguments_exit_2(tmp_path):
         assert main(["--out", str(tmp_path)]) == 2  # the full check needs CUDA; --smoke is the CPU path
 
 
+def test_doctor_refuses_an_out_folder_it_cannot_write_before_any_stage(tmp_path, capsys):
+    from tempflow_fast.doctor import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the report folder would go")
+    assert main(["--smoke", "--out", str(blocker)]) == 2  # was a FileExistsError traceback
+    err = capsys.readouterr().err.strip()
+    assert err == (f"tempflow-fast doctor: --out {str(blocker / 'report.md')!r}: cannot write there "
+                   "(File exists)"), err
+
+
 def test_flux_flops_per_row_at_1024():
     """The MFU's FLOP count: ~124 TFLOP per FLUX.1-dev row-forward at 1024 px (4096 image + 512 text tokens)."""
     from tempflow_fast.doctor import FLUX_CONFIG, _flux_flops_per_row

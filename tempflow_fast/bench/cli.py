@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from tempflow_fast.bench.subjects import DEFAULT_SOLVER, SUBJECTS, Settings, run
+from tempflow_fast.outputs import check_output_file
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,6 +77,7 @@ def main(argv=None) -> int:
 
         if args.device is not None:
             check_device(args.device, "--device")
+        check_output_file(Path(args.out) / "bench.csv", "--out")  # before the timing, not after it
 
         device = resolve_device(args.device or "auto")
         settings = Settings(device=device, reps=args.reps, warmup=args.warmup, quick=args.quick, prompts=args.prompts,

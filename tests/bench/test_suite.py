@@ -153,3 +153,31 @@ def test_device_auto_is_accepted(tmp_path):
     assert main(["ops", "--quick", "--device", "auto", "--reps", "1", "--warmup", "0", "--out", str(tmp_path),
                  "--no-plots"]) == 0
     assert (tmp_path / "bench.csv").is_file()
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_timing(tmp_path, capsys, monkeypatch):
+    import tempflow_fast.bench.cli as bench_cli
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed before --out was checked")
+
+    monkeypatch.setattr(bench_cli, "run", no_timing)
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output folder would go")
+    assert main(["ops", "--quick", "--out", str(blocker)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tempflow-fast bench: --out {str(blocker / 'bench.csv')!r}: cannot write there") and "\n" not in err
+
+
+@pytest.mark.parametrize("script, flag", [("ops.py", "--csv"), ("rollout.py", "--csv"), ("compat.py", "--csv"),
+                                          ("async_rollout.py", "--csv"), ("completions.py", "--out")])
+def test_bench_scripts_check_their_csv_before_timing(tmp_path, script, flag):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(repo / "bench" / script), flag, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].endswith(f"error: {flag} {str(tmp_path)!r} is a folder; give a file path")
