@@ -146,7 +146,7 @@ def _build(cls: Type[T], data: dict, prefix: str) -> T:
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ValueError(
-            f"unknown config field {where}{unknown[0]!r}"
+            f"unknown config field {where + unknown[0]!r}"
             f"{' in section ' + repr(prefix) if prefix else ''}; known fields: {sorted(fields)}"
         )
     kwargs = {}

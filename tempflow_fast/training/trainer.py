@@ -221,7 +221,12 @@ class Trainer:
         if not self.train_prompts:
             raise ValueError("train_prompts is empty")
         self._check_before_loading(model, reward)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"output_dir {str(self.out)!r} is a file, not a folder; choose another output_dir")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"output_dir {str(self.out)!r}: cannot make the folder ({err.strerror or err})") from None
         self._lock = RunLock(self.out).acquire() if self.dist.is_main else None
         self._lock_finalizer = weakref.finalize(self, self._lock.release) if self._lock is not None else None
         try:
