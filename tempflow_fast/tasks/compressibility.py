@@ -3,7 +3,7 @@ diffusion RL (DDPO; Flow-GRPO's `jpeg_compressibility` / `jpeg_incompressibility
 reward whose learning curves separate quickly.
 
 Prompts are the shapes grammar's splits (the tiny model reads only its words; the reward ignores them): training
-draws from the train split (by category with data.balance_categories), the held-out eval samples the 21 held-out
+draws from the train split (by category with data.balance_categories), the held-out eval samples the 17 held-out
 prompts × eval.images_per_prompt (default 16) from fixed noises with an Euler ODE and reports the mean reward
 with its 95% interval (tasks/reward_eval.py).
 

@@ -8,6 +8,7 @@ from PIL import Image
 
 from tempflow_fast import cli
 from tempflow_fast.models.tiny_flux import load_shipped, shipped_weights_dir
+from tempflow_fast.tasks.shapes.grammar import HELD_OUT_PROMPTS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,7 +34,7 @@ def test_eval_reproduces_recorded_accuracy(tmp_path, capsys):
     assert "pass@24 not measured: it needs eval.images_per_prompt >= eval.pass_k (got 16 < 24)" in printed
     result = json.loads(out.read_text())
     got, want = result["accuracy"], record["held_out_accuracy"]
-    assert got["overall"]["count"] == want["overall"]["count"] == 21 * 16
+    assert got["overall"]["count"] == want["overall"]["count"] == len(HELD_OUT_PROMPTS) * 16
     assert abs(got["overall"]["accuracy"] - want["overall"]["accuracy"]) <= 0.05, (got["overall"], want["overall"])
     for category, row in want.items():
         # Per category: within 0.05 or one image (a 16-image category moves 0.0625 per image).
@@ -96,14 +97,14 @@ def test_seeds_per_prompt_is_a_warning_alias_of_images_per_prompt(tmp_path, caps
                                     "eval.images_per_prompt (the name the train config uses); the old name still "
                                     "works for now")
     result = json.loads(out.read_text())
-    assert result["config"]["eval"]["images_per_prompt"] == 1 and result["accuracy"]["overall"]["count"] == 21
+    assert result["config"]["eval"]["images_per_prompt"] == 1 and result["accuracy"]["overall"]["count"] == len(HELD_OUT_PROMPTS)
     assert "images_per_prompt" in (REPO / "configs" / "shapes_eval.yaml").read_text()
 
 
 def test_eval_shows_progress_on_stderr(capsys):
     assert cli.main(["eval", "--set", "eval.images_per_prompt=1", "--set", "eval.num_steps=2"]) == 0
     err = capsys.readouterr().err
-    assert "eval: 21 images" in err and "2/2" in err
+    assert f"eval: {len(HELD_OUT_PROMPTS)} images" in err and "2/2" in err
 
 
 def test_sample_writes_png_grid(tmp_path):

@@ -2,7 +2,7 @@
 
 Loss: x_σ = (1-σ)·x0 + σ·ε with σ ~ logit-normal(0, 1), target velocity ε - x0, mean squared
 error. Prompts come from the train split only, a category uniformly at random and then a prompt
-of it uniformly, so small categories are not drowned by the 36 position prompts. Everything is
+of it uniformly, so small categories are not drowned by the 40 position prompts. Everything is
 seeded and the run length is a step count, so a run is reproducible (up to CPU thread-count
 dependent float reductions). Checkpoints go to `<out>/step_<n>/` in `TinyFluxAdapter` format.
 
