@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tempflow_fast.outputs import check_output_file
+from tempflow_fast.outputs import check_output_arg
 
 
 def _median(xs):
@@ -113,11 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", nargs="*", default=[], help="finished run folders (summary.json) to tabulate")
     p.add_argument("--csv", default=None, help="write the rows here too")
     args = p.parse_args(argv)
-    if args.csv:  # checked before minutes of timing, not after them
-        try:
-            check_output_file(args.csv, "--csv")
-        except ValueError as err:
-            p.error(str(err))
+    check_output_arg(p, args.csv, "--csv")  # before minutes of timing, not after them
     if args.rounds < 0 or args.block < 1:
         print("bench/async_rollout.py: --rounds must be >= 0 and --block >= 1", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from tempflow_fast.outputs import check_output_file
+from tempflow_fast.outputs import check_output_arg
 
 
 def eager_step(scheduler, v, timestep, x, noise_level=0.7, prev=None, noise=None):
@@ -57,11 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=20, help="timed runs per provider (default 20)")
     p.add_argument("--csv", default=None, help="write the rows here too")
     args = p.parse_args(argv)
-    if args.csv:  # checked before minutes of timing, not after them
-        try:
-            check_output_file(args.csv, "--csv")
-        except ValueError as err:
-            p.error(str(err))
+    check_output_arg(p, args.csv, "--csv")  # before minutes of timing, not after them
     if args.batch < 1 or args.side < 1 or args.reps < 1:
         print("bench/compat.py: --batch, --side and --reps must be >= 1", file=sys.stderr)
         return 2

@@ -39,7 +39,7 @@ import torch
 from tempflow_fast.algorithms.advantages import normalize_in_groups
 from tempflow_fast.algorithms.base import group_key
 from tempflow_fast.images import to_unit_float
-from tempflow_fast.outputs import check_output_file
+from tempflow_fast.outputs import check_output_arg
 from tempflow_fast.rewards.jpeg import COMPRESSIBILITY_SCALE, JpegReward
 from tempflow_fast.sampling.engine import rollout
 from tempflow_fast.sampling.plans import Bifurcation
@@ -96,11 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--accurate", default="heun:9", help="solver:steps of the accurate reference completion")
     p.add_argument("--out", default="bench/results/completions.csv", help="where the CSV goes (default %(default)s)")
     args = p.parse_args(argv)
-    if args.out:  # checked before minutes of timing, not after them
-        try:
-            check_output_file(args.out, "--out")
-        except ValueError as err:
-            p.error(str(err))
+    check_output_arg(p, args.out, "--out")  # before minutes of timing, not after them
     from tempflow_fast.models.tiny_flux import load_shipped
     from tempflow_fast.tasks.shapes.grammar import TRAIN_PROMPTS
 

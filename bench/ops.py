@@ -58,7 +58,7 @@ import torch
 
 from tempflow_fast import ops
 from tempflow_fast.bench.results import device_name, version
-from tempflow_fast.outputs import check_output_file
+from tempflow_fast.outputs import check_output_arg
 
 HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 SHAPES = {"flux-1024": (4, 6, 4096 * 64), "small": (4, 6, 4096)}  # (N shared means, K samples, D)
@@ -326,11 +326,7 @@ def main(argv=None):
                    help="where the CSV goes (default bench/results/ops.csv)")
     p.add_argument("--memory-child", nargs=2, metavar=("PROVIDER", "SHAPE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.csv:  # checked before minutes of timing, not after them
-        try:
-            check_output_file(args.csv, "--csv")
-        except ValueError as err:
-            p.error(str(err))
+    check_output_arg(p, args.csv, "--csv")  # before minutes of timing, not after them
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from tempflow_fast.outputs import check_output_file
+from tempflow_fast.outputs import check_output_arg
 from tempflow_fast.sampling.accounting import min_nfe, recompute_prefix_nfe
 from tempflow_fast.sampling.engine import rollout
 from tempflow_fast.sampling.plans import Bifurcation, FullSDE, SingularSDE
@@ -85,11 +85,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                     help="torch CPU threads (default: 2, or the cores there are when fewer)")
     args = ap.parse_args(argv)
-    if args.csv:  # checked before minutes of timing, not after them
-        try:
-            check_output_file(args.csv, "--csv")
-        except ValueError as err:
-            ap.error(str(err))
+    check_output_arg(ap, args.csv, "--csv")  # before minutes of timing, not after them
     if not 1 <= args.prompts <= len(PROMPTS):
         raise ValueError(f"--prompts must be in 1..{len(PROMPTS)}, got {args.prompts}")
     plans = [p for p in args.plans.split(",") if p]

@@ -39,6 +39,15 @@ def check_output_file(path, flag: str, suffixes: Optional[Sequence[str]] = None)
     return out
 
 
+def check_output_arg(parser, path, flag: str) -> None:
+    """`check_output_file` for an argparse flag: a bad path ends the script through `parser.error` (exit 2)."""
+    if path:
+        try:
+            check_output_file(path, flag)
+        except ValueError as err:
+            parser.error(str(err))
+
+
 def write_text_atomic(path, text: str) -> None:
     """Write `text` to `path` through a temporary sibling renamed into place."""
     out = Path(path)
