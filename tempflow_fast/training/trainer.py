@@ -1428,8 +1428,8 @@ class Trainer:
         without_scores = lambda probe: None if probe is None else {k: v for k, v in probe.items() if k != "scores"}
         summary = {"before": self.eval_before, "after": after, "counters": self.counters.__dict__,
                    "iterations": self.iteration, "method": cfg.method, "eval_metric": self.eval_metric,
-                   "task": getattr(self.task, "name", None),
-                   "split_version": getattr(self.task, "split_version", None), "probe_before": without_scores(self.probe_before),
+                   "task": getattr(self.task, "name", None), "split_version": getattr(self.task, "split_version", None),
+                   "probe_before": without_scores(self.probe_before),
                    "probe_after": without_scores(probe_after), "probe_change": self._probe_change(probe_after),
                    "pictures": [str(p) for p in pictures]}
         if self.dist.is_main:

@@ -24,9 +24,9 @@ combinations of known words.
 - Every category but position: prompts are ordered by a seeded shuffle and the first quarter
   (at least one) is held out, so a held-out prompt asks for a scene never trained on.
 - Position holds out *a relation word for a colour pair*: each of the four relation words on its
-  own pair ("right of" for red and blue: "a red square right of a blue square" and "a blue square
-  right of a red square"), both orders, 8 prompts. Both scenes stay in training under the mirrored
-  word ("a blue square left of a red square", "a red square left of a blue square"), and the word
+  own pair ("right of" for red and yellow: "a red square right of a yellow square" and "a yellow
+  square right of a red square"), both orders, 8 prompts. Both scenes stay in training under the
+  mirrored word ("a yellow square left of a red square", "a red square left of a yellow square"), and the word
   stays in training with every other pair. So every arrangement of every pair is trained, no trained
   prompt has a held-out prompt's words, and a held-out position prompt is right above chance only
   when the model has the relation word on its own and applies it to a pair it never heard it with.
@@ -70,7 +70,7 @@ MAX_WORDS = 8  # longest prompt: "a red square left of a blue square"
 SPLIT_SEED = 20261123
 SPLIT_VERSION = 2  # recorded with every accuracy measured on the splits (see the module docstring)
 HELD_OUT_FRACTION = 0.25
-# Position's wordings are drawn from their own stream, so every other category keeps its split-1 prompts.
+# Position's held-out pairs are drawn from their own stream, so every other category keeps its split-1 prompts.
 POSITION_SPLIT_SEED = 20261130
 
 
@@ -132,7 +132,7 @@ def _held_out_position_prompts() -> List[str]:
     rng.shuffle(pairs)
     held: List[str] = []
     for word, (i, j) in zip(RELATIONS, pairs):
-        held += [f"a {COLORS[i]} square {word} a {COLORS[j]} square", f"a {COLORS[j]} square {word} a {COLORS[i]} square"]
+        held += [f"a {COLORS[a]} square {word} a {COLORS[b]} square" for a, b in ((i, j), (j, i))]
     return held
 
 
