@@ -203,3 +203,13 @@ def test_resume_refuses_a_run_of_another_split(tmp_path, capsys):
     assert cli.main(["pretrain-shapes", "--out", str(out), *small, "--resume"]) == 2
     err = capsys.readouterr().err
     assert "split version 1" in err and "version 2" in err and "Traceback" not in err
+
+
+def test_a_warmup_longer_than_the_run_is_warned_about(tmp_path, capsys):
+    small = ["--batch-size", "2", "--save-every", "1", "--log-every", "1", "--threads", "1", "--layers", "1",
+             "--single-layers", "1", "--heads", "2", "--no-progress"]
+    assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "a"), "--steps", "2", "--warmup", "4", *small]) == 0
+    assert ("tempflow-fast pretrain-shapes: warning: --warmup 4 > --steps 2: the learning rate never reaches --lr "
+            "(it ends at 50% of it)") in capsys.readouterr().err
+    assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "b"), "--steps", "2", "--warmup", "2", *small]) == 0
+    assert "warning" not in capsys.readouterr().err  # the last step reaches --lr

@@ -175,6 +175,9 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         _check(args)
+        if args.warmup > args.steps:  # allowed (short smoke runs keep the default), but never silently
+            print(f"tempflow-fast pretrain-shapes: warning: --warmup {args.warmup} > --steps {args.steps}: the learning "
+                  f"rate never reaches --lr (it ends at {args.steps / args.warmup:.0%} of it)", file=sys.stderr)
         # before the output folder is made, so a bad --init leaves none behind
         model, state = _resume_state(args) if args.resume else (_initial_model(args), None)
         if state is not None and args.stop_after is not None and args.stop_after <= state["step"]:
