@@ -51,6 +51,9 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys):
     ("--grad-clip", "-1", "--grad-clip must be positive, got -1.0"),  # a negative clip would flip the gradient
     ("--weight-decay", "-0.1", "--weight-decay must be >= 0, got -0.1"),
     ("--weight-decay", "nan", "--weight-decay must be >= 0, got nan"),
+    ("--logit-mean", "nan", "--logit-mean must be finite, got nan"),
+    ("--logit-std", "0", "--logit-std must be positive, got 0.0"),
+    ("--logit-std", "inf", "--logit-std must be positive, got inf"),
 ])
 def test_non_finite_or_negative_floats_are_refused_before_any_step(tmp_path, capsys, flag, value, message):
     assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "a"), "--steps", "2", flag, value]) == 2
@@ -213,3 +216,44 @@ def test_a_warmup_longer_than_the_run_is_warned_about(tmp_path, capsys):
             "(it ends at 50% of it)") in capsys.readouterr().err
     assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "b"), "--steps", "2", "--warmup", "2", *small]) == 0
     assert "warning" not in capsys.readouterr().err  # the last step reaches --lr
+
+
+def test_logit_normal_noise_levels_follow_logit_mean_and_std():
+    # σ = sigmoid(m + s·z): the levels the loss trains at, read off the velocity call
+    from tempflow_fast.tasks.shapes import pretrain
+    from tempflow_fast.tasks.shapes.render import render
+    import numpy as np
+
+    model = new_model(seed=0, transformer_config={"num_layers": 1, "num_single_layers": 1})
+    seen = []
+    real = model.velocity
+    model.velocity = lambda x, sigma, cond: (seen.append(sigma.clone()), real(x, sigma, cond))[1]
+    prompts = sample_batch_prompts(np.random.default_rng(0), 512)
+    images = render(prompts, np.random.default_rng(0))
+    for mean, std in ((0.0, 1.0), (1.0, 0.5)):
+        with torch.no_grad():
+            pretrain.rectified_flow_loss(model, images, prompts, torch.Generator().manual_seed(0), mean, std)
+        logit = torch.logit(seen[-1].double())
+        assert abs(logit.mean().item() - mean) < 4 * std / 512 ** 0.5
+        assert abs(logit.std().item() - std) < 0.1 * std
+    # the default is SD3's lognorm(0, 1), what every run before the flags trained with
+    with torch.no_grad():
+        pretrain.rectified_flow_loss(model, images, prompts, torch.Generator().manual_seed(0))
+    assert torch.equal(seen[-1], seen[0])
+
+
+def test_resume_of_a_run_from_before_an_argument_existed_uses_its_default(tmp_path, capsys):
+    small = ["--steps", "2", "--batch-size", "2", "--warmup", "1", "--save-every", "1", "--log-every", "1",
+             "--threads", "1", "--layers", "1", "--single-layers", "1", "--heads", "2", "--no-progress"]
+    out = tmp_path / "run"
+    assert cli.main(["pretrain-shapes", "--out", str(out), *small, "--stop-after", "1"]) == 0
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["logit_mean"] == 0.0 and meta["logit_std"] == 1.0
+    for key in ("logit_mean", "logit_std"):  # as written before the flags existed
+        del meta[key]
+    (out / "run.json").write_text(json.dumps(meta))
+    assert cli.main(["pretrain-shapes", "--out", str(out), *small, "--resume"]) == 0
+    assert (out / "step_00002").is_dir()
+    # asking for another value than the default the run had is refused, naming the flag
+    assert cli.main(["pretrain-shapes", "--out", str(out), *small, "--resume", "--logit-mean", "1"]) == 2
+    assert "--logit-mean 0.0" in capsys.readouterr().err

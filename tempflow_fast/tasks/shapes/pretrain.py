@@ -1,7 +1,7 @@
 """`tempflow-fast pretrain-shapes`: rectified-flow pretraining of the tiny FLUX on rendered pairs.
 
-Loss: x_σ = (1-σ)·x0 + σ·ε with σ ~ logit-normal(0, 1), target velocity ε - x0, mean squared
-error. Prompts come from the train split only, a category uniformly at random and then a prompt
+Loss: x_σ = (1-σ)·x0 + σ·ε with σ ~ logit-normal(m, s) (SD3's lognorm(m, s): σ = sigmoid(m + s·z), z ~ N(0, 1);
+default m = 0, s = 1; `--logit-mean`, `--logit-std`), target velocity ε - x0, mean squared error. Prompts come from the train split only, a category uniformly at random and then a prompt
 of it uniformly, so small categories are not drowned by the 40 position prompts. Everything is
 seeded and the run length is a step count, so a run is reproducible (up to CPU thread-count
 dependent float reductions). Checkpoints go to `<out>/step_<n>/` in `TinyFluxAdapter` format.
@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     for flag, key in ARCHITECTURE.items():
         p.add_argument(flag, type=int, default=None,
                        help=f"fresh init only: the transformer's {key} (shipped: {DEFAULT_TRANSFORMER_CONFIG[key]})")
+    p.add_argument("--logit-mean", type=float, default=0.0,
+                   help="σ ~ sigmoid(m + s·z): the location m of the logit-normal noise levels (default 0; > 0 trains "
+                        "the high-noise steps, where the layout is decided, more often)")
+    p.add_argument("--logit-std", type=float, default=1.0, help="σ ~ sigmoid(m + s·z): the scale s (default 1)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every this many steps (and at the end)")
@@ -106,10 +110,11 @@ def sample_batch_prompts(rng: np.random.Generator, n: int) -> list:
     return [by_cat[cats[i]][rng.integers(len(by_cat[cats[i]]))] for i in rng.integers(len(cats), size=n)]
 
 
-def rectified_flow_loss(model: TinyFluxAdapter, images: torch.Tensor, prompts: list, generator: torch.Generator) -> torch.Tensor:
+def rectified_flow_loss(model: TinyFluxAdapter, images: torch.Tensor, prompts: list, generator: torch.Generator,
+                        logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
     x0 = model.encode_images(images)
     noise = torch.randn(x0.shape, generator=generator)
-    sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=generator))  # logit-normal(0, 1)
+    sigma = torch.sigmoid(logit_mean + logit_std * torch.randn(x0.shape[0], generator=generator))  # logit-normal
     s = sigma.view(-1, 1, 1)
     x_sigma = (1 - s) * x0 + s * noise
     v = model.velocity(x_sigma, sigma, model.encode_prompts(prompts))
@@ -143,6 +148,10 @@ def _check(args: argparse.Namespace) -> None:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and value <= 0:
             raise ValueError(f"{flag} must be positive, got {value}")
+    if not math.isfinite(args.logit_mean):
+        raise ValueError(f"--logit-mean must be finite, got {args.logit_mean}")
+    if not (math.isfinite(args.logit_std) and args.logit_std > 0):
+        raise ValueError(f"--logit-std must be positive, got {args.logit_std}")
     if not 0.0 <= args.min_lr_ratio <= 1.0:
         raise ValueError(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
     if args.threads < 0:
@@ -162,10 +171,12 @@ def _resume_state(args: argparse.Namespace):
         raise ValueError(f"--resume: the run in {str(out)!r} trained on the shapes split version "
                          f"{started.get('split_version', 1)}; this code has version {SPLIT_VERSION} (other train "
                          "prompts): start a new run in another --out")
-    changed = [k for k, v in vars(args).items() if k not in RESUME_MAY_DIFFER and started.get(k) != v]
+    defaults = _parser()  # a run started before an argument existed ran with its default
+    started = {k: started.get(k, defaults.get_default(k)) for k in vars(args)} | started
+    changed = [k for k, v in vars(args).items() if k not in RESUME_MAY_DIFFER and started[k] != v]
     if changed:
         raise ValueError("--resume: the run in " + repr(str(out)) + " was started with "
-                         + ", ".join(f"--{k.replace('_', '-')} {started.get(k)!r}" for k in changed)
+                         + ", ".join(f"--{k.replace('_', '-')} {started[k]!r}" for k in changed)
                          + "; resume with its arguments")
     state = torch.load(state_file, map_location="cpu", weights_only=False)  # our own file: numpy RNG state inside
     return TinyFluxAdapter.from_pretrained(out / f"step_{state['step']:05d}"), state
@@ -241,7 +252,7 @@ def _train(model: TinyFluxAdapter, args: argparse.Namespace, argv, resume: dict 
     for step in bar:
         prompts = sample_batch_prompts(rng, args.batch_size)
         images = render(prompts, rng)
-        loss = rectified_flow_loss(model, images, prompts, generator)
+        loss = rectified_flow_loss(model, images, prompts, generator, args.logit_mean, args.logit_std)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.module.parameters(), args.grad_clip)
