@@ -87,3 +87,42 @@ def test_bad_input_raises(model, tmp_path):
         model.velocity(torch.zeros(2, 64, 12), torch.zeros(3), model.encode_prompts(PROMPTS[:2]))
     with pytest.raises(ValueError, match="directory"):
         TinyFluxAdapter.from_pretrained(tmp_path / "nothing")
+
+
+def test_text_layers_make_the_words_order_matter_and_survive_save_load(tmp_path):
+    # Without layers the pooled vector is a bag of words: a scene and its opposite ("red above green", "green
+    # above red") pool the same; the layers give each word its context, so they differ.
+    from tempflow_fast.models.tiny_flux import CONFIG_NAME
+    import json
+
+    prompts = ["a red square above a green square", "a green square above a red square"]
+    flat = new_model(seed=0)
+    _, pooled = flat.module.text_encoder(flat.tokenize(prompts))
+    assert torch.allclose(pooled[0], pooled[1], atol=1e-6)
+    deep = new_model(seed=0, text_layers=2)
+    deep.module.eval()
+    hidden, pooled = deep.module.text_encoder(deep.tokenize(prompts))
+    assert not torch.allclose(pooled[0], pooled[1], atol=1e-4)
+    # padding is masked: a prompt's word states do not depend on what else is in the batch or how long it is
+    alone, _ = deep.module.text_encoder(deep.tokenize(["a red square"]))
+    mixed, _ = deep.module.text_encoder(deep.tokenize(["a red square", prompts[0]]))
+    assert torch.allclose(alone[0, :3], mixed[0, :3], atol=1e-5)
+    assert torch.isfinite(alone).all()
+    # the transformer is initialised as without layers (same seed, same draws)
+    assert all(torch.equal(a, b) for a, b in zip(flat.module.transformer.parameters(),
+                                                 deep.module.transformer.parameters()))
+    deep.save_pretrained(tmp_path / "deep")
+    assert json.loads((tmp_path / "deep" / CONFIG_NAME).read_text())["text_encoder"]["layers"] == 2
+    back = TinyFluxAdapter.from_pretrained(tmp_path / "deep")
+    x, sigma = torch.randn(2, *deep.latent_shape), torch.tensor([0.3, 0.9])
+    cond = deep.encode_prompts(prompts)
+    with torch.no_grad():
+        assert torch.allclose(deep.velocity(x, sigma, cond), back.velocity(x, sigma, cond), atol=1e-5)
+    # a folder from before the option (no "layers" in its config) is a model without layers
+    flat.save_pretrained(tmp_path / "flat")
+    config = json.loads((tmp_path / "flat" / CONFIG_NAME).read_text())
+    del config["text_encoder"]["layers"]
+    (tmp_path / "flat" / CONFIG_NAME).write_text(json.dumps(config))
+    assert TinyFluxAdapter.from_pretrained(tmp_path / "flat").module.text_encoder.layers == 0
+    with pytest.raises(ValueError, match="layers must be >= 0"):
+        new_model(seed=0, text_layers=-1)
