@@ -52,6 +52,8 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys):
     ("--weight-decay", "-0.1", "--weight-decay must be >= 0, got -0.1"),
     ("--weight-decay", "nan", "--weight-decay must be >= 0, got nan"),
     ("--text-layers", "-1", "--text-layers must be >= 0, got -1"),
+    ("--terminal-share", "1.5", "--terminal-share must be in [0, 1], got 1.5"),
+    ("--terminal-share", "nan", "--terminal-share must be in [0, 1], got nan"),
     ("--logit-mean", "nan", "--logit-mean must be finite, got nan"),
     ("--logit-std", "0", "--logit-std must be positive, got 0.0"),
     ("--logit-std", "inf", "--logit-std must be positive, got inf"),
@@ -244,6 +246,13 @@ def test_logit_normal_noise_levels_follow_logit_mean_and_std():
     with torch.no_grad():
         pretrain.rectified_flow_loss(model, images, prompts, torch.Generator().manual_seed(0))
     assert torch.equal(seen[-1], seen[0])
+    assert (seen[0] < 0.999).all()  # the logit-normal alone (almost) never trains where sampling starts
+    # --terminal-share: that share of the batch at σ = 1 exactly, the rest logit-normal as before
+    with torch.no_grad():
+        pretrain.rectified_flow_loss(model, images, prompts, torch.Generator().manual_seed(0), 0.0, 1.0, 0.25)
+    at_one = seen[-1] == 1.0
+    assert abs(at_one.float().mean().item() - 0.25) < 4 * (0.25 * 0.75 / 512) ** 0.5
+    assert torch.equal(seen[-1][~at_one], seen[0][~at_one])
 
 
 def test_resume_of_a_run_from_before_an_argument_existed_uses_its_default(tmp_path, capsys):
