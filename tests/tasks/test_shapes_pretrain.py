@@ -38,6 +38,22 @@ def test_batches_come_from_the_train_split_and_all_categories():
     assert {grammar.parse(p).category for p in prompts} == set(grammar.CATEGORIES)
 
 
+def test_category_weights_shift_the_batch_and_default_to_the_old_draws():
+    import numpy as np
+
+    from tempflow_fast.tasks.shapes.pretrain import parse_category_weights
+
+    uniform = sample_batch_prompts(np.random.default_rng(0), 600)
+    assert sample_batch_prompts(np.random.default_rng(0), 600, {"position": 1.0}) == uniform  # same stream
+    weights = parse_category_weights(["position=5", "colors=0"])
+    assert weights == {"position": 5.0, "colors": 0.0}
+    prompts = sample_batch_prompts(np.random.default_rng(0), 6000, weights)
+    share = {c: sum(grammar.parse(p).category == c for p in prompts) / 6000 for c in grammar.CATEGORIES}
+    assert share["colors"] == 0 and abs(share["position"] - 5 / 9) < 0.03 and abs(share["counting"] - 1 / 9) < 0.02
+    with pytest.raises(ValueError, match="every category has weight 0"):
+        parse_category_weights([f"{c}=0" for c in grammar.CATEGORIES])
+
+
 def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys):
     assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "a"), "--steps", "0"]) == 2
     assert capsys.readouterr().err == "tempflow-fast pretrain-shapes: --steps must be positive, got 0\n"
@@ -54,6 +70,12 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys):
     ("--text-layers", "-1", "--text-layers must be >= 0, got -1"),
     ("--terminal-share", "1.5", "--terminal-share must be in [0, 1], got 1.5"),
     ("--terminal-share", "nan", "--terminal-share must be in [0, 1], got nan"),
+    ("--category-weight", "positon=2", "--category-weight must be CATEGORY=WEIGHT with CATEGORY one of "
+     + ", ".join(grammar.CATEGORIES) + "; got 'positon=2'"),
+    ("--category-weight", "position", "--category-weight must be CATEGORY=WEIGHT with CATEGORY one of "
+     + ", ".join(grammar.CATEGORIES) + "; got 'position'"),
+    ("--category-weight", "position=-1", "--category-weight 'position=-1': the weight must be a number >= 0"),
+    ("--category-weight", "position=x", "--category-weight 'position=x': the weight must be a number >= 0"),
     ("--logit-mean", "nan", "--logit-mean must be finite, got nan"),
     ("--logit-std", "0", "--logit-std must be positive, got 0.0"),
     ("--logit-std", "inf", "--logit-std must be positive, got inf"),

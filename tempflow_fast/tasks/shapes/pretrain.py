@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="σ ~ sigmoid(m + s·z): the location m of the logit-normal noise levels (default 0; > 0 trains "
                         "the high-noise steps, where the layout is decided, more often)")
     p.add_argument("--logit-std", type=float, default=1.0, help="σ ~ sigmoid(m + s·z): the scale s (default 1)")
+    p.add_argument("--category-weight", action="append", default=None, metavar="CATEGORY=WEIGHT",
+                   help="draw this category's prompts WEIGHT times as often as a category of weight 1 (the default "
+                        "for each); repeatable, e.g. --category-weight position=5")
     p.add_argument("--terminal-share", type=float, default=0.0,
                    help="share of each batch trained at σ = 1, where sampling starts (default 0)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
@@ -113,10 +116,37 @@ def lr_factor(step: int, args: argparse.Namespace) -> float:
     return args.min_lr_ratio + (1.0 - args.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def sample_batch_prompts(rng: np.random.Generator, n: int) -> list:
+def sample_batch_prompts(rng: np.random.Generator, n: int, weights: dict = None) -> list:
+    """n train prompts: a category at random (uniformly, or ∝ `weights`: category -> weight, 1 if not named), then
+    a prompt of it uniformly."""
     by_cat = prompts_by_category(TRAIN_PROMPTS)
     cats = [c for c in CATEGORIES if by_cat[c]]
-    return [by_cat[cats[i]][rng.integers(len(by_cat[cats[i]]))] for i in rng.integers(len(cats), size=n)]
+    w = np.array([float((weights or {}).get(c, 1.0)) for c in cats])
+    if (w == 1.0).all():  # the draws of runs from before --category-weight
+        picks = rng.integers(len(cats), size=n)
+    else:
+        picks = rng.choice(len(cats), size=n, p=w / w.sum())
+    return [by_cat[cats[i]][rng.integers(len(by_cat[cats[i]]))] for i in picks]
+
+
+def parse_category_weights(items) -> dict:
+    """['position=3', ...] -> {'position': 3.0}; ValueError naming --category-weight and what is wrong."""
+    weights = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        if not sep or name not in CATEGORIES:
+            raise ValueError(f"--category-weight must be CATEGORY=WEIGHT with CATEGORY one of {', '.join(CATEGORIES)}; "
+                             f"got {item!r}")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"--category-weight {item!r}: the weight must be a number >= 0")
+        weights[name] = weight
+    if weights and all(weights.get(c, 1.0) == 0 for c in CATEGORIES):
+        raise ValueError("--category-weight: every category has weight 0")
+    return weights
 
 
 def rectified_flow_loss(model: TinyFluxAdapter, images: torch.Tensor, prompts: list, generator: torch.Generator,
@@ -165,6 +195,7 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--logit-mean must be finite, got {args.logit_mean}")
     if not (math.isfinite(args.logit_std) and args.logit_std > 0):
         raise ValueError(f"--logit-std must be positive, got {args.logit_std}")
+    parse_category_weights(args.category_weight)
     if not 0.0 <= args.terminal_share <= 1.0:
         raise ValueError(f"--terminal-share must be in [0, 1], got {args.terminal_share}")
     if not 0.0 <= args.min_lr_ratio <= 1.0:
@@ -262,10 +293,11 @@ def _train(model: TinyFluxAdapter, args: argparse.Namespace, argv, resume: dict 
     log = open(out / "loss.jsonl", "a")
     start = time.time() - elapsed
     last = args.steps if args.stop_after is None else args.stop_after
+    weights = parse_category_weights(args.category_weight)
     bar = tqdm(range(first, last + 1), initial=first - 1, total=args.steps, desc="pretrain-shapes",
                unit="step", disable=args.no_progress, dynamic_ncols=True)
     for step in bar:
-        prompts = sample_batch_prompts(rng, args.batch_size)
+        prompts = sample_batch_prompts(rng, args.batch_size, weights)
         images = render(prompts, rng)
         loss = rectified_flow_loss(model, images, prompts, generator, args.logit_mean, args.logit_std,
                                    args.terminal_share)
