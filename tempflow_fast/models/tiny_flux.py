@@ -3,12 +3,8 @@
 There is no VAE: the "latent" of an image is its pixels scaled to [-1, 1] and packed the way FLUX
 packs VAE latents (2×2 patches → 64 tokens × 12 channels), so the transformer, the rope ids and
 the packing are exactly FLUX's. A word-level text encoder stands in for CLIP + T5: learned word
-embeddings plus learned positions, through `text_layers` pre-norm transformer encoder layers (0: none, the
-encoder of models saved before the option), give `encoder_hidden_states`; their masked mean, through a
-linear layer, gives `pooled_projections`; text ids are zero as in FLUX. The layers do what T5 does for FLUX:
-each word's state carries its context ("red" as the first colour of "above"), which a sum of word and
-position embeddings cannot — without them the model never learned which colour a relation puts first
-(docs/testbed.md).
+embeddings plus learned positions give `encoder_hidden_states`; their masked mean, through a
+linear layer, gives `pooled_projections`; text ids are zero as in FLUX.
 
 Everything trainable lives in one `nn.Module` (`TinyFluxModule`: transformer + text encoder), so
 LoRA, full fine-tuning and EMA all act on `adapter.module`. Conditioning carries token ids, not
@@ -50,35 +46,18 @@ DEFAULT_TRANSFORMER_CONFIG = dict(
 
 
 class WordTextEncoder(nn.Module):
-    """Token ids (B, L) → (encoder_hidden_states (B, L, D), pooled (B, P)); id 0 is padding.
+    """Token ids (B, L) → (encoder_hidden_states (B, L, D), pooled (B, P)); id 0 is padding."""
 
-    `layers` > 0 adds that many pre-norm transformer encoder layers (4 heads, MLP 4·D, no dropout, a final
-    LayerNorm) over the words, padding masked out of their attention."""
-
-    def __init__(self, vocab_size: int, max_words: int, dim: int, pooled_dim: int, layers: int = 0):
+    def __init__(self, vocab_size: int, max_words: int, dim: int, pooled_dim: int):
         super().__init__()
-        if layers < 0:
-            raise ValueError(f"text encoder layers must be >= 0, got {layers}")
         self.word = nn.Embedding(vocab_size, dim)
         self.position = nn.Parameter(torch.zeros(max_words, dim))
         self.pool = nn.Linear(dim, pooled_dim)
         nn.init.normal_(self.word.weight, std=0.02)
         nn.init.normal_(self.position, std=0.02)
-        self.context = None
-        if layers:
-            layer = nn.TransformerEncoderLayer(dim, nhead=4, dim_feedforward=4 * dim, dropout=0.0, batch_first=True,
-                                               norm_first=True)
-            # enable_nested_tensor=False: the fast path of eval mode would zero the padded states
-            self.context = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(dim), enable_nested_tensor=False)
-
-    @property
-    def layers(self) -> int:
-        return 0 if self.context is None else len(self.context.layers)
 
     def forward(self, token_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         hidden = self.word(token_ids) + self.position[: token_ids.shape[1]]
-        if self.context is not None:
-            hidden = self.context(hidden, src_key_padding_mask=token_ids == 0)
         mask = (token_ids != 0).unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
         return hidden, self.pool(pooled)
@@ -146,9 +125,9 @@ class TinyFluxAdapter:
 
     @classmethod
     def create(cls, seed: int = 0, transformer_config: Optional[dict] = None, *, vocab: Sequence[str],
-               max_words: int, text_dim: int = 64, text_layers: int = 0) -> "TinyFluxAdapter":
+               max_words: int, text_dim: int = 64) -> "TinyFluxAdapter":
         """A freshly initialised model (deterministic in `seed`) reading the words `vocab` (index 0: padding), at
-        most `max_words` per prompt, its text encoder `text_layers` deep (`WordTextEncoder`). The vocabulary is the task's (tasks/shapes/task.py: new_model); a saved
+        most `max_words` per prompt. The vocabulary is the task's (tasks/shapes/task.py: new_model); a saved
         model carries its own in its config (`from_pretrained`)."""
         vocab = tuple(vocab)
         if len(vocab) < 2:
@@ -158,7 +137,7 @@ class TinyFluxAdapter:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             transformer = FluxTransformer2DModel.from_config(config)
-            text = WordTextEncoder(len(vocab), max_words, text_dim, config["pooled_projection_dim"], int(text_layers))
+            text = WordTextEncoder(len(vocab), max_words, text_dim, config["pooled_projection_dim"])
         return cls(TinyFluxModule(transformer, text), vocab, max_words)
 
     @property
@@ -201,7 +180,6 @@ class TinyFluxAdapter:
                 "vocab": list(self.vocab),
                 "max_words": self.max_words,
                 "dim": self.module.text_encoder.word.embedding_dim,
-                "layers": self.module.text_encoder.layers,
             },
         }
 
@@ -224,8 +202,7 @@ class TinyFluxAdapter:
         transformer_config = {k: v for k, v in config["transformer"].items() if not k.startswith("_")}
         transformer_config["axes_dims_rope"] = tuple(transformer_config["axes_dims_rope"])
         text = config["text_encoder"]
-        adapter = cls.create(0, transformer_config, vocab=text["vocab"], max_words=text["max_words"], text_dim=text["dim"],
-                             text_layers=text.get("layers", 0))  # folders from before the option: no layers
+        adapter = cls.create(0, transformer_config, vocab=text["vocab"], max_words=text["max_words"], text_dim=text["dim"])
         from .loading import check_finite_weights
 
         state = load_file(str(directory / WEIGHTS_NAME))

@@ -67,7 +67,6 @@ def test_bad_arguments_are_one_line_exit_2(tmp_path, capsys):
     ("--grad-clip", "-1", "--grad-clip must be positive, got -1.0"),  # a negative clip would flip the gradient
     ("--weight-decay", "-0.1", "--weight-decay must be >= 0, got -0.1"),
     ("--weight-decay", "nan", "--weight-decay must be >= 0, got nan"),
-    ("--text-layers", "-1", "--text-layers must be >= 0, got -1"),
     ("--terminal-share", "1.5", "--terminal-share must be in [0, 1], got 1.5"),
     ("--terminal-share", "nan", "--terminal-share must be in [0, 1], got nan"),
     ("--category-weight", "positon=2", "--category-weight must be CATEGORY=WEIGHT with CATEGORY one of "
@@ -138,12 +137,11 @@ def test_a_larger_fresh_model_and_a_cosine_decay(tmp_path, capsys):
     out = tmp_path / "big"
     argv = ["pretrain-shapes", "--out", str(out), "--steps", "2", "--batch-size", "4", "--warmup", "1",
             "--save-every", "2", "--threads", "1", "--no-progress", "--layers", "3", "--heads", "6",
-            "--lr-schedule", "cosine", "--min-lr-ratio", "0.1", "--text-layers", "1"]
+            "--lr-schedule", "cosine", "--min-lr-ratio", "0.1"]
     assert cli.main(argv) == 0
     model = TinyFluxAdapter.from_pretrained(out / "step_00002")
     config = model.module.transformer.config
     assert (config.num_layers, config.num_attention_heads, config.num_single_layers) == (3, 6, 2)
-    assert model.module.text_encoder.layers == 1
     args = argparse.Namespace(warmup=10, steps=111, lr_schedule="cosine", min_lr_ratio=0.1)
     assert [round(lr_factor(s, args), 4) for s in (0, 9, 10, 60, 110)] == [0.1, 1.0, 1.0, 0.55, 0.1]
     args.lr_schedule = "constant"
@@ -151,8 +149,6 @@ def test_a_larger_fresh_model_and_a_cosine_decay(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "x"), "--init", "shipped", "--layers", "3"]) == 2
     assert "--layers" in capsys.readouterr().err and not (tmp_path / "x").exists()
-    assert cli.main(["pretrain-shapes", "--out", str(tmp_path / "x"), "--init", "shipped", "--text-layers", "2"]) == 2
-    assert "--text-layers shape a fresh init" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_resume_continues_exactly(tmp_path, monkeypatch, capsys):

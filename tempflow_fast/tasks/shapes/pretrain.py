@@ -70,9 +70,6 @@ def _parser() -> argparse.ArgumentParser:
     for flag, key in ARCHITECTURE.items():
         p.add_argument(flag, type=int, default=None,
                        help=f"fresh init only: the transformer's {key} (shipped: {DEFAULT_TRANSFORMER_CONFIG[key]})")
-    p.add_argument("--text-layers", type=int, default=None,
-                   help="fresh init only: transformer encoder layers over the words in the text encoder (shipped: "
-                        "see its config; 0 = word + position embeddings only)")
     p.add_argument("--logit-mean", type=float, default=0.0,
                    help="σ ~ sigmoid(m + s·z): the location m of the logit-normal noise levels (default 0; > 0 trains "
                         "the high-noise steps, where the layout is decided, more often)")
@@ -166,10 +163,10 @@ def _initial_model(args: argparse.Namespace) -> TinyFluxAdapter:
     architecture = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key in ARCHITECTURE.items()}
     architecture = {k: v for k, v in architecture.items() if v is not None}
     if args.init is None:
-        return new_model(seed=args.seed, transformer_config=architecture, text_layers=args.text_layers or 0)
-    flags = [f for f, k in ARCHITECTURE.items() if k in architecture] + ["--text-layers"] * (args.text_layers is not None)
-    if flags:
-        raise ValueError(f"{', '.join(flags)} shape a fresh init; --init {args.init} brings its own architecture")
+        return new_model(seed=args.seed, transformer_config=architecture)
+    if architecture:
+        raise ValueError(f"{', '.join(f for f, k in ARCHITECTURE.items() if k in architecture)} shape a fresh init; "
+                         f"--init {args.init} brings its own architecture")
     from .model_folder import load_model
 
     try:
@@ -189,8 +186,6 @@ def _check(args: argparse.Namespace) -> None:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and value <= 0:
             raise ValueError(f"{flag} must be positive, got {value}")
-    if args.text_layers is not None and args.text_layers < 0:
-        raise ValueError(f"--text-layers must be >= 0, got {args.text_layers}")
     if not math.isfinite(args.logit_mean):
         raise ValueError(f"--logit-mean must be finite, got {args.logit_mean}")
     if not (math.isfinite(args.logit_std) and args.logit_std > 0):

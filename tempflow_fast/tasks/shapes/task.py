@@ -15,12 +15,11 @@ from .eval_cmd import EvalSettings, evaluate
 from .grammar import CATEGORIES, HELD_OUT_PROMPTS, SPLIT_VERSION, TRAIN_PROMPTS, VOCAB, MAX_WORDS, parse
 
 
-def new_model(seed: int = 0, transformer_config: Optional[dict] = None, text_layers: int = 0):
+def new_model(seed: int = 0, transformer_config: Optional[dict] = None):
     """A freshly initialised tiny FLUX that reads the shapes grammar's words (its text encoder's vocabulary)."""
     from tempflow_fast.models.tiny_flux import TinyFluxAdapter
 
-    return TinyFluxAdapter.create(seed=seed, transformer_config=transformer_config, vocab=VOCAB, max_words=MAX_WORDS,
-                                  text_layers=text_layers)
+    return TinyFluxAdapter.create(seed=seed, transformer_config=transformer_config, vocab=VOCAB, max_words=MAX_WORDS)
 
 
 def category_pools(prompts: Sequence[str]) -> List[List[str]]:
