@@ -4,9 +4,10 @@ Loss: x_σ = (1-σ)·x0 + σ·ε with σ ~ logit-normal(m, s) (SD3's lognorm(m, 
 default m = 0, s = 1; `--logit-mean`, `--logit-std`), target velocity ε - x0, mean squared error. `--terminal-share p`
 trains a share p of each batch at σ = 1 instead, the pure noise every sample starts from, which the logit-normal
 almost never draws (P(σ > 0.95) = 0.2%; Lin et al. 2024, "Common diffusion noise schedules and sample steps are
-flawed"): only there does the prompt alone decide the layout, and only there did the tiny model learn which way a
-relation word points (docs/testbed.md). Prompts come from the train split only, a category uniformly at random and then a prompt
-of it uniformly, so small categories are not drowned by the 40 position prompts. Everything is
+flawed"): only there does the prompt alone decide the layout. Prompts come from the train split only, a category
+uniformly at random (or in proportion to `--category-weight`) and then a prompt of it uniformly, so small
+categories are not drowned by the 40 position prompts. The shipped model's last stages use both knobs to teach the
+relation words (docs/testbed.md, "Item 2, eighth sitting"). Everything is
 seeded and the run length is a step count, so a run is reproducible (up to CPU thread-count
 dependent float reductions). Checkpoints go to `<out>/step_<n>/` in `TinyFluxAdapter` format.
 
