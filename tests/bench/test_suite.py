@@ -170,7 +170,8 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_timing(tmp_pa
 
 
 @pytest.mark.parametrize("script, flag", [("ops.py", "--csv"), ("rollout.py", "--csv"), ("compat.py", "--csv"),
-                                          ("async_rollout.py", "--csv"), ("completions.py", "--out")])
+                                          ("async_rollout.py", "--csv"), ("completions.py", "--out"),
+                                          ("shapes_direction.py", "--csv")])
 def test_bench_scripts_check_their_csv_before_timing(tmp_path, script, flag):
     import subprocess
     import sys
