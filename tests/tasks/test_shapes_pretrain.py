@@ -216,13 +216,18 @@ def test_resume_needs_a_run(tmp_path, capsys):
     assert "no resume.pt" in capsys.readouterr().err
 
 
-def test_resume_refuses_a_run_of_another_split(tmp_path, capsys):
-    # A run started before the split changed trained on other prompts: continuing it would mix two splits.
-    small = ["--steps", "3", "--batch-size", "2", "--warmup", "1", "--save-every", "1", "--log-every", "1",
+def _stopped_after_step_1(tmp_path, steps):
+    """A tiny run in tmp_path/run stopped after step 1: (its folder, its arguments, its run.json)."""
+    small = ["--steps", str(steps), "--batch-size", "2", "--warmup", "1", "--save-every", "1", "--log-every", "1",
              "--threads", "1", "--layers", "1", "--single-layers", "1", "--heads", "2", "--no-progress"]
     out = tmp_path / "run"
     assert cli.main(["pretrain-shapes", "--out", str(out), *small, "--stop-after", "1"]) == 0
-    meta = json.loads((out / "run.json").read_text())
+    return out, small, json.loads((out / "run.json").read_text())
+
+
+def test_resume_refuses_a_run_of_another_split(tmp_path, capsys):
+    # A run started before the split changed trained on other prompts: continuing it would mix two splits.
+    out, small, meta = _stopped_after_step_1(tmp_path, steps=3)
     assert meta["split_version"] == 2
     del meta["split_version"]  # as written before the field existed: split version 1
     (out / "run.json").write_text(json.dumps(meta))
@@ -274,11 +279,7 @@ def test_logit_normal_noise_levels_follow_logit_mean_and_std():
 
 
 def test_resume_of_a_run_from_before_an_argument_existed_uses_its_default(tmp_path, capsys):
-    small = ["--steps", "2", "--batch-size", "2", "--warmup", "1", "--save-every", "1", "--log-every", "1",
-             "--threads", "1", "--layers", "1", "--single-layers", "1", "--heads", "2", "--no-progress"]
-    out = tmp_path / "run"
-    assert cli.main(["pretrain-shapes", "--out", str(out), *small, "--stop-after", "1"]) == 0
-    meta = json.loads((out / "run.json").read_text())
+    out, small, meta = _stopped_after_step_1(tmp_path, steps=2)
     assert meta["logit_mean"] == 0.0 and meta["logit_std"] == 1.0
     for key in ("logit_mean", "logit_std"):  # as written before the flags existed
         del meta[key]
