@@ -8,8 +8,9 @@ iterations and about equal model calls are on their curves), with the trainer in
 accuracy (overall and by category) every E iterations and records, per eval point, the iteration, the
 cumulative rollout model calls (NFE) and the cumulative train-loop wall seconds. Then writes a report:
 markdown tables (mean ± std over seeds) against iterations, model calls and wall seconds, the model calls
-each method needs to reach a target accuracy and the ratio to Flow-GRPO, PNG curves, and the reward spread
-per bifurcation step of the TempFlow runs.
+each method needs to reach a target accuracy and the ratio to Flow-GRPO, each method's last point against
+Flow-GRPO at equal model calls and at equal wall seconds (paired by seed), the TempFlow ablation chain, PNG
+curves, and the reward spread per bifurcation step of the TempFlow runs.
 
 Resumable per run: each (method, seed) trains in OUT/runs/<method>/seed<s>; a run with summary.json is
 skipped, a run with a checkpoint resumes from it (checkpoints every E iterations), and a finished run
@@ -314,6 +315,45 @@ def ablation_table(data: Dict[str, dict], metric: str) -> List[str]:
     return lines
 
 
+def versus_reference(data: Dict[str, dict], metric: str, ref: str = "flow_grpo") -> List[str]:
+    """Markdown lines: each method's last eval point against the reference (Flow-GRPO) at equal model calls and at
+    equal train-loop wall seconds. Per seed, the reference's eval point nearest in calls (in wall seconds) to the
+    method's last point is taken; the difference of the held-out metric (and of the probe reward at equal calls) is
+    paired by seed, 95% t interval. The matched reference points are shown, so a match that lies far away (a run
+    longer than the reference's) is visible."""
+    if ref not in data or not data[ref]["per_seed"]:
+        return []
+    ref_rows, ref_probe = data[ref]["per_seed"], data[ref].get("probe_per_seed", {})
+    lines = [f"| method | seeds | iteration | model calls | Flow-GRPO's nearest point: iteration, calls | "
+             f"Δ {metric} [95%] | Δ probe reward [95%] | wall s | Flow-GRPO's nearest point: iteration, wall s | "
+             f"Δ {metric} [95%] |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, d in data.items():
+        if name == ref:
+            continue
+        last, rows, probes = final_by_seed(d)
+        seeds = sorted(s for s in rows if ref_rows.get(s))
+        if last is None or not seeds:
+            continue
+        by_calls = {s: min(ref_rows[s], key=lambda q: abs(q["nfe"] - rows[s]["nfe"])) for s in seeds}
+        by_wall = {s: min(ref_rows[s], key=lambda q: abs(q["wall_seconds"] - rows[s]["wall_seconds"])) for s in seeds}
+        acc_c = paired_interval([rows[s]["accuracy"] for s in seeds], [by_calls[s]["accuracy"] for s in seeds])
+        acc_w = paired_interval([rows[s]["accuracy"] for s in seeds], [by_wall[s]["accuracy"] for s in seeds])
+        ps = [s for s in seeds if s in probes and by_calls[s]["iteration"] in ref_probe.get(s, {})]
+        probe = paired_interval([probes[s] for s in ps], [ref_probe[s][by_calls[s]["iteration"]] for s in ps]) \
+            if ps else None
+
+        def where(match, key, digits):
+            its = sorted({match[s]["iteration"] for s in seeds})
+            return f"{'/'.join(map(str, its))}, {_mean_std([match[s][key] for s in seeds])[0]:.{digits}f}"
+
+        lines.append(f"| {METHODS[name][0]} | {len(seeds)} | {last} | "
+                     f"{_mean_std([rows[s]['nfe'] for s in seeds])[0]:.0f} | {where(by_calls, 'nfe', 0)} | "
+                     f"{_ci(*acc_c, sign=True)} | {_ci(*probe, sign=True) if probe else '—'} | "
+                     f"{_mean_std([rows[s]['wall_seconds'] for s in seeds])[0]:.0f} | "
+                     f"{where(by_wall, 'wall_seconds', 0)} | {_ci(*acc_w, sign=True)} |")
+    return lines
+
+
 def probe_points(rows: List[dict]) -> Dict[int, tuple]:
     """{iteration: (cumulative model calls, probe_reward)} of one run's metrics.jsonl rows: the probe before training
     (iteration 0, no calls yet), at every eval point and after the last iteration (its calls from that iteration's
@@ -537,6 +577,14 @@ def report(out: Path, methods: Sequence[str], seeds: Sequence[int], *, target: O
                      f"{_mean_std([rows[s]['nfe'] for s in seeds_])[0]:.0f} | "
                      f"{_mean_std([rows[s]['wall_seconds'] for s in seeds_])[0]:.0f} | {_ci(*acc)} | "
                      f"{_ci(*gain, sign=True)} | {_ci(*pgain, sign=True) if pgain else '—'} |")
+
+    versus = versus_reference(data, metric)
+    if versus:
+        lines += ["", "## Against Flow-GRPO at equal model calls and at equal wall time", "",
+                  "Each method's last eval point against Flow-GRPO's eval point nearest to it, per seed, in model "
+                  "calls (left) and in train-loop wall seconds (right): the paired difference by seed, 95% t "
+                  "interval (the probe reward at the equal-calls point). Flow-GRPO's matched points are shown: "
+                  "where a method's run is longer than Flow-GRPO's, its last point is the match.", ""] + versus
 
     ablation = ablation_table(data, metric)
     if ablation:

@@ -323,3 +323,33 @@ def test_a_run_another_process_trains_is_skipped_and_its_logs_left_alone(tmp_pat
                            model_factory=small_model, reward=BrightnessReward(), eval_fn=fake_eval) == "done"
     assert [json.loads(l)["iteration"] for l in (run / "evals.jsonl").read_text().splitlines()] == [0, 1]
     assert not (run / "run.lock").exists()
+
+
+def test_versus_flow_grpo_matches_equal_calls_and_equal_wall_per_seed(tmp_path):
+    """The equal-calls / equal-wall table: per seed, Flow-GRPO's eval point nearest in calls and the one nearest in
+    wall seconds are different points here, and each difference is paired by seed (t interval, by hand)."""
+    import statistics
+
+    out = tmp_path / "grid"
+    seed_effect = [0.00, 0.04, -0.03, 0.02, -0.01]
+    noise = [0.002, -0.001, 0.003, 0.0, -0.004]
+    for s in range(5):
+        e = seed_effect[s]
+        # Flow-GRPO: 1,000 calls and 100 s per 10 iterations, 4 points; TempFlow: 1,500 calls and 50 s, 3 points
+        _fake_run(out, "flow_grpo", s, [0.60 + e, 0.62 + e, 0.64 + e, 0.66 + e],
+                  [0.80 + e, 0.81 + e, 0.82 + e, 0.83 + e], 1000, 100.0)
+        _fake_run(out, "tempflow", s, [0.60 + e, 0.63 + e, 0.65 + e + noise[s]],
+                  [0.80 + e, 0.82 + e, 0.85 + e + 2 * noise[s]], 1500, 50.0)
+    text = methods.report(out, ["flow_grpo", "tempflow"], list(range(5)), target=0.62, command="test")
+
+    def ci(d):
+        m, half = statistics.mean(d), 2.7764 * statistics.stdev(d) / 5 ** 0.5
+        return f"{m:+.3f} [{m - half:+.3f}, {m + half:+.3f}]"
+
+    calls = ci([0.65 + n - 0.66 for n in noise])          # TempFlow's 3,000 calls = Flow-GRPO's iteration 30
+    probe = ci([0.85 + 2 * n - 0.83 for n in noise])
+    wall = ci([0.65 + n - 0.62 for n in noise])           # TempFlow's 100 s = Flow-GRPO's iteration 10
+    row = next(l for l in text.splitlines() if l.startswith("| TempFlow-GRPO | 5 | 20 | 3000 | 30, "))
+    assert row == f"| TempFlow-GRPO | 5 | 20 | 3000 | 30, 3000 | {calls} | {probe} | 100 | 10, 100 | {wall} |"
+    assert "## Against Flow-GRPO at equal model calls and at equal wall time" in text
+    assert not any(l.startswith("| Flow-GRPO | 5 | 30 | 3000 | 30,") for l in text.splitlines())  # not against itself
