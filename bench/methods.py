@@ -739,22 +739,32 @@ RESULTS_MARKER = "<!-- everything below is written by bench/methods.py; edit abo
 def write_results_md(reports: Sequence[tuple], path: Path) -> Path:
     """docs/results.md: the hand-written text above RESULTS_MARKER kept as it is (none yet: a title), then each
     (task, report text, task folder) of `reports` with its headings one level down and its PNGs copied into
-    `path` without suffix (docs/results/; a task other than shapes prefixes them with its name)."""
+    `path` without suffix (docs/results/; a task other than shapes prefixes them with its name). The section of a
+    task not in `reports` (its "## Methods on the <task> task" below the marker) is kept: rerunning one task's
+    grid does not delete another's results."""
     figures = path.with_suffix("")
     figures.mkdir(parents=True, exist_ok=True)
     old = path.read_text() if path.exists() else ""
     head = old.split(RESULTS_MARKER)[0].rstrip() if RESULTS_MARKER in old else "# Methods on the embedded tasks"
-    parts = [head, "", RESULTS_MARKER, ""]
+    sections: Dict[str, str] = {}
+    if RESULTS_MARKER in old:
+        task, lines = None, []
+        for line in old.split(RESULTS_MARKER, 1)[1].splitlines() + ["## Methods on the  task"]:
+            if line.startswith("## Methods on the ") and line.endswith(" task"):
+                if task:
+                    sections[task] = "\n".join(lines).strip()
+                task, lines = line[len("## Methods on the "):-len(" task")], []
+            lines.append(line)
     for task, text, folder in reports:
         prefix = "" if task == "shapes" else f"{task}_"
         names = ("accuracy_curves.png", "probe_reward_curves.png", "reward_std_per_step.png")
         for name in names:
             shutil.copyfile(Path(folder) / name, figures / (prefix + name))
         plots = "\n".join(f"![{task} {n[:-4]}]({figures.name}/{prefix}{n})" for n in names)
-        for line in text.splitlines():
-            parts.append(plots if line.startswith("Plots: ") else "#" + line if line.startswith("#") else line)
-        parts.append("")
-    path.write_text("\n".join(parts).rstrip() + "\n")
+        sections[task] = "\n".join(plots if line.startswith("Plots: ") else "#" + line if line.startswith("#")
+                                   else line for line in text.splitlines()).strip()
+    order = [t for t in TASKS if t in sections] + [t for t in sections if t not in TASKS]
+    path.write_text("\n\n".join([head, RESULTS_MARKER] + [sections[t] for t in order]).rstrip() + "\n")
     return path
 
 
@@ -781,7 +791,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                          "model; writes OUT/movement.md")
     ap.add_argument("--no-results-md", action="store_true",
                     help="do not write the results markdown (full mode writes the reports of every --tasks task "
-                         "below the hand-written text of docs/results.md)")
+                         "below the hand-written text of docs/results.md; the sections of other tasks are kept)")
     ap.add_argument("--results-md", default=str(ROOT / "docs" / "results.md"),
                     help="where full mode writes the report (figures go to the same path without .md)")
     args = ap.parse_args(argv)

@@ -87,6 +87,13 @@ def test_quick_runs_every_method_and_writes_the_report(tmp_path):
     body = methods.write_results_md([("shapes", text, out)], md).read_text()
     assert body.startswith("# Results\n\nSummary by hand.\n\n" + methods.RESULTS_MARKER)
     assert "stale tables" not in body and body.count(methods.RESULTS_MARKER) == 1 and "compressibility_" not in body
+    # rewriting one task keeps the other task's section (rerunning the shapes grid keeps compressibility's results)
+    comp = text.replace("# Methods on the shapes task", "# Methods on the compressibility task") + "\ncomp only\n"
+    both = methods.write_results_md([("compressibility", comp, out)], md).read_text()
+    assert both.index("\n## Methods on the shapes task") < both.index("\n## Methods on the compressibility task")
+    again = methods.write_results_md([("shapes", text.replace("Seeds: 0.", "Seeds: 0 (new)."), out)], md).read_text()
+    assert "comp only" in again and again.count("## Methods on the shapes task") == 1 and "Seeds: 0 (new)." in again
+    assert again.replace("Seeds: 0 (new).", "Seeds: 0.") == both  # nothing else moved
     # a second call skips the finished runs and rebuilds the same report
     before = (out / "runs" / "flow_grpo" / "seed0" / "evals.jsonl").read_text()
     assert methods.run_grid(out, command="python bench/methods.py --quick", **kw) == text
