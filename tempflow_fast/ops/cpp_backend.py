@@ -86,10 +86,23 @@ def cache_key(sources: Sequence[str], cflags: Sequence[str] = tuple(_CFLAGS),
     return h.hexdigest()[:16]
 
 
+def _sources_dir():
+    """The C++ sources: the installed package `tempflow_fast.csrc`, or, where the package is imported from a source
+    checkout that setup.py's package_dir never mapped (`python bench/...` from a clone, or an editable install that
+    now points at another checkout), the checkout's own `csrc/` — the same files."""
+    try:
+        return resources.files("tempflow_fast.csrc")
+    except ModuleNotFoundError:
+        checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+        if all(os.path.isfile(os.path.join(checkout, name)) for name in _SOURCES):
+            return checkout
+        raise
+
+
 @contextlib.contextmanager
 def _source_paths() -> Iterator[list[str]]:
-    csrc = resources.files("tempflow_fast.csrc")
-    with resources.as_file(csrc) as src_dir:
+    csrc = _sources_dir()
+    with resources.as_file(csrc) if not isinstance(csrc, str) else contextlib.nullcontext(csrc) as src_dir:
         sources = [os.path.join(str(src_dir), name) for name in _SOURCES]
         missing = [s for s in sources if not os.path.isfile(s)]
         if missing:

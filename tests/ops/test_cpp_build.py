@@ -131,3 +131,28 @@ def test_first_use_build_says_so_and_clears_a_stale_lock(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "building the C++ ops (first use, ~1 min)" in err and build_dir in err
     assert "removing the stale lock" in err and "built the C++ ops in" in err
+
+
+def test_sources_from_a_checkout_when_the_csrc_package_is_not_mapped(monkeypatch):
+    """Run from a source checkout (`python bench/...` in a clone, or an editable install that points at another
+    checkout) `tempflow_fast.csrc` does not import: the sources are the checkout's csrc/, the same files, so the
+    build key is the installed one's and nothing falls back to the reference ops."""
+    with cpp_backend._source_paths() as paths:
+        installed = [open(p, "rb").read() for p in paths]
+    real = cpp_backend.resources.files
+
+    def files(package):
+        if package == "tempflow_fast.csrc":
+            raise ModuleNotFoundError("No module named 'tempflow_fast.csrc'")
+        return real(package)
+
+    monkeypatch.setattr(cpp_backend.resources, "files", files)
+    checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
+    with cpp_backend._source_paths() as paths:
+        assert [os.path.dirname(p) for p in paths] == [checkout] * len(paths)
+        assert [open(p, "rb").read() for p in paths] == installed
+    # without a checkout beside the package, the import error is what the caller sees
+    monkeypatch.setattr(cpp_backend.os.path, "isfile", lambda path: False)
+    with pytest.raises(ModuleNotFoundError, match="tempflow_fast.csrc"):
+        with cpp_backend._source_paths():
+            pass
