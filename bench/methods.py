@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shlex
 import shutil
 import sys
@@ -746,15 +747,12 @@ def write_results_md(reports: Sequence[tuple], path: Path) -> Path:
     figures.mkdir(parents=True, exist_ok=True)
     old = path.read_text() if path.exists() else ""
     head = old.split(RESULTS_MARKER)[0].rstrip() if RESULTS_MARKER in old else "# Methods on the embedded tasks"
-    sections: Dict[str, str] = {}
-    if RESULTS_MARKER in old:
-        task, lines = None, []
-        for line in old.split(RESULTS_MARKER, 1)[1].splitlines() + ["## Methods on the  task"]:
-            if line.startswith("## Methods on the ") and line.endswith(" task"):
-                if task:
-                    sections[task] = "\n".join(lines).strip()
-                task, lines = line[len("## Methods on the "):-len(" task")], []
-            lines.append(line)
+    sections: Dict[str, str] = {}  # task -> its section below the marker, from its "## Methods on the ..." heading
+    below = old.split(RESULTS_MARKER, 1)[1] if RESULTS_MARKER in old else ""
+    for part in re.split(r"(?m)^(?=## Methods on the .+ task$)", below):
+        heading = re.match(r"## Methods on the (.+) task$", part, re.M)
+        if heading:
+            sections[heading.group(1)] = part.strip()
     for task, text, folder in reports:
         prefix = "" if task == "shapes" else f"{task}_"
         names = ("accuracy_curves.png", "probe_reward_curves.png", "reward_std_per_step.png")

@@ -35,6 +35,7 @@ import contextlib
 import hashlib
 import importlib
 import os
+import pathlib
 import shutil
 import socket
 import sys
@@ -93,16 +94,15 @@ def _sources_dir():
     try:
         return resources.files("tempflow_fast.csrc")
     except ModuleNotFoundError:
-        checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "csrc")
-        if all(os.path.isfile(os.path.join(checkout, name)) for name in _SOURCES):
-            return checkout
+        checkout = pathlib.Path(__file__).resolve().parents[2] / "csrc"
+        if all(os.path.isfile(checkout / name) for name in _SOURCES):
+            return checkout  # resources.as_file passes a Path through
         raise
 
 
 @contextlib.contextmanager
 def _source_paths() -> Iterator[list[str]]:
-    csrc = _sources_dir()
-    with resources.as_file(csrc) if not isinstance(csrc, str) else contextlib.nullcontext(csrc) as src_dir:
+    with resources.as_file(_sources_dir()) as src_dir:
         sources = [os.path.join(str(src_dir), name) for name in _SOURCES]
         missing = [s for s in sources if not os.path.isfile(s)]
         if missing:
