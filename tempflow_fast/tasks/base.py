@@ -15,6 +15,8 @@ build_task`) and never imports a task module itself. It asks the task for:
 - `build_reward(reward_cfg)`: the reward the run trains when none is given in Python (the `reward:` section);
 - `default_images_per_prompt` / `default_probe_prompts`: what `eval.images_per_prompt` and `eval.probe_prompts`
   mean when left null;
+- optionally `probe_prompts(prompts, n)`: the probe set's n prompts (default: `round_robin` over the category
+  pools); a task whose pools have structure inside (the shapes task's relations, numbers, colours) spreads it;
 - optionally `split_version`: which version of its fixed train / held-out split the task has (summary.json
   records it; held-out numbers compare only within one version).
 
@@ -83,6 +85,17 @@ def round_robin(pools: Sequence[Sequence[str]], n: int) -> List[str]:
     out = []
     for i in range(per_pool):
         for pool in spread:
+            if i < len(pool) and len(out) < n:
+                out.append(pool[i])
+    return out
+
+
+def take_turns(pools: Sequence[Sequence[str]], n: int) -> List[str]:
+    """Up to n prompts: each pool's first in pool order, then each pool's second, ...; a pool that runs out drops
+    out of the turns, so n come back while the pools hold n (a small category leaves its share to the others)."""
+    out: List[str] = []
+    for i in range(max((len(p) for p in pools), default=0)):
+        for pool in pools:
             if i < len(pool) and len(out) < n:
                 out.append(pool[i])
     return out

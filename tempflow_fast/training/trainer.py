@@ -416,10 +416,13 @@ class Trainer:
         return self.task.evaluate(model, self._eval_run())
 
     def _probe_prompts(self) -> List[str]:
-        """eval.probe_prompts train prompts (null: the task's default), spread over the task's categories."""
+        """eval.probe_prompts train prompts (null: the task's default), spread over the task's categories (by the
+        task's `probe_prompts` when it has one, else `round_robin` over its category pools)."""
         n = self.cfg.eval.probe_prompts
         n = getattr(self.task, "default_probe_prompts", 0) if n is None else n
-        return round_robin(self.task.category_pools(self.train_prompts), n)
+        choose = getattr(self.task, "probe_prompts", None)
+        return choose(self.train_prompts, n) if choose is not None else round_robin(
+            self.task.category_pools(self.train_prompts), n)
 
     @torch.no_grad()
     def _probe(self) -> Optional[Dict]:

@@ -13,9 +13,9 @@ import torch
 from tempflow_fast.config import load_config
 from tempflow_fast.models.tiny_flux import TinyFluxAdapter
 from tempflow_fast.tasks import build_task
-from tempflow_fast.tasks.base import round_robin
-from tempflow_fast.tasks.shapes.grammar import CATEGORIES, MAX_WORDS, TRAIN_PROMPTS, VOCAB
-from tempflow_fast.tasks.shapes.task import category_pools, new_model
+from tempflow_fast.tasks.base import round_robin, take_turns
+from tempflow_fast.tasks.shapes.grammar import CATEGORIES, COLORS, MAX_WORDS, RELATIONS, TRAIN_PROMPTS, VOCAB, parse
+from tempflow_fast.tasks.shapes.task import category_pools, new_model, probe_prompts
 from tempflow_fast.tasks.stats import (difference_interval, mean_interval, mean_of_intervals, pass_at_k,
                                       wilson_interval)
 from tempflow_fast.training.train_config import Config
@@ -113,6 +113,22 @@ def test_probe_prompts_spread_over_categories():
     by = [sum(p in pool for p in probe) for pool in pools]
     assert by == [min(4, len(pool)) for pool in pools] and len(set(probe)) == len(probe)
     assert round_robin([["a", "b", "c", "d"]], 2) == ["a", "c"] and round_robin(pools, 0) == []
+
+
+def test_the_shapes_probe_covers_every_relation_number_and_colour_and_has_its_24_prompts():
+    # a stride over the sorted pools took 22 prompts, its 4 position ones all "above" (every 10th of 40)
+    probe = probe_prompts(TRAIN_PROMPTS, 24)
+    assert len(probe) == len(set(probe)) == 24 and set(probe) <= set(TRAIN_PROMPTS)
+    by = {c: [p for p in probe if parse(p).category == c] for c in CATEGORIES}
+    assert {c: len(v) for c, v in by.items()} == {"single_object": 3, "colors": 3, "counting": 5, "two_object": 4,
+                                                   "position": 5, "attribute_binding": 4}
+    assert {parse(p).relation for p in by["position"]} == set(RELATIONS)
+    assert len({p.split()[1] for p in by["position"]}) >= 3  # the relations' first squares differ in colour
+    assert {p.split()[0] for p in by["counting"]} == {"two", "three"}
+    assert {w for p in probe for w in p.split() if w in COLORS} == set(COLORS)
+    assert probe_prompts(TRAIN_PROMPTS, 6) == [pool[0] for pool in (
+        [p for p in probe if parse(p).category == c] for c in CATEGORIES)]  # a prefix keeps one per category
+    assert take_turns([["a"], ["b", "c", "d"]], 3) == ["a", "b", "c"] and take_turns([], 2) == []
 
 
 class CountingTask:

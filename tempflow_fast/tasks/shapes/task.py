@@ -12,7 +12,10 @@ from tempflow_fast.images import to_unit_float
 
 from .detector import correct
 from .eval_cmd import EvalSettings, evaluate
-from .grammar import CATEGORIES, HELD_OUT_PROMPTS, SPLIT_VERSION, TRAIN_PROMPTS, VOCAB, MAX_WORDS, parse
+from tempflow_fast.tasks.base import take_turns
+
+from .grammar import (CATEGORIES, COLORS, HELD_OUT_PROMPTS, MAX_WORDS, NUMBERS, SPLIT_VERSION, TRAIN_PROMPTS, VOCAB,
+                      parse)
 
 
 def new_model(seed: int = 0, transformer_config: Optional[dict] = None):
@@ -28,6 +31,37 @@ def category_pools(prompts: Sequence[str]) -> List[List[str]]:
     for p in prompts:
         by[parse(p).category].append(p)
     return [by[c] for c in CATEGORIES if by[c]]
+
+
+def _kinds(prompt: str) -> tuple:
+    """What tells prompts of one category apart, most telling first: the relation or number word, then the colours
+    in the order the prompt names them."""
+    spec = parse(prompt)
+    words = prompt.split()
+    lead = spec.relation or next((w for w in words if w in NUMBERS), "")
+    return (lead, *[w for w in words if w in COLORS])
+
+
+def spread(pool: Sequence[str], level: int = 0) -> List[str]:
+    """`pool` reordered so that every prefix covers its kinds (`_kinds`): grouped by the kind at `level`, each group
+    spread by the next level (group g rotated to start at its g-th), then the groups taken in turn. (A stride over the sorted pool aliases with the
+    grammar's cycles: every 10th of the 40 position prompts is an "above" one.)"""
+    if len(pool) <= 1 or level >= max(len(_kinds(p)) for p in pool):
+        return list(pool)
+    groups: Dict[str, List[str]] = {}
+    for p in pool:
+        k = _kinds(p)
+        groups.setdefault(k[level] if level < len(k) else "", []).append(p)
+    spreads = [spread(g, level + 1) for g in groups.values()]
+    # group g starts at its g-th prompt, so the groups' first prompts differ at the next level too
+    return take_turns([s[g % len(s):] + s[:g % len(s)] for g, s in enumerate(spreads)], len(pool))
+
+
+def probe_prompts(prompts: Sequence[str], n: int) -> List[str]:
+    """n of `prompts` for the probe set: the categories in turn and, inside each, its kinds in turn (position: the
+    four relations; counting: both numbers; then the colours), topped up from the larger categories when a small
+    one (3 single-object prompts) runs out."""
+    return take_turns([spread(pool) for pool in category_pools(prompts)], n)
 
 
 class ShapesTask:
@@ -48,6 +82,9 @@ class ShapesTask:
 
     def category_pools(self, prompts: Sequence[str]) -> List[List[str]]:
         return category_pools(prompts)
+
+    def probe_prompts(self, prompts: Sequence[str], n: int) -> List[str]:
+        return probe_prompts(prompts, n)
 
     def evaluate(self, model, run) -> Dict:
         e = self.cfg.eval
