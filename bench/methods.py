@@ -26,6 +26,10 @@ tabulates it against model calls.
     python bench/methods.py --out runs/methods                     # the full grid on shapes (hours on 2 CPU cores)
     python bench/methods.py --out runs/methods --tasks compressibility
     python bench/methods.py --quick --out /tmp/methods_quick       # CI: every method on both tasks, reports written
+
+docs/results.md is made from the logs committed in docs/results-data (each finished run's summary.json, evals.jsonl
+and metrics.jsonl; .gitignore keeps its checkpoints and images out): rebuild it with
+    python bench/methods.py --out docs/results-data --seeds 5 --tasks shapes,compressibility --report-only
 """
 
 from __future__ import annotations
