@@ -78,16 +78,7 @@ def round_robin(pools: Sequence[Sequence[str]], n: int) -> List[str]:
     if n <= 0:
         return []
     per_pool = -(-n // max(1, len(pools)))
-    spread = []
-    for pool in pools:
-        step = max(1, len(pool) // per_pool)
-        spread.append(list(pool[::step][:per_pool]))
-    out = []
-    for i in range(per_pool):
-        for pool in spread:
-            if i < len(pool) and len(out) < n:
-                out.append(pool[i])
-    return out
+    return take_turns([list(pool[::max(1, len(pool) // per_pool)][:per_pool]) for pool in pools], n)
 
 
 def take_turns(pools: Sequence[Sequence[str]], n: int) -> List[str]:

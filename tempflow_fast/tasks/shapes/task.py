@@ -9,11 +9,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from tempflow_fast.images import to_unit_float
+from tempflow_fast.tasks.base import take_turns
 
 from .detector import correct
 from .eval_cmd import EvalSettings, evaluate
-from tempflow_fast.tasks.base import take_turns
-
 from .grammar import (CATEGORIES, COLORS, HELD_OUT_PROMPTS, MAX_WORDS, NUMBERS, SPLIT_VERSION, TRAIN_PROMPTS, VOCAB,
                       parse)
 
@@ -44,8 +43,8 @@ def _kinds(prompt: str) -> tuple:
 
 def spread(pool: Sequence[str], level: int = 0) -> List[str]:
     """`pool` reordered so that every prefix covers its kinds (`_kinds`): grouped by the kind at `level`, each group
-    spread by the next level (group g rotated to start at its g-th), then the groups taken in turn. (A stride over the sorted pool aliases with the
-    grammar's cycles: every 10th of the 40 position prompts is an "above" one.)"""
+    spread by the next level (group g rotated to start at its g-th), then the groups taken in turn. (A stride over
+    the sorted pool aliases with the grammar's cycles: every 10th of the 40 position prompts is an "above" one.)"""
     if len(pool) <= 1 or level >= max(len(_kinds(p)) for p in pool):
         return list(pool)
     groups: Dict[str, List[str]] = {}
