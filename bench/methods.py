@@ -211,11 +211,15 @@ def _fmt(m: float, s: float, digits: int = 3) -> str:
 
 
 def collect(out: Path, methods: Sequence[str], seeds: Sequence[int]) -> Dict[str, dict]:
-    """{method: {"points": [{iteration, nfe, wall, acc (mean,std), categories {c: (mean,std)}, n}], "metrics": [...]}}"""
+    """{method: {"points": [{iteration, nfe, wall, acc (mean,std), categories {c: (mean,std)}, n}], "metrics": [...],
+    "unfinished": [seeds]}}. Finished runs only (summary.json written): a run still training, or cut off before
+    its end, would put a different set of seeds behind each eval point's mean; its seeds are listed instead."""
     data = {}
     for name in methods:
-        runs = {s: _read_jsonl(out / "runs" / name / f"seed{s}" / "evals.jsonl") for s in seeds}
+        folders = {s: out / "runs" / name / f"seed{s}" for s in seeds}
+        runs = {s: _read_jsonl(f / "evals.jsonl") for s, f in folders.items() if (f / "summary.json").exists()}
         runs = {s: r for s, r in runs.items() if r}
+        unfinished = [s for s, f in folders.items() if s not in runs and (f / "evals.jsonl").exists()]
         metrics = {s: _read_jsonl(out / "runs" / name / f"seed{s}" / "metrics.jsonl") for s in runs}
         by_it: Dict[int, List[dict]] = {}
         for rows in runs.values():
@@ -245,7 +249,8 @@ def collect(out: Path, methods: Sequence[str], seeds: Sequence[int]) -> Dict[str
                     for s, rows in runs.items()}
         probe_per_seed = {s: {it: v for it, (_, v) in probe_points(rows).items()} for s, rows in metrics.items()}
         data[name] = {"points": points, "metrics": [m for ms in metrics.values() for m in ms], "seeds": sorted(runs),
-                      "probe": probe, "per_seed": per_seed, "probe_per_seed": probe_per_seed}
+                      "probe": probe, "per_seed": per_seed, "probe_per_seed": probe_per_seed,
+                      "unfinished": unfinished}
     return data
 
 
@@ -482,6 +487,9 @@ def report(out: Path, methods: Sequence[str], seeds: Sequence[int], *, target: O
     lines += [f"Seeds: {', '.join(map(str, seeds))}. Cells: {metric}, mean ± std over seeds "
               "(sample std; 0 with one seed). Runs train one after another on the same machine; wall seconds "
               "depend on its load at the time, model calls do not.", ""]
+    left_out = [f"{METHODS[name][0]} seed {s}" for name, d in data.items() for s in d["unfinished"]]
+    if left_out:
+        lines += [f"Left out, not finished (no summary.json): {', '.join(left_out)}.", ""]
 
     its = sorted({p["iteration"] for d in data.values() for p in d["points"]})
     lines += [f"## {metric[0].upper() + metric[1:]} vs iterations", "",
@@ -828,9 +836,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for task in tasks:
         if args.report_only:
             folder = task_folder(out, task)
-            if not any((folder / "runs" / m / f"seed{sd}" / "evals.jsonl").exists() for m in methods for sd in seeds):
-                ap.error(f"--report-only: no run of {task} under {folder / 'runs'} has evals for these --methods and "
-                         f"--seeds; run the grid first (the same command without --report-only)")
+            if not any((folder / "runs" / m / f"seed{sd}" / "summary.json").exists() for m in methods for sd in seeds):
+                ap.error(f"--report-only: no run of {task} under {folder / 'runs'} has finished (summary.json) for "
+                         f"these --methods and --seeds; run the grid first (the same command without --report-only)")
             text = report(task_folder(out, task), methods, seeds, target=args.target, command=command, task=task)
         else:
             text = run_grid(out, methods=methods, seeds=seeds, iterations=iterations, eval_every=eval_every,

@@ -226,6 +226,7 @@ def _fake_run(out, name, seed, accs, probes, calls_per_eval, wall_per_eval):
         metrics.append({"iteration": it, "probe_reward": probe})
     (run / "evals.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    (run / "summary.json").write_text(json.dumps({"iterations": 10 * (len(accs) - 1)}))
 
 
 def test_report_intervals_and_ablation_ordering_from_known_runs(tmp_path):
@@ -360,3 +361,27 @@ def test_versus_flow_grpo_matches_equal_calls_and_equal_wall_per_seed(tmp_path):
     assert row == f"| TempFlow-GRPO | 5 | 20 | 3000 | 30, 3000 | {calls} | {probe} | 100 | 10, 100 | {wall} |"
     assert "## Against Flow-GRPO at equal model calls and at equal wall time" in text
     assert not any(l.startswith("| Flow-GRPO | 5 | 30 | 3000 | 30,") for l in text.splitlines())  # not against itself
+
+
+def test_report_leaves_out_unfinished_runs_and_names_them(tmp_path):
+    """A run still training (or cut off) has evals but no summary.json: counting it would put a different set of
+    seeds behind each eval point's mean, so the report uses finished runs only and lists the others."""
+    out = tmp_path / "grid"
+    for s in range(3):
+        _fake_run(out, "flow_grpo", s, [0.60, 0.62 + 0.01 * s, 0.64 + 0.01 * s], [0.8, 0.8, 0.8], 1000, 100.0)
+    (out / "runs" / "flow_grpo" / "seed2" / "summary.json").unlink()
+    # seed 2 stopped at its first eval point: with it, iteration 0 would average 3 seeds and 20 only 2
+    (out / "runs" / "flow_grpo" / "seed2" / "evals.jsonl").write_text(
+        json.dumps({"iteration": 0, "nfe": 0, "wall_seconds": 0.0, "accuracy": 0.50,
+                    "categories": {"counting": 0.5}}) + "\n")
+    text = methods.report(out, ["flow_grpo"], list(range(3)), target=0.62, command="test")
+    assert "Left out, not finished (no summary.json): Flow-GRPO seed 2." in text
+    row = next(l for l in text.splitlines() if l.startswith("| Flow-GRPO | 2 | "))  # seeds run: 2
+    assert row == "| Flow-GRPO | 2 | 0.600 ± 0.000 | 0.625 ± 0.007 | 0.645 ± 0.007 |"
+    assert methods.collect(out, ["flow_grpo"], range(3))["flow_grpo"]["unfinished"] == [2]
+    # --report-only with nothing finished refuses by name instead of writing an empty report
+    for s in range(2):
+        (out / "runs" / "flow_grpo" / f"seed{s}" / "summary.json").unlink()
+    with pytest.raises(SystemExit):
+        methods.main(["--out", str(out), "--methods", "flow_grpo", "--seeds", "3", "--report-only",
+                      "--no-results-md"])
