@@ -220,7 +220,7 @@ def collect(out: Path, methods: Sequence[str], seeds: Sequence[int]) -> Dict[str
         runs = {s: _read_jsonl(f / "evals.jsonl") for s, f in folders.items() if (f / "summary.json").exists()}
         runs = {s: r for s, r in runs.items() if r}
         unfinished = [s for s, f in folders.items() if s not in runs and (f / "evals.jsonl").exists()]
-        metrics = {s: _read_jsonl(out / "runs" / name / f"seed{s}" / "metrics.jsonl") for s in runs}
+        metrics = {s: _read_jsonl(folders[s] / "metrics.jsonl") for s in runs}
         by_it: Dict[int, List[dict]] = {}
         for rows in runs.values():
             last = {}
