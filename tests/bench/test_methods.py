@@ -363,7 +363,7 @@ def test_versus_flow_grpo_matches_equal_calls_and_equal_wall_per_seed(tmp_path):
     assert not any(l.startswith("| Flow-GRPO | 5 | 30 | 3000 | 30,") for l in text.splitlines())  # not against itself
 
 
-def test_report_leaves_out_unfinished_runs_and_names_them(tmp_path):
+def test_report_leaves_out_unfinished_runs_and_names_them(tmp_path, capsys):
     """A run still training (or cut off) has evals but no summary.json: counting it would put a different set of
     seeds behind each eval point's mean, so the report uses finished runs only and lists the others."""
     out = tmp_path / "grid"
@@ -382,6 +382,7 @@ def test_report_leaves_out_unfinished_runs_and_names_them(tmp_path):
     # --report-only with nothing finished refuses by name instead of writing an empty report
     for s in range(2):
         (out / "runs" / "flow_grpo" / f"seed{s}" / "summary.json").unlink()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         methods.main(["--out", str(out), "--methods", "flow_grpo", "--seeds", "3", "--report-only",
                       "--no-results-md"])
+    assert exc.value.code == 2 and "--report-only: no run of shapes under" in capsys.readouterr().err
