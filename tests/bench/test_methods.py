@@ -386,3 +386,40 @@ def test_report_leaves_out_unfinished_runs_and_names_them(tmp_path, capsys):
         methods.main(["--out", str(out), "--methods", "flow_grpo", "--seeds", "3", "--report-only",
                       "--no-results-md"])
     assert exc.value.code == 2 and "--report-only: no run of shapes under" in capsys.readouterr().err
+
+
+def _generated_sections(text: str) -> dict:
+    """docs/results.md below its marker, by task, without the report's command line (it names the folder given)."""
+    below = text.split(methods.RESULTS_MARKER, 1)[1]
+    sections = {}
+    for part in below.split("\n## Methods on the ")[1:]:
+        task = part.split(" task", 1)[0]
+        sections[task] = "\n".join(l for l in part.splitlines() if not l.startswith("OMP_NUM_THREADS=1 python "))
+    return sections
+
+
+def test_results_md_reports_are_what_the_committed_logs_give(tmp_path):
+    """docs/results.md's generated sections (below the marker) are exactly what bench/methods.py --report-only
+    writes from the logs committed in docs/results-data, at the seeds each section names: the page's tables cannot
+    drift from its data (a finished run committed later, or a report change, shows up here until the page is
+    rebuilt with the command at its top)."""
+    page = ROOT / "docs" / "results.md"
+    data = tmp_path / "results-data"
+    for kind in ("summary.json", "evals.jsonl", "metrics.jsonl"):  # what .gitignore lets into the repository
+        for f in (ROOT / "docs" / "results-data").rglob(kind):
+            dest = data / f.relative_to(ROOT / "docs" / "results-data")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(f.read_bytes())
+    want = _generated_sections(page.read_text())
+    assert set(want) == {"shapes", "compressibility"}
+    copy = tmp_path / "results.md"
+    copy.write_text(page.read_text())
+    for task, section in want.items():
+        seeds = [int(s) for s in section.split("\nSeeds: ", 1)[1].split(".", 1)[0].split(", ")]
+        assert seeds == list(range(len(seeds))), (task, seeds)
+        methods.main(["--out", str(data), "--seeds", str(len(seeds)), "--tasks", task, "--report-only",
+                      "--results-md", str(copy)])
+    got = _generated_sections(copy.read_text())
+    for task in want:
+        assert got[task] == want[task], (f"docs/results.md's {task} report differs from what docs/results-data gives; "
+                                         "rebuild it with the command at the top of its section")
