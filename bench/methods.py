@@ -21,7 +21,8 @@ run another live process holds ("busy"), so the same command started twice split
 Tasks (--tasks): shapes (held-out accuracy; OUT itself) and compressibility (the same prompts and presets with
 reward.name jpeg_compressibility, held-out mean reward; OUT/compressibility). Every run also logs the probe reward
 (the trained reward on fixed train prompts × fixed noises, with its 95% interval) at each eval point; the report
-tabulates it against model calls.
+tabulates it against model calls. Every eval row also records the machine the run trained on (host, CPU, a
+calibration timing), and the report says what those records show about the wall seconds.
 
     python bench/methods.py --out runs/methods                     # the full grid on shapes (hours on 2 CPU cores)
     python bench/methods.py --out runs/methods --tasks compressibility
@@ -108,11 +109,36 @@ QUICK_OVERRIDES = [
 
 # --- one run ------------------------------------------------------------------------------------------
 
-class EvalRecorder:
-    """Wraps the trainer's eval: records every eval point (iteration, NFE, wall seconds, accuracy table)."""
+def machine_record() -> dict:
+    """Where this run's wall seconds come from: host, CPU model, torch threads and a calibration, the median
+    milliseconds of a fixed CPU workload (10 float32 512 x 512 matmuls, 5 repeats) timed now, under the load the
+    run sees. A grid resumes across sittings and machines; this tells its wall seconds apart (model calls need not)."""
+    import platform
+    import torch
 
-    def __init__(self, inner, path: Path):
-        self.inner, self.path, self.trainer = inner, path, None
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                   if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    a = torch.randn(512, 512, generator=torch.Generator().manual_seed(0))
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(10):
+            torch.mm(a, a)
+        times.append(time.perf_counter() - start)
+    return {"host": platform.node(), "cpu": cpu, "threads": torch.get_num_threads(),
+            "calibration_ms": round(sorted(times)[2] * 1e3, 2)}
+
+
+class EvalRecorder:
+    """Wraps the trainer's eval: records every eval point (iteration, NFE, wall seconds, accuracy table, and the
+    machine record of the process that trained up to it)."""
+
+    def __init__(self, inner, path: Path, machine: Optional[dict] = None):
+        self.inner, self.path, self.trainer, self.machine = inner, path, None, machine
 
     def __call__(self, model):
         table = self.inner(model)
@@ -120,6 +146,8 @@ class EvalRecorder:
         row = {"iteration": t.iteration, "nfe": t.counters.nfe, "wall_seconds": t.counters.wall_seconds,
                "accuracy": table["overall"]["accuracy"], "ci95": table["overall"].get("ci95"),
                "categories": {k: v["accuracy"] for k, v in table.items() if k != "overall"}}
+        if self.machine is not None:
+            row["machine"] = self.machine
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         return table
@@ -185,7 +213,7 @@ def _run_locked(name: str, seed: int, out: Path, *, iterations: int, eval_every:
         evals.write_text("".join(l + "\n" for l in kept))
     if trainer.eval_fn is None:
         raise ValueError(f"{name}: the trainer has no held-out eval for this config")
-    recorder = EvalRecorder(trainer.eval_fn, evals)
+    recorder = EvalRecorder(trainer.eval_fn, evals, machine=machine_record())
     recorder.trainer = trainer
     trainer.eval_fn = recorder
     trainer.train()
@@ -476,6 +504,26 @@ def write_plots(out: Path, data: Dict[str, dict], metric: str = "held-out accura
     return paths
 
 
+def machines_note(data: Dict[str, dict]) -> str:
+    """What the runs' machine records (eval rows' "machine", see machine_record) say about their wall seconds."""
+    runs = [rows for d in data.values() for rows in d["per_seed"].values()]
+    records = [[r["machine"] for r in rows if "machine" in r] for rows in runs]
+    recorded = [rec for rec in records if rec]
+    text = ("Wall seconds are the train loop's as each run measured them; a grid resumes across sittings, so its "
+            "runs (and the parts of a resumed run) may have trained on different machines or under different load. "
+            "Model calls do not depend on either.")
+    if not recorded:
+        return text + " These logs record no machine: read wall seconds as indicative."
+    cal = [m["calibration_ms"] for rec in recorded for m in rec]
+    hosts = {(m["host"], m["cpu"]) for rec in recorded for m in rec}
+    resumed = sum(len({json.dumps(m, sort_keys=True) for m in rec}) > 1 for rec in recorded)
+    return (text + f" Machine records (a fixed CPU workload timed at each run's start, bench/methods.py "
+            f"machine_record): {len(recorded)} of {len(runs)} runs carry one, on {len(hosts)} host/CPU "
+            f"pair{'s' if len(hosts) != 1 else ''}, calibration {min(cal):.1f}–{max(cal):.1f} ms "
+            f"({max(cal) / min(cal):.2f}×){f'; {resumed} resumed under a different record' if resumed else ''}: "
+            "wall seconds compare between runs whose calibrations agree.")
+
+
 def report(out: Path, methods: Sequence[str], seeds: Sequence[int], *, target: Optional[float] = None,
            command: str = "", task: str = "shapes") -> str:
     """The markdown report (also written to OUT/report.md) and the PNGs next to it."""
@@ -485,8 +533,7 @@ def report(out: Path, methods: Sequence[str], seeds: Sequence[int], *, target: O
     if command:
         lines += ["Command:", "", "```", command, "```", ""]
     lines += [f"Seeds: {', '.join(map(str, seeds))}. Cells: {metric}, mean ± std over seeds "
-              "(sample std; 0 with one seed). Runs train one after another on the same machine; wall seconds "
-              "depend on its load at the time, model calls do not.", ""]
+              f"(sample std; 0 with one seed). {machines_note(data)}", ""]
     left_out = [f"{METHODS[name][0]} seed {s}" for name, d in data.items() for s in d["unfinished"]]
     if left_out:
         lines += [f"Left out, not finished (no summary.json): {', '.join(left_out)}.", ""]

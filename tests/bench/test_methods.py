@@ -58,11 +58,15 @@ def test_quick_runs_every_method_and_writes_the_report(tmp_path):
         assert [r["iteration"] for r in rows] == list(range(n + 1)), name
         assert rows[0]["nfe"] == 0 and rows[n]["nfe"] > rows[1]["nfe"] > 0
         assert set(rows[0]["categories"]) == {"counting", "position"}
+        assert rows[-1]["machine"]["calibration_ms"] > 0 and rows[-1]["machine"]["threads"] >= 1
         assert (out / "runs" / name / "seed0" / "summary.json").exists()
         assert label in text
     assert "vs model calls" in text and "ratio to Flow-GRPO" in text and "| Flow-GRPO |" in text
     assert "## By category at the last eval point" in text and "| method | iteration | counting | position |" in text
     assert "## Headline: model calls to reach the target accuracy" in text
+    n = len(methods.METHODS)
+    assert f"Machine records (a fixed CPU workload timed at each run's start, bench/methods.py machine_record): " \
+           f"{n} of {n} runs carry one, on 1 host/CPU pair, calibration " in text
     assert (out / "report.md").read_text() == text
     assert (out / "accuracy_curves.png").stat().st_size > 0 and (out / "reward_std_per_step.png").stat().st_size > 0
     assert (out / "probe_reward_curves.png").stat().st_size > 0 and "(seeds reaching)" in text
@@ -423,3 +427,21 @@ def test_results_md_reports_are_what_the_committed_logs_give(tmp_path):
     for task in want:
         assert got[task] == want[task], (f"docs/results.md's {task} report differs from what docs/results-data gives; "
                                          "rebuild it with the command at the top of its section")
+
+
+def test_machines_note_says_what_the_runs_wall_seconds_came_from():
+    """The report's wall-seconds caveat from the runs' machine records: how many runs carry one, how many
+    host/CPU pairs, the calibration range and its ratio, and the runs resumed under a different record."""
+    fast = {"host": "a", "cpu": "X", "threads": 1, "calibration_ms": 10.0}
+    slow = {"host": "b", "cpu": "X", "threads": 1, "calibration_ms": 25.0}
+
+    def rows(*machines):
+        return [{"iteration": i, **({"machine": m} if m else {})} for i, m in enumerate(machines)]
+
+    data = {"flow_grpo": {"per_seed": {0: rows(fast, fast), 1: rows(fast, slow)}},
+            "tempflow": {"per_seed": {0: rows(slow, slow), 1: rows(None, None)}}}
+    note = methods.machines_note(data)
+    assert "3 of 4 runs carry one, on 2 host/CPU pairs, calibration 10.0–25.0 ms (2.50×); " \
+           "1 resumed under a different record" in note
+    data = {"flow_grpo": {"per_seed": {0: rows(None), 1: rows(None)}}}
+    assert methods.machines_note(data).endswith("These logs record no machine: read wall seconds as indicative.")
