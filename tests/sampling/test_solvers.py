@@ -126,7 +126,10 @@ def test_engine_steps_each_completion_like_solve(tiny_model, counting_model, sol
     res = rollout(counting_model, PROMPTS, plan, seed=3)
     assert counting_model.rows == res.stats.total_nfe
     assert res.stats.nfe == min_nfe(plan.layout(), len(PROMPTS))
-    assert torch.equal(res.samples.sample, ref.samples.sample) and torch.equal(res.trunk_images, ref.trunk_images)
+    # the same states and samples; a solver that batches other completion rows beside them changes the calls' row
+    # counts, and on some CPUs (oneDNN/MKL kernels chosen by row count) the float32 rounding with them (~1 ulp)
+    torch.testing.assert_close(res.samples.sample, ref.samples.sample, rtol=0, atol=1e-5)
+    torch.testing.assert_close(res.trunk_images, ref.trunk_images, rtol=0, atol=1e-5)
     sig = res.sigmas.tolist()
     smp, tr = res.samples, res.trajectories
     for k in (0, 2, 4):
