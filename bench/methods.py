@@ -796,6 +796,17 @@ def movement(out: Path, *, iterations: int = 3, seed: int = 0, states: int = 4, 
 RESULTS_MARKER = "<!-- everything below is written by bench/methods.py; edit above this line -->"
 
 
+def results_sections(text: str) -> Dict[str, str]:
+    """{task: its section below RESULTS_MARKER, from its "## Methods on the <task> task" heading}."""
+    below = text.split(RESULTS_MARKER, 1)[1] if RESULTS_MARKER in text else ""
+    sections = {}
+    for part in re.split(r"(?m)^(?=## Methods on the .+ task$)", below):
+        heading = re.match(r"## Methods on the (.+) task$", part, re.M)
+        if heading:
+            sections[heading.group(1)] = part.strip()
+    return sections
+
+
 def write_results_md(reports: Sequence[tuple], path: Path) -> Path:
     """docs/results.md: the hand-written text above RESULTS_MARKER kept as it is (none yet: a title), then each
     (task, report text, task folder) of `reports` with its headings one level down and its PNGs copied into
@@ -806,12 +817,7 @@ def write_results_md(reports: Sequence[tuple], path: Path) -> Path:
     figures.mkdir(parents=True, exist_ok=True)
     old = path.read_text() if path.exists() else ""
     head = old.split(RESULTS_MARKER)[0].rstrip() if RESULTS_MARKER in old else "# Methods on the embedded tasks"
-    sections: Dict[str, str] = {}  # task -> its section below the marker, from its "## Methods on the ..." heading
-    below = old.split(RESULTS_MARKER, 1)[1] if RESULTS_MARKER in old else ""
-    for part in re.split(r"(?m)^(?=## Methods on the .+ task$)", below):
-        heading = re.match(r"## Methods on the (.+) task$", part, re.M)
-        if heading:
-            sections[heading.group(1)] = part.strip()
+    sections = results_sections(old)
     for task, text, folder in reports:
         prefix = "" if task == "shapes" else f"{task}_"
         names = ("accuracy_curves.png", "probe_reward_curves.png", "reward_std_per_step.png")

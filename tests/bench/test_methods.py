@@ -394,12 +394,8 @@ def test_report_leaves_out_unfinished_runs_and_names_them(tmp_path, capsys):
 
 def _generated_sections(text: str) -> dict:
     """docs/results.md below its marker, by task, without the report's command line (it names the folder given)."""
-    below = text.split(methods.RESULTS_MARKER, 1)[1]
-    sections = {}
-    for part in below.split("\n## Methods on the ")[1:]:
-        task = part.split(" task", 1)[0]
-        sections[task] = "\n".join(l for l in part.splitlines() if not l.startswith("OMP_NUM_THREADS=1 python "))
-    return sections
+    return {task: "\n".join(l for l in part.splitlines() if not l.startswith("OMP_NUM_THREADS=1 python "))
+            for task, part in methods.results_sections(text).items()}
 
 
 def test_results_md_reports_are_what_the_committed_logs_give(tmp_path):
